@@ -1,0 +1,195 @@
+"""Plain data for IPVS state: what we want in the kernel and what we read back.
+
+Everything here is immutable and free of I/O, so the planner can compare desired and observed
+state with ``==`` and tests can build states by hand.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+AF_INET = 2
+AF_INET6 = 10
+
+
+class Protocol(enum.IntEnum):
+    TCP = 6
+    UDP = 17
+    SCTP = 132
+
+
+class Method(enum.IntEnum):
+    """Forwarding method; the values are the kernel's IP_VS_CONN_F_* forwarding codes."""
+
+    NAT = 0  # IP_VS_CONN_F_MASQ
+    LOCAL = 1  # IP_VS_CONN_F_LOCALNODE (never desired, may be observed)
+    TUN = 2  # IP_VS_CONN_F_TUNNEL
+    DR = 3  # IP_VS_CONN_F_DROUTE
+
+    @property
+    def ipvsadm_flag(self) -> str:
+        return {Method.NAT: "-m", Method.LOCAL: "-g", Method.TUN: "-i", Method.DR: "-g"}[self]
+
+
+class TunnelType(enum.IntEnum):
+    """IP_VS_CONN_F_TUNNEL_TYPE_*: the encapsulation used by the TUN method."""
+
+    IPIP = 0
+    GUE = 1
+    GRE = 2
+
+
+class TunnelChecksum(enum.IntEnum):
+    """IP_VS_TUNNEL_ENCAP_FLAG_*: checksum handling of GUE/GRE encapsulation."""
+
+    NONE = 0  # IP_VS_TUNNEL_ENCAP_FLAG_NOCSUM is 1, but 0 means the same to the kernel
+    NOCSUM = 1
+    CSUM = 2
+    REMCSUM = 4
+
+
+# Scheduler flags as the kernel numbers them (IP_VS_SVC_F_SCHED1..3). Their meaning
+# depends on the scheduler, so the names carry the scheduler's prefix.
+SCHED_FLAG_BITS: dict[str, int] = {
+    "sh-fallback": 0x0008,
+    "sh-port": 0x0010,
+    "mh-fallback": 0x0008,
+    "mh-port": 0x0010,
+}
+SVC_F_PERSISTENT = 0x0001
+SVC_F_HASHED = 0x0002  # kernel-internal: set on every service it reports
+SVC_F_ONEPACKET = 0x0004
+
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh")
+
+
+class ServiceKey(NamedTuple):
+    """What identifies a virtual service in the kernel (the address is normalised text)."""
+
+    family: int
+    protocol: int
+    address: str
+    port: int
+    fwmark: int = 0
+
+    def __str__(self) -> str:
+        if self.fwmark:
+            return f"fwmark {self.fwmark}"
+        return f"{Protocol(self.protocol).name} {format_hostport(self.address, self.port)}"
+
+
+class DestKey(NamedTuple):
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_hostport(self.address, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One real server of a virtual service."""
+
+    address: str
+    port: int
+    weight: int = 1
+    method: Method = Method.DR
+    upper_threshold: int = 0
+    lower_threshold: int = 0
+    tunnel_type: TunnelType = TunnelType.IPIP
+    tunnel_port: int = 0
+    tunnel_checksum: TunnelChecksum = TunnelChecksum.NONE
+    family: int = 0  # 0: the service's family (mixed families are only valid with TUN)
+
+    @property
+    def key(self) -> DestKey:
+        return DestKey(self.address, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    """One IPVS virtual service and its real servers (sorted by address and port)."""
+
+    key: ServiceKey
+    scheduler: str = "wlc"
+    sched_flags: int = 0  # IP_VS_SVC_F_SCHED* and ONEPACKET bits, without PERSISTENT/HASHED
+    persistence_timeout: int = 0  # seconds; 0 means not persistent
+    netmask: int = 0  # persistence granularity as a prefix length; 0 means the full address
+    destinations: tuple[Destination, ...] = ()
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.destinations, key=lambda d: (_addr_sort(d.address), d.port)))
+        object.__setattr__(self, "destinations", ordered)
+
+    @property
+    def effective_netmask(self) -> int:
+        return self.netmask or (32 if self.key.family == AF_INET else 128)
+
+    def same_settings(self, other: VirtualService) -> bool:
+        """True when the service-level settings (not the real servers) are equal."""
+        return (
+            self.scheduler == other.scheduler
+            and self.sched_flags == other.sched_flags
+            and self.persistence_timeout == other.persistence_timeout
+            and self.effective_netmask == other.effective_netmask
+        )
+
+    def without_destinations(self) -> VirtualService:
+        return VirtualService(self.key, self.scheduler, self.sched_flags, self.persistence_timeout, self.netmask, ())
+
+    def dest_map(self) -> dict[DestKey, Destination]:
+        return {d.key: d for d in self.destinations}
+
+
+IPVSState = dict[ServiceKey, VirtualService]
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Kernel statistics of a service or real server: observed, never desired."""
+
+    connections: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cps: int = 0
+    pps_in: int = 0
+    pps_out: int = 0
+    bps_in: int = 0
+    bps_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DestCounters:
+    counters: Counters = field(default_factory=Counters)
+    active_connections: int = 0
+    inactive_connections: int = 0
+    persistent_connections: int = 0
+
+
+@dataclass(slots=True)
+class Observed:
+    """A dump of the kernel: the state (comparable with desired state) and the counters apart."""
+
+    services: IPVSState = field(default_factory=dict)
+    service_counters: dict[ServiceKey, Counters] = field(default_factory=dict)
+    dest_counters: dict[tuple[ServiceKey, DestKey], DestCounters] = field(default_factory=dict)
+
+
+def normalize_address(text: str) -> tuple[int, str]:
+    """Parse an IP address; return (family, canonical text). Raises ValueError."""
+    addr = ipaddress.ip_address(text.strip())
+    return (AF_INET if addr.version == 4 else AF_INET6), str(addr)
+
+
+def format_hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _addr_sort(address: str) -> tuple[int, int]:
+    addr = ipaddress.ip_address(address)
+    return addr.version, int(addr)

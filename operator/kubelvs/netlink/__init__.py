@@ -1,0 +1,1 @@
+"""The only part of kubelvs that talks to the kernel (through pyroute2's netlink sockets)."""

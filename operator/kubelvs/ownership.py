@@ -1,0 +1,59 @@
+"""What kubelvs created in the kernel, so it removes exactly that and nothing else.
+
+IPVS has no place for a comment or an owner tag, so the record is a small JSON file written
+atomically next to the state it describes (``/run/kubelvs`` by default: it lives as long as the
+kernel state, and a reboot clears both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubelvs.model import ServiceKey
+
+DEFAULT_STATE_DIR = Path(os.environ.get("KUBELVS_STATE_DIR", "/run/kubelvs"))
+
+
+@dataclass(slots=True)
+class Ownership:
+    services: dict[ServiceKey, str] = field(default_factory=dict)  # key -> the VirtualServer it serves
+    addresses: dict[str, int] = field(default_factory=dict)  # VIPs kubelvs added -> family
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "services": sorted([*k, origin] for k, origin in self.services.items()),
+                "addresses": sorted([a, f] for a, f in self.addresses.items()),
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Ownership:
+        data = json.loads(text)
+        return cls(
+            {ServiceKey(*k[:5]): str(k[5]) for k in data.get("services", [])},
+            {a: int(f) for a, f in data.get("addresses", [])},
+        )
+
+
+class OwnershipStore:
+    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR) -> None:
+        self.path = Path(state_dir) / "owned.json"
+
+    def load(self) -> Ownership:
+        try:
+            return Ownership.from_json(self.path.read_text())
+        except FileNotFoundError:
+            return Ownership()
+
+    def save(self, ownership: Ownership) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".owned-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(ownership.to_json())
+        os.replace(tmp, self.path)

@@ -1,0 +1,152 @@
+"""The difference between desired and observed IPVS state, as an ordered list of operations.
+
+Pure and minimal: settings and weights are edited in place (no delete-and-add, which would drop
+connections), and a virtual service that kubelvs does not own is never touched, not even when the
+desired state names the same key (that is reported as a conflict instead).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass, field, replace
+
+from kubelvs.model import Destination, DestKey, IPVSState, ServiceKey, VirtualService
+
+
+class Verb(enum.Enum):
+    ADD_SERVICE = "add-service"
+    EDIT_SERVICE = "edit-service"
+    DELETE_SERVICE = "delete-service"
+    ADD_DEST = "add-dest"
+    EDIT_DEST = "edit-dest"
+    DELETE_DEST = "delete-dest"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    verb: Verb
+    service: VirtualService  # for service verbs its settings; for dest verbs only the key matters
+    dest: Destination | None = None
+
+    @property
+    def key(self) -> ServiceKey:
+        return self.service.key
+
+    def __str__(self) -> str:
+        target = f"{self.key}" + (f" -> {self.dest.key}" if self.dest else "")
+        return f"{self.verb.value} {target}"
+
+
+@dataclass(slots=True)
+class Plan:
+    operations: list[Operation] = field(default_factory=list)
+    conflicts: list[ServiceKey] = field(default_factory=list)  # desired, but held by someone else
+
+    def __len__(self) -> int:
+        return len(self.operations)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.operations)
+
+    def counts(self) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for op in self.operations:
+            result[op.verb.value] = result.get(op.verb.value, 0) + 1
+        return result
+
+
+def plan(
+    desired: Mapping[ServiceKey, VirtualService],
+    observed: Mapping[ServiceKey, VirtualService],
+    owned: Set[ServiceKey],
+    only: Iterable[ServiceKey] | None = None,
+) -> Plan:
+    """Operations that turn the owned part of ``observed`` into ``desired``.
+
+    ``only`` limits the comparison to some keys (an incremental sync of one VirtualServer).
+    Order: stale services go first (freeing addresses and ports), then new services with their
+    real servers, then edits; within a service, real servers are deleted before they are added.
+    """
+    keys = set(desired) | (set(observed) & set(owned)) if only is None else set(only)
+    result = Plan()
+    deletes: list[Operation] = []
+    adds: list[Operation] = []
+    edits: list[Operation] = []
+    for key in sorted(keys):
+        want = desired.get(key)
+        have = observed.get(key)
+        if have is not None and key not in owned:
+            if want is not None:
+                result.conflicts.append(key)
+            continue
+        if want is None:
+            if have is not None:
+                deletes.append(Operation(Verb.DELETE_SERVICE, have.without_destinations()))
+            continue
+        if have is None:
+            adds.append(Operation(Verb.ADD_SERVICE, want.without_destinations()))
+            adds.extend(Operation(Verb.ADD_DEST, want, d) for d in want.destinations)
+            continue
+        if not want.same_settings(have):
+            edits.append(Operation(Verb.EDIT_SERVICE, want.without_destinations()))
+        edits.extend(_dest_operations(want, have))
+    result.operations = deletes + adds + edits
+    return result
+
+
+def _dest_operations(want: VirtualService, have: VirtualService) -> list[Operation]:
+    wanted = want.dest_map()
+    present = have.dest_map()
+    service = want.without_destinations()
+    ops = [Operation(Verb.DELETE_DEST, service, d) for k, d in present.items() if k not in wanted]
+    for k, d in wanted.items():
+        current = present.get(k)
+        if current is None:
+            ops.append(Operation(Verb.ADD_DEST, service, d))
+        elif current != d:
+            ops.append(Operation(Verb.EDIT_DEST, service, d))
+    return ops
+
+
+def apply_operations(state: Mapping[ServiceKey, VirtualService], operations: Iterable[Operation]) -> IPVSState:
+    """What the kernel holds after ``operations`` succeed on ``state`` (an in-memory model).
+
+    Used to keep a cached view of the kernel current without a new dump, and by the tests.
+    """
+    result: IPVSState = dict(state)
+    for op in operations:
+        key = op.key
+        if op.verb is Verb.ADD_SERVICE:
+            if key in result:
+                raise ValueError(f"{key} exists")
+            result[key] = op.service.without_destinations()
+        elif op.verb is Verb.EDIT_SERVICE:
+            result[key] = replace(op.service, destinations=result[key].destinations)
+        elif op.verb is Verb.DELETE_SERVICE:
+            del result[key]
+        else:
+            assert op.dest is not None
+            current = result[key]
+            dests: dict[DestKey, Destination] = current.dest_map()
+            if op.verb is Verb.ADD_DEST:
+                if op.dest.key in dests:
+                    raise ValueError(f"{key} -> {op.dest.key} exists")
+                dests[op.dest.key] = op.dest
+            elif op.verb is Verb.EDIT_DEST:
+                dests[op.dest.key] = op.dest
+            else:
+                del dests[op.dest.key]
+            result[key] = replace(current, destinations=tuple(dests.values()))
+    return result
+
+
+def owned_after(owned: Set[ServiceKey], operations: Iterable[Operation]) -> set[ServiceKey]:
+    """The owned keys once ``operations`` (the successful ones) are in the kernel."""
+    result = set(owned)
+    for op in operations:
+        if op.verb is Verb.ADD_SERVICE:
+            result.add(op.key)
+        elif op.verb is Verb.DELETE_SERVICE:
+            result.discard(op.key)
+    return result
