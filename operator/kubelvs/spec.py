@@ -430,7 +430,7 @@ def _endpoints(vs: VirtualServerSpec, cluster: Cluster, entry: PortSpec) -> list
     best: dict[tuple[str, int], _Endpoint] = {}
     for eps in (cluster.slices.get((vs.ref.namespace, vs.service_name)) or {}).values():
         address_type = eps.get("addressType")
-        if not vs.target_node and address_type != family_name:
+        if address_type != family_name:  # dual-stack Services have one slice per family
             continue
         slice_port = next(
             (
@@ -457,19 +457,24 @@ def _endpoints(vs: VirtualServerSpec, cluster: Cluster, entry: PortSpec) -> list
                 draining = True  # keep it with weight 0 so its connections drain
             else:
                 continue
+            pod_addresses = list(endpoint.get("addresses") or [])[:1]
+            if not pod_addresses:
+                continue
+            target = pod_addresses[0]
             if vs.target_node:
-                node = endpoint.get("nodeName")
-                addresses = [
-                    a for a in cluster.node_addresses.get(node or "", []) if normalize_address(a)[0] == vs.family
+                node_ips = [
+                    a
+                    for a in cluster.node_addresses.get(endpoint.get("nodeName") or "", [])
+                    if normalize_address(a)[0] == vs.family
                 ]
-            else:
-                addresses = list(endpoint.get("addresses") or [])[:1]
-            for raw in addresses:
-                _, address = normalize_address(raw)
-                found = _Endpoint(address, port, draining)
-                previous = best.get((address, port))
-                if previous is None or (previous.draining and not draining):
-                    best[address, port] = found
+                if not node_ips:
+                    continue
+                target = node_ips[0]
+            _, address = normalize_address(target)
+            identity = (normalize_address(pod_addresses[0])[1], port)  # one pod counts once
+            previous = best.get(identity)
+            if previous is None or (previous.draining and not draining):
+                best[identity] = _Endpoint(address, port, draining)
     return sorted(best.values(), key=lambda e: (e.address, e.port))
 
 

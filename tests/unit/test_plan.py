@@ -1,0 +1,132 @@
+"""The planner: minimal, ordered, never touching what kubelvs does not own."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubelvs.model import AF_INET, Destination, Method, ServiceKey, VirtualService
+from kubelvs.plan import Verb, apply_operations, owned_after, plan
+
+KEY = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
+
+
+def _svc(key: ServiceKey = KEY, scheduler: str = "rr", *dests: Destination) -> VirtualService:
+    return VirtualService(key, scheduler, destinations=dests)
+
+
+def test_new_service_adds_service_then_dests() -> None:
+    want = _svc(KEY, "rr", Destination("10.0.0.1", 80), Destination("10.0.0.2", 80))
+    ops = plan({KEY: want}, {}, set())
+    assert [op.verb for op in ops] == [Verb.ADD_SERVICE, Verb.ADD_DEST, Verb.ADD_DEST]
+
+
+def test_edits_in_place() -> None:
+    have = _svc(KEY, "rr", Destination("10.0.0.1", 80, weight=1))
+    want = _svc(KEY, "wrr", Destination("10.0.0.1", 80, weight=5))
+    ops = plan({KEY: want}, {KEY: have}, {KEY})
+    assert [op.verb for op in ops] == [Verb.EDIT_SERVICE, Verb.EDIT_DEST]
+
+
+def test_one_weight_change_is_one_operation_among_many_services() -> None:
+    state = {
+        ServiceKey(AF_INET, 6, "192.0.2.1", port): _svc(
+            ServiceKey(AF_INET, 6, "192.0.2.1", port), "rr", *(Destination(f"10.0.0.{i}", port) for i in range(1, 11))
+        )
+        for port in range(1000, 3000)
+    }
+    changed = dict(state)
+    key = ServiceKey(AF_INET, 6, "192.0.2.1", 1500)
+    dests = list(changed[key].destinations)
+    dests[3] = replace(dests[3], weight=7)
+    changed[key] = replace(changed[key], destinations=tuple(dests))
+    ops = plan(changed, state, set(state))
+    assert [(op.verb, op.key) for op in ops] == [(Verb.EDIT_DEST, key)]
+    assert len(plan(changed, state, set(state), only=[key])) == 1
+
+
+def test_foreign_service_is_never_touched_even_when_desired() -> None:
+    foreign = _svc(KEY, "wlc", Destination("10.9.9.9", 80))
+    want = _svc(KEY, "rr", Destination("10.0.0.1", 80))
+    result = plan({KEY: want}, {KEY: foreign}, set())
+    assert result.operations == []
+    assert result.conflicts == [KEY]
+
+
+def test_deletes_come_first() -> None:
+    old = ServiceKey(AF_INET, 6, "192.0.2.9", 80)
+    ops = plan({KEY: _svc(KEY)}, {old: _svc(old)}, {old})
+    assert [op.verb for op in ops] == [Verb.DELETE_SERVICE, Verb.ADD_SERVICE]
+
+
+def test_draining_weight_zero_is_an_edit() -> None:
+    have = _svc(KEY, "rr", Destination("10.0.0.1", 80, weight=1))
+    want = _svc(KEY, "rr", Destination("10.0.0.1", 80, weight=0))
+    assert [op.verb for op in plan({KEY: want}, {KEY: have}, {KEY})] == [Verb.EDIT_DEST]
+
+
+# --- property: plan then apply gives the desired owned state; foreign state is untouched -----
+
+addresses = st.sampled_from([f"10.0.{i}.{j}" for i in range(2) for j in range(1, 5)])
+keys = st.builds(
+    ServiceKey,
+    st.just(AF_INET),
+    st.sampled_from([6, 17]),
+    st.sampled_from(["192.0.2.1", "192.0.2.2"]),
+    st.sampled_from([80, 443, 53]),
+)
+destinations = st.builds(
+    Destination,
+    addresses,
+    st.sampled_from([80, 8080]),
+    st.integers(0, 3),
+    st.sampled_from([Method.DR, Method.TUN, Method.NAT]),
+)
+
+
+@st.composite
+def services(draw: st.DrawFn, key: ServiceKey) -> VirtualService:
+    dests = draw(st.lists(destinations, max_size=4, unique_by=lambda d: d.key))
+    return VirtualService(
+        key,
+        draw(st.sampled_from(["rr", "wrr", "sh"])),
+        draw(st.sampled_from([0, 0x8])),
+        draw(st.sampled_from([0, 300])),
+        draw(st.sampled_from([0, 24, 32])),
+        tuple(dests),
+    )
+
+
+@st.composite
+def states(draw: st.DrawFn) -> dict[ServiceKey, VirtualService]:
+    chosen = draw(st.sets(keys, max_size=6))
+    return {k: draw(services(k)) for k in chosen}
+
+
+@settings(max_examples=300, deadline=None)
+@given(desired=states(), observed=states(), owned_fraction=st.sets(keys), foreign_extra=states())
+def test_plan_reaches_desired_and_spares_foreign(desired, observed, owned_fraction, foreign_extra) -> None:
+    owned = set(observed) & owned_fraction
+    for key, svc in foreign_extra.items():  # services somebody else created
+        if key not in observed:
+            observed[key] = svc
+    foreign = {k: v for k, v in observed.items() if k not in owned}
+
+    result = plan(desired, observed, owned)
+    after = apply_operations(observed, result.operations)
+    now_owned = owned_after(owned, result.operations)
+
+    for key, svc in foreign.items():
+        assert after[key] == svc  # foreign entries exactly as they were
+    for key, svc in desired.items():
+        if key in foreign:
+            assert key in result.conflicts
+        else:
+            assert key in now_owned
+            assert after[key].same_settings(svc)
+            assert after[key].destinations == svc.destinations
+    for key in now_owned:
+        assert key in desired  # nothing owned is left over
+    assert len(plan(desired, after, now_owned)) == 0  # re-planning gives an empty plan
