@@ -113,6 +113,10 @@ class ControlPlaneError(RuntimeError):
     pass
 
 
+class ComponentExited(ControlPlaneError):
+    """A component exited while starting (e.g. its port was taken)."""
+
+
 # --------------------------------------------------------------------------------------------
 # PKI
 # --------------------------------------------------------------------------------------------
@@ -500,11 +504,26 @@ class ControlPlane:
         self._stop_from_state()
         self.pki.ensure(self.sans)
         self.timings["pki"] = time.monotonic() - t0
-        self.ports.fill(self.host)
+        auto = {n for n, v in asdict(self.ports).items() if not v}
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            self.ports.fill(self.host)
+            try:
+                self._start_components(deadline, t0)
+                break
+            except ComponentExited:
+                # Most likely a port picked free was taken meanwhile: retry with new free ports.
+                if attempt == 2 or not auto:
+                    raise
+                for n in auto:
+                    setattr(self.ports, n, 0)
+        self.timings["total"] = time.monotonic() - t0
+        return self
+
+    def _start_components(self, deadline: float, t0: float) -> None:
         if self.fresh:
             shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
         self._write_kubeconfigs()
-        deadline = time.monotonic() + timeout
         try:
             self._start("etcd", self._etcd_cmd())
             self._wait_http(
@@ -532,8 +551,6 @@ class ControlPlane:
         except BaseException:
             self.stop()
             raise
-        self.timings["total"] = time.monotonic() - t0
-        return self
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the components (controller-manager, apiserver, etcd); leave nothing running."""
@@ -775,7 +792,7 @@ class ControlPlane:
         while True:
             proc = self.procs.get(component)
             if proc is not None and proc.poll() is not None:
-                raise ControlPlaneError(
+                raise ComponentExited(
                     f"{component} exited with status {proc.returncode}; log tail:\n{self._tail(component)}"
                 )
             try:
