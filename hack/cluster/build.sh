@@ -55,7 +55,9 @@ required_version() { # file module
 K8S_VERSION="$(required_version "$HERE/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(required_version "$HERE/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 
-hash_files() { cat "$@" | sha256sum | cut -c1-16; }
+# Hash of module files, ignoring whole-line comments and blank lines (editing a comment
+# in go.mod must not force a 20-minute rebuild).
+hash_files() { cat "$@" | grep -Ev '^[[:space:]]*(//|$)' | sha256sum | cut -c1-16; }
 
 # Per binary: module dir, package, ldflags, version label.
 spec() { # name -> sets MODDIR PKG LDFLAGS VERSION

@@ -180,6 +180,7 @@ require (
 	sigs.k8s.io/yaml v1.6.0 // indirect
 )
 
+// Every staging module of v1.34.12 (its `=> ./staging` replaces), pinned to v0.34.12.
 replace (
 	k8s.io/api => k8s.io/api v0.34.12
 	k8s.io/apiextensions-apiserver => k8s.io/apiextensions-apiserver v0.34.12
