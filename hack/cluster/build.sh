@@ -194,4 +194,4 @@ main() {
 	log "done in $(($(date +%s) - total_start)) s; binaries in $BIN_DIR"
 }
 
-main "$@"
+main "$@"; exit $?
