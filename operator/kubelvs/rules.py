@@ -55,18 +55,19 @@ def service_rule(service: VirtualService) -> str:
 
 
 def dest_rule(key: ServiceKey, dest: Destination) -> str:
+    """A real server as ``ipvsadm -Sn`` prints it (tunnel options after the weight)."""
     parts = [f"-a {service_option(key)} -r {format_hostport(dest.address, dest.port)} {dest.method.ipvsadm_flag}"]
-    if dest.method is Method.TUN and dest.tunnel_type is not TunnelType.IPIP:
-        parts.append(f"--tun-type {dest.tunnel_type.name.lower()}")
-        if dest.tunnel_type is TunnelType.GUE:
-            parts.append(f"--tun-port {dest.tunnel_port}")
-        if dest.tunnel_checksum in _CHECKSUM_OPTION:
-            parts.append(_CHECKSUM_OPTION[dest.tunnel_checksum])
     parts.append(f"-w {dest.weight}")
     if dest.upper_threshold:
         parts.append(f"-x {dest.upper_threshold}")
     if dest.lower_threshold:
         parts.append(f"-y {dest.lower_threshold}")
+    if dest.method is Method.TUN:
+        parts.append(f"--tun-type {dest.tunnel_type.name.lower()}")
+        if dest.tunnel_type is TunnelType.GUE:
+            parts.append(f"--tun-port {dest.tunnel_port}")
+        if dest.tunnel_checksum in _CHECKSUM_OPTION:
+            parts.append(_CHECKSUM_OPTION[dest.tunnel_checksum])
     return " ".join(parts)
 
 

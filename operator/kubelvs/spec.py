@@ -114,16 +114,25 @@ class _Fields:
     def fail(self, path: str, message: str) -> SpecError:
         return SpecError(self.ref, path, message)
 
-    def mapping(self, value: Any, path: str, required: bool = False) -> Mapping[str, Any]:
+    def mapping(
+        self, value: Any, path: str, required: bool = False, fields: tuple[str, ...] | None = None
+    ) -> Mapping[str, Any]:
+        """An object; with ``fields``, any other key is refused (as the API server's strict
+        field validation does), so a misspelt field is an error rather than silently ignored."""
         if value is None:
             if required:
                 raise self.fail(path, "is required")
             return {}
         if not isinstance(value, Mapping):
             raise self.fail(path, f"must be an object, not {type(value).__name__}")
+        for key in value:
+            if fields is not None and key not in fields:
+                raise self.fail(f"{path}.{key}", f"unknown field (known: {', '.join(fields)})")
         return value
 
     def integer(self, value: Any, path: str, low: int, high: int) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # YAML/JSON 80.0: the API server stores it as 80
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(path, f"must be an integer, not {value!r}")
         if not low <= value <= high:
@@ -141,30 +150,44 @@ class _Fields:
             raise self.fail(path, f"must be a non-empty string, not {value!r}")
         return value
 
+    def address(self, value: Any, path: str) -> tuple[int, str]:
+        """An IP address written plainly: no whitespace, no IPv6 zone, no IPv4-mapped IPv6."""
+        try:
+            if not isinstance(value, str) or value != value.strip() or "%" in value:
+                raise ValueError
+            family, address = normalize_address(value)
+            if ipaddress.ip_address(address).version == 6 and ipaddress.IPv6Address(address).ipv4_mapped:
+                raise ValueError
+        except ValueError:
+            raise self.fail(path, f"must be an IPv4 or IPv6 address, not {value!r}") from None
+        return family, address
+
+
+def _get(mapping: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A field's value, where an explicit null means the default (as the API server treats it)."""
+    value = mapping.get(key)
+    return default if value is None else value
+
+
+SPEC_FIELDS = ("vip", "ports", "scheduler", "schedulerFlags", "persistence", "forwarding", "backends", "directors")
+
 
 def parse_virtual_server(obj: Obj) -> VirtualServerSpec:
     """Validate a VirtualServer and return its typed spec. Raises SpecError."""
     ref = ObjectRef.of(obj)
     f = _Fields(ref)
-    spec = f.mapping(obj.get("spec"), "spec", required=True)
+    spec = f.mapping(obj.get("spec"), "spec", required=True, fields=SPEC_FIELDS)
+    family, vip = f.address(spec.get("vip"), "spec.vip")
 
-    vip_text = spec.get("vip")
-    try:
-        family, vip = normalize_address(vip_text) if isinstance(vip_text, str) else (0, "")
-    except ValueError:
-        family = 0
-    if not family:
-        raise f.fail("spec.vip", f"must be an IPv4 or IPv6 address, not {vip_text!r}")
-
-    forwarding = f.mapping(spec.get("forwarding"), "spec.forwarding")
-    method = Method[f.choice(forwarding.get("method", "DR"), "spec.forwarding.method", ("DR", "TUN", "NAT"))]
+    forwarding = f.mapping(spec.get("forwarding"), "spec.forwarding", fields=("method", "tunnel"))
+    method = Method[f.choice(_get(forwarding, "method", "DR"), "spec.forwarding.method", ("DR", "TUN", "NAT"))]
     tunnel_type, tunnel_port, tunnel_checksum = _parse_tunnel(f, forwarding, method)
 
     ports = _parse_ports(f, spec.get("ports"), method)
 
-    scheduler = f.choice(spec.get("scheduler", "wlc"), "spec.scheduler", SCHEDULERS)
+    scheduler = f.choice(_get(spec, "scheduler", "wlc"), "spec.scheduler", SCHEDULERS)
     sched_flags = 0
-    raw_flags = spec.get("schedulerFlags") or []
+    raw_flags = _get(spec, "schedulerFlags", [])
     if not isinstance(raw_flags, list):
         raise f.fail("spec.schedulerFlags", "must be a list")
     for i, flag in enumerate(raw_flags):
@@ -172,15 +195,22 @@ def parse_virtual_server(obj: Obj) -> VirtualServerSpec:
         f.choice(flag, path, SCHED_FLAG_BITS)
         if not flag.startswith(scheduler + "-"):
             raise f.fail(path, f"{flag!r} is only valid with the {flag.split('-')[0]} scheduler")
+        if flag in raw_flags[:i]:
+            raise f.fail(path, f"{flag!r} is listed twice")
         sched_flags |= SCHED_FLAG_BITS[flag]
 
     persistence_timeout, netmask = _parse_persistence(f, spec.get("persistence"), family)
 
-    backends = f.mapping(spec.get("backends"), "spec.backends", required=True)
-    target = f.choice(backends.get("target", "Pod"), "spec.backends.target", ("Pod", "Node"))
-    weight = f.integer(backends.get("weight", 1), "spec.backends.weight", 0, MAX_WEIGHT)
-    upper = f.integer(backends.get("upperThreshold", 0), "spec.backends.upperThreshold", 0, 2**31 - 1)
-    lower = f.integer(backends.get("lowerThreshold", 0), "spec.backends.lowerThreshold", 0, 2**31 - 1)
+    backends = f.mapping(
+        spec.get("backends"),
+        "spec.backends",
+        required=True,
+        fields=("serviceRef", "addresses", "target", "weight", "upperThreshold", "lowerThreshold"),
+    )
+    target = f.choice(_get(backends, "target", "Pod"), "spec.backends.target", ("Pod", "Node"))
+    weight = f.integer(_get(backends, "weight", 1), "spec.backends.weight", 0, MAX_WEIGHT)
+    upper = f.integer(_get(backends, "upperThreshold", 0), "spec.backends.upperThreshold", 0, 2**31 - 1)
+    lower = f.integer(_get(backends, "lowerThreshold", 0), "spec.backends.lowerThreshold", 0, 2**31 - 1)
     service_ref = backends.get("serviceRef")
     addresses = backends.get("addresses")
     if (service_ref is None) == (not addresses):
@@ -189,7 +219,7 @@ def parse_virtual_server(obj: Obj) -> VirtualServerSpec:
     service_port: int | str | None = None
     static: tuple[StaticBackend, ...] = ()
     if service_ref is not None:
-        service_ref = f.mapping(service_ref, "spec.backends.serviceRef")
+        service_ref = f.mapping(service_ref, "spec.backends.serviceRef", fields=("name", "port"))
         service_name = f.string(service_ref.get("name"), "spec.backends.serviceRef.name")
         service_port = service_ref.get("port")
         if service_port is not None and not isinstance(service_port, str):
@@ -199,8 +229,11 @@ def parse_virtual_server(obj: Obj) -> VirtualServerSpec:
         if target == "Node":
             raise f.fail("spec.backends.target", "Node applies to serviceRef backends only")
 
-    directors = f.mapping(spec.get("directors"), "spec.directors")
+    directors = f.mapping(spec.get("directors"), "spec.directors", fields=("nodeSelector",))
     node_selector = f.mapping(directors.get("nodeSelector"), "spec.directors.nodeSelector")
+    for key, value in node_selector.items():
+        if not isinstance(value, str):
+            raise f.fail(f"spec.directors.nodeSelector.{key}", f"must be a string, not {value!r}")
 
     return VirtualServerSpec(
         ref=ref,
@@ -227,19 +260,19 @@ def parse_virtual_server(obj: Obj) -> VirtualServerSpec:
 
 
 def _parse_tunnel(f: _Fields, forwarding: Mapping[str, Any], method: Method) -> tuple[TunnelType, int, TunnelChecksum]:
-    tunnel = f.mapping(forwarding.get("tunnel"), "spec.forwarding.tunnel")
-    if tunnel and method is not Method.TUN:
+    tunnel = f.mapping(forwarding.get("tunnel"), "spec.forwarding.tunnel", fields=("type", "port", "checksum"))
+    if forwarding.get("tunnel") is not None and method is not Method.TUN:
         raise f.fail("spec.forwarding.tunnel", "is only valid with method TUN")
     kind = TunnelType[
-        f.choice(tunnel.get("type", "ipip"), "spec.forwarding.tunnel.type", ("ipip", "gue", "gre")).upper()
+        f.choice(_get(tunnel, "type", "ipip"), "spec.forwarding.tunnel.type", ("ipip", "gue", "gre")).upper()
     ]
     port = 0
     if kind is TunnelType.GUE:
         port = f.integer(tunnel.get("port"), "spec.forwarding.tunnel.port", 1, 65535)
-    elif "port" in tunnel:
+    elif tunnel.get("port") is not None:
         raise f.fail("spec.forwarding.tunnel.port", "is only valid with tunnel type gue")
     checksum = TunnelChecksum.NONE
-    if "checksum" in tunnel:
+    if tunnel.get("checksum") is not None:
         if kind is TunnelType.IPIP:
             raise f.fail("spec.forwarding.tunnel.checksum", "is only valid with tunnel types gue and gre")
         name = f.choice(tunnel["checksum"], "spec.forwarding.tunnel.checksum", ("none", "csum", "remcsum"))
@@ -256,9 +289,9 @@ def _parse_ports(f: _Fields, raw: Any, method: Method) -> tuple[PortSpec, ...]:
     seen: dict[tuple[int, Protocol], int] = {}
     for i, entry in enumerate(raw):
         path = f"spec.ports[{i}]"
-        entry = f.mapping(entry, path, required=True)
+        entry = f.mapping(entry, path, required=True, fields=("name", "port", "protocol", "targetPort"))
         port = f.integer(entry.get("port"), f"{path}.port", 1, 65535)
-        protocol = Protocol[f.choice(entry.get("protocol", "TCP"), f"{path}.protocol", ("TCP", "UDP", "SCTP"))]
+        protocol = Protocol[f.choice(_get(entry, "protocol", "TCP"), f"{path}.protocol", ("TCP", "UDP", "SCTP"))]
         if (port, protocol) in seen:
             raise f.fail(
                 f"{path}.port", f"{protocol.name} {port} is already used by spec.ports[{seen[port, protocol]}]"
@@ -280,11 +313,11 @@ def _parse_ports(f: _Fields, raw: Any, method: Method) -> tuple[PortSpec, ...]:
 
 
 def _parse_persistence(f: _Fields, raw: Any, family: int) -> tuple[int, int]:
-    persistence = f.mapping(raw, "spec.persistence")
-    if not persistence:
+    if raw is None:
         return 0, 0
+    persistence = f.mapping(raw, "spec.persistence", fields=("timeoutSeconds", "netmask"))
     timeout = f.integer(
-        persistence.get("timeoutSeconds", 300), "spec.persistence.timeoutSeconds", 1, MAX_PERSISTENCE_SECONDS
+        _get(persistence, "timeoutSeconds", 300), "spec.persistence.timeoutSeconds", 1, MAX_PERSISTENCE_SECONDS
     )
     mask = persistence.get("netmask")
     if mask is None:
@@ -292,13 +325,17 @@ def _parse_persistence(f: _Fields, raw: Any, family: int) -> tuple[int, int]:
     path = "spec.persistence.netmask"
     if family == AF_INET:
         try:
-            prefix = ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
-        except (ValueError, TypeError):
+            if not isinstance(mask, str) or mask.count(".") != 3:
+                raise ValueError
+            network = ipaddress.IPv4Network(f"0.0.0.0/{mask}")
+            if str(network.netmask) != mask:  # refuses hostmasks such as 0.0.0.255
+                raise ValueError
+        except ValueError:
             raise f.fail(path, f"must be an IPv4 netmask such as 255.255.255.0, not {mask!r}") from None
-        if prefix == 0:
+        if network.prefixlen == 0:
             raise f.fail(path, "must not be 0.0.0.0")
-        return timeout, prefix
-    if isinstance(mask, str) and mask.isdigit():
+        return timeout, network.prefixlen
+    if isinstance(mask, str) and mask.isascii() and mask.isdigit():
         mask = int(mask)
     return timeout, f.integer(mask, path, 1, 128)
 
@@ -312,11 +349,8 @@ def _parse_addresses(
     seen: set[tuple[str, int | None]] = set()
     for i, entry in enumerate(raw):
         path = f"spec.backends.addresses[{i}]"
-        entry = f.mapping(entry, path, required=True)
-        try:
-            rs_family, address = normalize_address(f.string(entry.get("ip"), f"{path}.ip"))
-        except ValueError:
-            raise f.fail(f"{path}.ip", f"must be an IP address, not {entry.get('ip')!r}") from None
+        entry = f.mapping(entry, path, required=True, fields=("ip", "port", "weight"))
+        rs_family, address = f.address(entry.get("ip"), f"{path}.ip")
         if rs_family != family and method is not Method.TUN:
             raise f.fail(f"{path}.ip", "must be of the VIP's address family (only TUN can mix families)")
         port = entry.get("port")
@@ -327,9 +361,10 @@ def _parse_addresses(
         weight = entry.get("weight")
         if weight is not None:
             weight = f.integer(weight, f"{path}.weight", 0, MAX_WEIGHT)
-        if (address, port) in seen:
+        identity = (address, port if method is Method.NAT else None)  # DR/TUN: always the VIP's port
+        if identity in seen:
             raise f.fail(f"{path}.ip", f"{address} is listed twice")
-        seen.add((address, port))
+        seen.add(identity)
         backends.append(StaticBackend(address, port, weight))
     return tuple(backends)
 

@@ -1,0 +1,44 @@
+# kubelvs: the two commands a newcomer needs are `make demo` and `make test`.
+PY := .venv/bin/python
+VM := $(PY) hack/vm.py
+
+.PHONY: demo test lint unit bench cluster cluster-down bootstrap clean
+
+bootstrap:
+	bash hack/bootstrap.sh
+
+## demo: boot the IPVS VM, build a client/director/web-server topology, apply examples/ with DR, then TUN
+demo: bootstrap
+	$(VM) --timeout 900 -- $(PY) hack/demo.py
+
+## test: lint, then every test: unit tests and API tests on the host, kernel tests in one VM boot
+test:
+	bash hack/bootstrap.sh --cluster
+	$(MAKE) lint
+	$(PY) -m pytest
+
+lint:
+	.venv/bin/ruff check operator tests bench hack
+	.venv/bin/ruff format --check operator
+	.venv/bin/mypy
+	.venv/bin/lint-imports
+
+unit: bootstrap
+	$(PY) -m pytest tests/unit
+
+## bench: programming, dump and update speed against ipvsadm, in one VM run -> bench/results.json
+bench: bootstrap
+	mkdir -p .vmout
+	$(VM) --rwdir $(CURDIR)/.vmout --timeout 3000 -- $(PY) bench/ipvs_bench.py --out .vmout/ipvs_bench.json
+	$(PY) bench/merge_results.py .vmout/ipvs_bench.json bench/results.json
+
+## cluster: start the local control plane (etcd, kube-apiserver, kube-controller-manager); cluster-down stops it
+cluster:
+	bash hack/bootstrap.sh --cluster
+	$(PY) hack/cluster/controlplane.py up
+
+cluster-down:
+	$(PY) hack/cluster/controlplane.py down
+
+clean:
+	rm -rf .vmout .pytest_cache .ruff_cache .mypy_cache
