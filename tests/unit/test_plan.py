@@ -6,7 +6,6 @@ from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kubelvs.model import AF_INET, Destination, Method, ServiceKey, VirtualService
 from kubelvs.plan import Verb, apply_operations, owned_after, plan
 

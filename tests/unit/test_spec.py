@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import pytest
-
 from kubelvs.model import AF_INET, AF_INET6, Method, ServiceKey
 from kubelvs.spec import Cluster, ObjectRef, desired_state, parse_virtual_server
 
