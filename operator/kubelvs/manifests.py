@@ -12,6 +12,9 @@ import yaml
 from kubelvs.spec import GROUP, KIND, Cluster, ObjectRef
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it
+
+
 class ManifestError(ValueError):
     pass
 
@@ -46,7 +49,7 @@ def load(paths: Iterable[str]) -> Manifests:
     result = Manifests()
     for path in _files(paths):
         try:
-            documents = list(yaml.safe_load_all(path.read_text()))
+            documents = list(yaml.load_all(path.read_text(), Loader=_LOADER))
         except yaml.YAMLError as error:
             raise ManifestError(f"{path}: not valid YAML: {error}") from None
         for index, doc in enumerate(documents):

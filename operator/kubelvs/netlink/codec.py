@@ -205,6 +205,8 @@ def decode_service(genl_payload: memoryview) -> tuple[VirtualService, Counters]:
         netmask = bin(struct.unpack_from(">I", svc[SVC_NETMASK])[0]).count("1")
     else:
         netmask = _U32.unpack_from(svc[SVC_NETMASK])[0]
+    if netmask == (32 if family == AF_INET else 128):
+        netmask = 0  # the whole address: the model's default
     service = VirtualService(
         key,
         bytes(svc[SVC_SCHED_NAME]).rstrip(b"\0").decode(),
