@@ -16,8 +16,9 @@ IFA_F_NODAD = 0x02
 
 
 class VipInterface:
-    def __init__(self, name: str = DEFAULT_INTERFACE) -> None:
+    def __init__(self, name: str = DEFAULT_INTERFACE, netns: str | None = None) -> None:
         self.name = name
+        self.netns = netns  # a named network namespace (tests), or the caller's own
 
     def _index(self, ipr: IPRoute, create: bool) -> int | None:
         links = ipr.link_lookup(ifname=self.name)
@@ -31,7 +32,7 @@ class VipInterface:
         return index
 
     def addresses(self) -> set[str]:
-        with IPRoute() as ipr:
+        with IPRoute(netns=self.netns) as ipr:
             index = self._index(ipr, create=False)
             if index is None:
                 return set()
@@ -39,7 +40,7 @@ class VipInterface:
 
     def add(self, address: str, family: int) -> bool:
         """Make ``address`` local; return False if it already was on this interface."""
-        with IPRoute() as ipr:
+        with IPRoute(netns=self.netns) as ipr:
             index = self._index(ipr, create=True)
             present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
             if address in present:
@@ -50,7 +51,7 @@ class VipInterface:
             return True
 
     def remove(self, address: str, family: int) -> None:
-        with IPRoute() as ipr:
+        with IPRoute(netns=self.netns) as ipr:
             index = self._index(ipr, create=False)
             if index is None:
                 return
