@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -123,6 +124,26 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_director(args: argparse.Namespace) -> int:
+    import logging
+
+    from kubelvs.director.agent import DirectorConfig, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.node_name:
+        print("error: --node-name (or NODE_NAME) is required", file=sys.stderr)
+        return 2
+    config = DirectorConfig(
+        node_name=args.node_name,
+        state_dir=Path(args.state_dir),
+        interface=args.interface,
+        netns=args.netns,
+        resync_seconds=args.resync_seconds,
+        metrics_port=args.metrics_port,
+    )
+    return run(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubelvs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kubelvs {__version__}")
@@ -158,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_state(commands.add_parser("show", help="the services kubelvs owns, with live counters")).set_defaults(
         func=cmd_show
     )
+    director = with_state(commands.add_parser("director", help="run the director agent (in-cluster)"))
+    director.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
+    director.add_argument("--netns", help="program IPVS in this named network namespace (tests)")
+    director.add_argument("--resync-seconds", type=float, default=30.0, help="full resync period")
+    director.add_argument("--metrics-port", type=int, default=9344, help="Prometheus /metrics port (0: off)")
+    director.set_defaults(func=cmd_director)
     return parser
 
 

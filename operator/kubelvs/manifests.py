@@ -11,7 +11,6 @@ import yaml
 
 from kubelvs.spec import GROUP, KIND, Cluster, ObjectRef
 
-
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it
 
 

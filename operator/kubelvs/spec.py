@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubelvs.model import (
@@ -387,6 +387,7 @@ class Cluster:
     services: dict[tuple[str, str], Obj] = field(default_factory=dict)
     slices: dict[tuple[str, str], dict[str, Obj]] = field(default_factory=dict)  # by (ns, service)
     node_addresses: dict[str, list[str]] = field(default_factory=dict)
+    nodes_version: int = 0  # bumped on every Node change, for memoised Node targets
 
     @classmethod
     def build(cls, services: Iterable[Obj] = (), slices: Iterable[Obj] = (), nodes: Iterable[Obj] = ()) -> Cluster:
@@ -426,8 +427,9 @@ class Cluster:
             for a in (node.get("status") or {}).get("addresses") or []
             if a.get("type") == "InternalIP" and a.get("address")
         ]
-        if name:
+        if name and self.node_addresses.get(name) != addresses:
             self.node_addresses[name] = addresses
+            self.nodes_version += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,15 +639,54 @@ def selects_node(node_selector: Mapping[str, str], node_labels: Mapping[str, str
     return all(node_labels.get(k) == v for k, v in node_selector.items())
 
 
+def _version(obj: Obj | None) -> object:
+    """What changes when an object changes: its resourceVersion (or identity, for manifests)."""
+    if obj is None:
+        return None
+    return (obj.get("metadata") or {}).get("resourceVersion") or id(obj)
+
+
+def _backend_version(vs: VirtualServerSpec, cluster: Cluster) -> tuple[object, ...]:
+    if vs.service_name is None:
+        return ()
+    key = (vs.ref.namespace, vs.service_name)
+    slices = cluster.slices.get(key) or {}
+    version = (_version(cluster.services.get(key)), tuple(sorted((n, _version(e)) for n, e in slices.items())))
+    return (*version, cluster.nodes_version) if vs.target_node else version
+
+
+Memo = dict[ObjectRef, tuple[object, tuple[object, ...], VirtualServerSpec, list[VirtualService], Resolution]]
+
+
+def _resolve(
+    obj: Obj, cluster: Cluster, memo: Memo | None
+) -> tuple[VirtualServerSpec, list[VirtualService], Resolution]:
+    """Parse and resolve one VirtualServer, reusing the memo while it and its backends are unchanged."""
+    ref = ObjectRef.of(obj)
+    version = _version(obj)
+    cached = memo.get(ref) if memo is not None else None
+    if cached is not None and cached[0] == version and cached[1] == _backend_version(cached[2], cluster):
+        _, _, vs, services, resolution = cached
+        return vs, services, replace(resolution)
+    vs = parse_virtual_server(obj)
+    services, resolution = virtual_services(vs, cluster)
+    if memo is not None:
+        memo[ref] = (version, _backend_version(vs, cluster), vs, services, replace(resolution))
+    return vs, services, resolution
+
+
 def desired_state(
     virtual_servers: Iterable[Obj],
     cluster: Cluster | None = None,
     node_labels: Mapping[str, str] | None = None,
+    memo: Memo | None = None,
 ) -> DesiredState:
     """Compute the desired IPVS state of one director.
 
     Two VirtualServers that claim the same VIP, port and protocol: the older one (by
     creationTimestamp, then namespace/name) keeps it, the newer one is refused as a VIPConflict.
+    ``memo`` (kept by the caller between calls) skips VirtualServers whose object and backends
+    did not change, so an EndpointSlice event costs one VirtualServer's work, not all of them.
     """
     cluster = cluster or Cluster()
     state = DesiredState()
@@ -653,8 +694,7 @@ def desired_state(
         ref = ObjectRef.of(obj)
         generation = (obj.get("metadata") or {}).get("generation")
         try:
-            vs = parse_virtual_server(obj)
-            services, resolution = virtual_services(vs, cluster)
+            vs, services, resolution = _resolve(obj, cluster, memo)
             resolution.generation = generation
             for svc in services:
                 owner = state.origins.get(svc.key)

@@ -1,0 +1,407 @@
+"""`kubelvs director`: watch the Kubernetes API, program this node's IPVS, report status.
+
+Every director is active (kopf in standalone mode, no peering). Events only update an in-memory
+view of the cluster and mark the VirtualServers they touch; one loop coalesces bursts, computes
+the desired state (memoised per VirtualServer), and applies the difference for the touched
+VirtualServers against a cached view of the kernel. A periodic full resync dumps the kernel and
+repairs drift. When the API server is unreachable the view stays as it was: the kernel is left
+alone (fail static) and the director catches up when the watches resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from kubelvs.director import status as st
+from kubelvs.director.metrics import Metrics
+from kubelvs.model import Observed
+from kubelvs.netlink.addresses import VipInterface
+from kubelvs.netlink.ipvs import IPVSClient
+from kubelvs.ownership import OwnershipStore
+from kubelvs.plan import apply_operations
+from kubelvs.spec import GROUP, PLURAL, SERVICE_NAME_LABEL, VERSION, Cluster, DesiredState, Memo, ObjectRef
+from kubelvs.sync import Reconciler, SyncReport
+
+log = logging.getLogger("kubelvs.director")
+
+
+@dataclass
+class DirectorConfig:
+    node_name: str
+    state_dir: Path
+    interface: str = "kubelvs0"
+    netns: str | None = None  # program IPVS in this network namespace (tests); default: our own
+    resync_seconds: float = 30.0
+    coalesce_seconds: float = 0.05
+    metrics_port: int = 0  # 0: no metrics endpoint
+
+
+class CachedReconciler(Reconciler):
+    """A Reconciler that keeps the kernel's state between syncs: incremental syncs plan against
+    the cache (no dump per event); a full sync dumps and replaces it."""
+
+    observed: Observed | None = None
+
+    def sync_cached(self, desired: DesiredState, only: Iterable[ObjectRef] | None, full: bool) -> SyncReport:
+        if full or self.observed is None:
+            self.observed = self.client.dump(with_counters=False)
+        report = self.sync(
+            desired,
+            keep=[e.ref for e in desired.errors if e.reason == "InvalidSpec"],
+            only=only,
+            observed=self.observed,
+        )
+        if report.result.ok:
+            self.observed.services = apply_operations(self.observed.services, report.result.succeeded)
+        else:
+            self.observed = None  # something failed: trust only a fresh dump next time
+        return report
+
+
+@dataclass
+class ClusterView:
+    """What the director knows of the cluster, updated by watch events."""
+
+    virtual_servers: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
+    cluster: Cluster = field(default_factory=Cluster)
+    node_labels: dict[str, str] = field(default_factory=dict)
+    refs_by_service: dict[tuple[str, str], set[ObjectRef]] = field(default_factory=lambda: defaultdict(set))
+
+
+class Director:
+    def __init__(self, config: DirectorConfig) -> None:
+        self.config = config
+        self.view = ClusterView()
+        self.memo: Memo = {}
+        self.dirty: set[ObjectRef] = set()
+        self.everything_dirty = True
+        self.wake: asyncio.Event | None = None
+        self.metrics = Metrics()
+        self.reconciler: CachedReconciler | None = None
+        self.desired: DesiredState | None = None
+        self.errors_by_ref: dict[ObjectRef, list[str]] = {}
+        self.written_entries: dict[ObjectRef, dict[str, Any]] = {}
+        self.last_full = 0.0
+        self.custom: k8s.CustomObjectsApi | None = None
+        self.ready = asyncio.Event()
+
+    # --- events -------------------------------------------------------------------------
+
+    def _mark(self, refs: Iterable[ObjectRef] = (), everything: bool = False) -> None:
+        self.dirty.update(refs)
+        self.everything_dirty |= everything
+        if self.wake is not None:
+            self.wake.set()
+
+    def on_virtual_server(self, kind: str | None, obj: dict[str, Any]) -> None:
+        ref = ObjectRef.of(obj)
+        before = self.view.virtual_servers.get(ref)
+        if kind == "DELETED":
+            self.view.virtual_servers.pop(ref, None)
+            self.memo.pop(ref, None)
+            self.written_entries.pop(ref, None)
+            self._index_service(ref, before, None)
+            self._mark([ref])
+            return
+        self.view.virtual_servers[ref] = obj
+        self._index_service(ref, before, obj)
+        spec_changed = before is None or (before.get("metadata") or {}).get("generation") != (
+            obj.get("metadata") or {}
+        ).get("generation")
+        if spec_changed:
+            self._mark([ref])
+
+    def _index_service(self, ref: ObjectRef, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> None:
+        for obj, add in ((before, False), (after, True)):
+            name = (((obj or {}).get("spec") or {}).get("backends") or {}).get("serviceRef", {}) or {}
+            if isinstance(name, Mapping) and name.get("name"):
+                key = (ref.namespace, str(name["name"]))
+                (self.view.refs_by_service[key].add if add else self.view.refs_by_service[key].discard)(ref)
+
+    def on_service(self, kind: str | None, obj: dict[str, Any]) -> None:
+        ref = ObjectRef.of(obj)
+        if kind == "DELETED":
+            self.view.cluster.remove_service(ref.namespace, ref.name)
+        else:
+            self.view.cluster.put_service(obj)
+        self._mark(self.view.refs_by_service.get((ref.namespace, ref.name), ()))
+
+    def on_endpoint_slice(self, kind: str | None, obj: dict[str, Any]) -> None:
+        ref = ObjectRef.of(obj)
+        service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        users = self.view.refs_by_service.get((ref.namespace, service or ""))
+        if not users:
+            # Nobody uses this Service: keep nothing of it (bounded memory on big clusters).
+            self.view.cluster.remove_slice(obj)
+            return
+        if kind == "DELETED":
+            self.view.cluster.remove_slice(obj)
+        else:
+            self.view.cluster.put_slice(obj)
+        self._mark(users)
+
+    def on_node(self, kind: str | None, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        version = self.view.cluster.nodes_version
+        if kind != "DELETED":
+            self.view.cluster.put_node(obj)
+        if name == self.config.node_name:
+            labels = dict((obj.get("metadata") or {}).get("labels") or {})
+            if labels != self.view.node_labels:
+                self.view.node_labels = labels
+                self._mark(everything=True)
+                return
+        if self.view.cluster.nodes_version != version:
+            node_targets = [
+                r
+                for r, vs in self.view.virtual_servers.items()
+                if ((vs.get("spec") or {}).get("backends") or {}).get("target") == "Node"
+            ]
+            self._mark(node_targets)
+
+    # --- the sync loop --------------------------------------------------------------------
+
+    def compute_desired(self) -> DesiredState:
+        from kubelvs.spec import desired_state
+
+        return desired_state(self.view.virtual_servers.values(), self.view.cluster, self.view.node_labels, self.memo)
+
+    def _scope(self, desired: DesiredState) -> set[ObjectRef] | None:
+        """The VirtualServers to sync: those marked, and those whose outcome changed because of
+        another (a conflict resolved when the older one went away)."""
+        if self.everything_dirty or self.desired is None:
+            return None
+        scope = set(self.dirty)
+        before = self.desired.resolutions
+        for ref, now in desired.resolutions.items():
+            old = before.get(ref)
+            if (
+                old is None
+                or old.keys != now.keys
+                or old.selected != now.selected
+                or ((old.error and old.error.reason) != (now.error and now.error.reason))
+            ):
+                scope.add(ref)
+        scope.update(ref for ref in before if ref not in desired.resolutions)
+        return scope
+
+    def plan_sync(self, full: bool) -> tuple[DesiredState, set[ObjectRef] | None]:
+        """In the event loop's thread (the view is only touched there): what to sync."""
+        desired = self.compute_desired()
+        scope = None if full else self._scope(desired)
+        self.dirty.clear()
+        self.everything_dirty = False
+        return desired, scope
+
+    def sync_once(self, desired: DesiredState, scope: set[ObjectRef] | None, full: bool) -> SyncReport:
+        """In a worker thread: the kernel I/O."""
+        assert self.reconciler is not None
+        started = time.perf_counter()
+        report = self.reconciler.sync_cached(desired, only=scope, full=full)
+        self.metrics.observe_sync("full" if full else "incremental", time.perf_counter() - started, report)
+        errors: dict[ObjectRef, list[str]] = defaultdict(list)
+        for failure in report.result.failed:
+            origin = desired.origins.get(failure.operation.key)
+            if origin is not None:
+                errors[origin].append(str(failure))
+        for key in report.plan.conflicts:
+            origin = desired.origins.get(key)
+            if origin is not None:
+                errors[origin].append(f"{key} exists in the kernel and is not owned by kubelvs")
+        if self.desired is None or len(report.plan) or not report.ok:
+            kind = "initial" if self.desired is None else "full" if full else "incremental"
+            log.info(
+                "%s sync: %d operations %s, %d failed, %d conflicts",
+                kind,
+                len(report.plan),
+                report.plan.counts(),
+                len(report.result.failed),
+                len(report.plan.conflicts),
+            )
+        self.errors_by_ref = errors
+        self.desired = desired
+        return report
+
+    async def run(self) -> None:
+        """Coalesce events, sync, write status; a full resync every resync_seconds."""
+        self.wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.reconciler = CachedReconciler(
+            IPVSClient(netns=self.config.netns),
+            OwnershipStore(self.config.state_dir),
+            VipInterface(self.config.interface, netns=self.config.netns),
+        )
+        await self.ready.wait()  # the initial listing is in: never sync from a partial view
+        while True:
+            due = self.last_full + self.config.resync_seconds - time.monotonic()
+            if not (self.dirty or self.everything_dirty) and due > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=due)
+            self.wake.clear()
+            await asyncio.sleep(self.config.coalesce_seconds)  # let a burst of events land
+            full = time.monotonic() >= self.last_full + self.config.resync_seconds
+            try:
+                desired, scope = self.plan_sync(full)
+                await loop.run_in_executor(None, self.sync_once, desired, scope, full)
+            except Exception:
+                log.exception("sync failed; retrying")
+                self.everything_dirty = True
+                await asyncio.sleep(1.0)
+                continue
+            if full:
+                self.last_full = time.monotonic()
+            await self.write_status(desired, scope)
+
+    # --- status ---------------------------------------------------------------------------
+
+    async def write_status(self, desired: DesiredState, scope: set[ObjectRef] | None) -> None:
+        if self.custom is None:
+            return
+        loop = asyncio.get_running_loop()
+        node = self.config.node_name
+        refs = desired.resolutions.keys() if scope is None else scope & desired.resolutions.keys()
+        for ref in sorted(refs):
+            resolution = desired.resolutions[ref]
+            vs = self.view.virtual_servers.get(ref)
+            if vs is None:
+                continue
+            entry = st.director_entry(node, resolution, self.errors_by_ref.get(ref, []))
+            body: dict[str, Any] = {}
+            if resolution.selected and not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
+                body["directors"] = [{**entry, "lastSyncTime": st.now_rfc3339()}]
+            if st.summary_writer(vs, node):
+                summary = st.summary(vs, resolution, entry, st.now_rfc3339())
+                if not st.same_summary(vs, summary):
+                    await loop.run_in_executor(None, self._apply_status, ref, summary, "kubelvs-status")
+                    self._event_on_transition(vs, summary)
+            if body:
+                await loop.run_in_executor(None, self._apply_status, ref, body, f"kubelvs-director-{node}")
+                self.written_entries[ref] = entry
+
+    def _apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> None:
+        assert self.custom is not None
+        patch = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VirtualServer",
+            "metadata": {"name": ref.name, "namespace": ref.namespace},
+            "status": status,
+        }
+        try:
+            self.custom.api_client.call_api(
+                f"/apis/{GROUP}/{VERSION}/namespaces/{ref.namespace}/{PLURAL}/{ref.name}/status",
+                "PATCH",
+                query_params=[("fieldManager", manager), ("force", "true")],
+                header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+                body=patch,
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _preload_content=False,
+            )
+        except k8s.ApiException as error:
+            if error.status != 404:  # deleted meanwhile: nothing to report on
+                self.metrics.api_errors.inc()
+                log.warning("status of %s not written: %s %s", ref, error.status, error.reason)
+
+    def _event_on_transition(self, vs: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        old = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
+        for condition in summary["conditions"]:
+            before = old.get(condition["type"]) or {}
+            if (before.get("status"), before.get("reason")) == (condition["status"], condition["reason"]):
+                continue
+            warning = condition["status"] == "False" and condition["reason"] not in ("NoDirectors",)
+            try:
+                kopf.event(
+                    kopf.Body(dict(vs)),  # type: ignore[arg-type]
+                    type="Warning" if warning else "Normal",
+                    reason=condition["reason"],
+                    message=condition["message"][:1000],
+                )
+            except Exception:  # events are best effort
+                log.debug("event not posted", exc_info=True)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def initial_list(self) -> None:
+        """List everything once before the first sync, so a restart adopts the kernel as is."""
+        api = k8s.ApiClient()
+        self.custom = k8s.CustomObjectsApi(api)
+        core = k8s.CoreV1Api(api)
+        discovery = k8s.DiscoveryV1Api(api)
+        listed: dict[str, Any] = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)  # type: ignore[assignment]
+        for vs in listed["items"]:
+            self.on_virtual_server("ADDED", vs)
+        for svc in api.sanitize_for_serialization(core.list_service_for_all_namespaces()).get("items", []):
+            self.on_service("ADDED", svc)
+        slices = api.sanitize_for_serialization(discovery.list_endpoint_slice_for_all_namespaces())
+        for eps in slices.get("items", []):
+            self.on_endpoint_slice("ADDED", eps)
+        for node in api.sanitize_for_serialization(core.list_node()).get("items", []):
+            self.on_node("ADDED", node)
+        self._mark(everything=True)
+
+
+def build_registry(director: Director) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        return kopf.login_via_client(**kwargs)
+
+    def handler(callback: Any) -> Any:
+        def on_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+            callback(event.get("type"), dict(body))
+
+        return on_event
+
+    kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(handler(director.on_virtual_server))
+    kopf.on.event("", "v1", "services", registry=registry)(handler(director.on_service))
+    kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry)(handler(director.on_endpoint_slice))
+    kopf.on.event("", "v1", "nodes", registry=registry)(handler(director.on_node))
+
+    @kopf.on.startup(registry=registry)
+    async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 30
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, director.initial_list)
+        director.ready.set()
+        if director.config.metrics_port:
+            director.metrics.serve(director.config.metrics_port, director)
+        director.sync_task = asyncio.create_task(director.run())  # type: ignore[attr-defined]
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop(**_: Any) -> None:
+        task = getattr(director, "sync_task", None)
+        if task is not None:
+            task.cancel()
+
+    return registry
+
+
+def load_kube_config() -> None:
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+
+
+def run(config: DirectorConfig) -> int:
+    load_kube_config()
+    director = Director(config)
+    registry = build_registry(director)
+    # kopf logs in with the same credentials (kubeconfig or the pod's service account).
+    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True))
+    return 0

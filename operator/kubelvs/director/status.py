@@ -1,0 +1,137 @@
+"""VirtualServer status: what each director reports, and the conditions a user reads (pure).
+
+Directors never fight over one object: each writes only its own entry of ``status.directors``
+(server-side apply, list keyed by node). The summary (conditions, counts) is written by one
+director, chosen without an election: the first by node name among those with an entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubelvs.spec import Resolution
+
+Obj = Mapping[str, Any]
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def director_entry(node: str, resolution: Resolution, errors: list[str]) -> dict[str, Any]:
+    """This director's entry, without the timestamp (compare entries to decide on a write)."""
+    entry: dict[str, Any] = {
+        "node": node,
+        "programmed": resolution.accepted and not errors,
+        "services": len(resolution.keys) if resolution.accepted else 0,
+    }
+    if resolution.generation is not None:
+        entry["observedGeneration"] = resolution.generation
+    if errors:
+        entry["message"] = "; ".join(errors)[:4000]
+    return entry
+
+
+def entries(vs: Obj) -> dict[str, Mapping[str, Any]]:
+    return {e["node"]: e for e in (vs.get("status") or {}).get("directors") or [] if "node" in e}
+
+
+def summary_writer(vs: Obj, node: str) -> bool:
+    """True when this director writes the VirtualServer's summary status."""
+    return node <= min(entries(vs), default=node)
+
+
+def _condition(
+    previous: Mapping[str, Mapping[str, Any]],
+    kind: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    before = previous.get(kind)
+    changed = before is None or before.get("status") != status
+    condition = {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now if changed else before["lastTransitionTime"],  # type: ignore[index]
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
+
+
+def summary(vs: Obj, resolution: Resolution, own: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """The status summary from every director's entry (this director's ``own`` one being fresh)."""
+    reports = dict(entries(vs))
+    reports[own["node"]] = own
+    generation = resolution.generation
+    current = [e for e in reports.values() if e.get("observedGeneration") == generation]
+    programmed = [e for e in current if e.get("programmed")]
+    previous = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
+
+    if resolution.error is not None:
+        accepted = (False, resolution.error.reason, str(resolution.error.message))
+    else:
+        accepted = (True, "Valid", "the spec is valid and its VIP, ports and protocols are not claimed by another")
+    if not accepted[0]:
+        prog = (False, "NotAccepted", "not programmed: the spec is not accepted")
+    elif not current:
+        prog = (False, "NoDirectors", "no director has programmed this generation yet")
+    elif len(programmed) == len(current):
+        prog = (True, "Programmed", f"in the kernel of {len(programmed)} director(s)")
+    else:
+        failed = sorted(e["node"] for e in current if not e.get("programmed"))
+        detail = "; ".join(f"{n}: {reports[n].get('message', '')}" for n in failed)
+        prog = (False, "ProgrammingFailed", f"{len(failed)} of {len(current)} director(s) failed: {detail}"[:4000])
+
+    if not accepted[0]:
+        ready = (False, "NotAccepted", accepted[2])
+    elif not prog[0]:
+        ready = (False, "NotProgrammed", prog[2])
+    elif resolution.problem is not None:
+        ready = (False, resolution.problem.reason, resolution.problem.message)
+    elif resolution.ready_backends == 0:
+        ready = (False, "NoReadyBackends", "every real server has weight 0")
+    else:
+        ready = (True, "Ready", f"{resolution.ready_backends} ready backend(s)")
+
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            _condition(previous, "Accepted", *accepted, generation, now),
+            _condition(previous, "Programmed", *prog, generation, now),
+            _condition(previous, "Ready", *ready, generation, now),
+        ],
+        "readyBackends": resolution.ready_backends,
+        "drainingBackends": resolution.draining_backends,
+        "programmedDirectors": len(programmed),
+    }
+
+
+def same_summary(vs: Obj, new: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` would change nothing a user can see (timestamps aside)."""
+    status = vs.get("status") or {}
+    for key in ("observedGeneration", "readyBackends", "drainingBackends", "programmedDirectors"):
+        if status.get(key) != new.get(key):
+            return False
+    old = {c.get("type"): c for c in status.get("conditions") or []}
+    for condition in new["conditions"]:
+        before = old.get(condition["type"]) or {}
+        for key in ("status", "reason", "message", "observedGeneration"):
+            if before.get(key) != condition.get(key):
+                return False
+    return True
+
+
+def same_entry(vs: Obj, entry: Mapping[str, Any]) -> bool:
+    before = entries(vs).get(entry["node"])
+    if before is None:
+        return False
+    return all(before.get(k) == entry.get(k) for k in ("programmed", "services", "observedGeneration", "message"))
