@@ -1,0 +1,37 @@
+#!/bin/sh
+# Guest-side init step of hack/vm.py: runs as root inside the VM, loads the kernel modules the
+# kubelvs kernel tests need, prepares writable state directories, then execs the command.
+# The environment (KUBELVS_IN_VM=1, HOME, TMPDIR, XDG_*, PATH) was exported by hack/vm.py.
+
+# IPVS core, every scheduler the kernel ships, tunnels (TUN forwarding: ipip; IPv6: ip6_tunnel),
+# and what the netns topologies use (veth, bridge, dummy).
+MODULES="ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_lblc ip_vs_lblcr ip_vs_dh ip_vs_sh
+ip_vs_sed ip_vs_nq ip_vs_fo ip_vs_ovf ip_vs_mh ipip tunnel4 ip6_tunnel tunnel6 veth bridge dummy
+nf_conntrack"
+# One modprobe for all: each modprobe process re-reads the module indexes over 9p, ~1 s apiece
+# under TCG, so one by one costs ~20 s and `modprobe -a` ~5 s.
+# shellcheck disable=SC2086
+if ! modprobe -a $MODULES 2>/dev/null; then
+    for m in $MODULES; do
+        modprobe "$m" 2>/dev/null || echo "vm-guest-init: modprobe $m failed" >&2
+    done
+fi
+
+for d in "${HOME:-/tmp/kubelvs-vm/home}" "${XDG_CACHE_HOME:-/tmp/kubelvs-vm/cache}" \
+         "${TMPDIR:-/tmp/kubelvs-vm/tmp}" "${XDG_RUNTIME_DIR:-/tmp/kubelvs-vm/tmp/run}"; do
+    mkdir -p "$d"
+done
+chmod 700 "${XDG_RUNTIME_DIR:-/tmp/kubelvs-vm/tmp/run}" 2>/dev/null
+# `ip netns add` needs a writable /run/netns (tmpfs in the guest, but be sure).
+mkdir -p /run/netns 2>/dev/null
+ip link set lo up 2>/dev/null
+
+if [ ! -e /proc/net/ip_vs ]; then
+    echo "vm-guest-init: /proc/net/ip_vs missing after modprobe ip_vs (kernel $(uname -r))" >&2
+fi
+
+if [ -n "${KUBELVS_REPO:-}" ]; then
+    cd "$KUBELVS_REPO" || exit 126
+fi
+[ "$#" -gt 0 ] || set -- /bin/sh
+exec "$@"

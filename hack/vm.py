@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Boot Debian's kernel (which has IPVS) in a virtme-ng VM and run one command inside it.
+
+    python hack/vm.py [--rwdir DIR ...] [--network user] [--timeout S] [--log FILE]
+                      [--env NAME=VALUE ...] [--verbose] -- CMD ARG...
+
+The VM (``vng --disable-kvm``: TCG emulation, KVM hangs on this kind of machine) shares the
+host's root filesystem read-only (with a throwaway writable /tmp, /etc, /var, ...), so the
+checkout, the venv and ipvsadm are all there.  CMD runs as root with cwd = repo root after
+``hack/vm-guest-init.sh`` has loaded the IPVS/tunnel modules; its exit status is ours.
+
+Host directories given with ``--rwdir`` (outside /tmp) are shared read-write at the same path:
+use one for results and logs.  Guest stdout goes to our stdout, guest stderr (and, with
+--verbose, the kernel console) to our stderr.
+
+Stdlib only: also imported by tests/kernel/conftest.py (``run_in_vm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_INIT = REPO / "hack" / "vm-guest-init.sh"
+
+# Exit status reported when the VM run hit its time limit (like timeout(1)).
+TIMEOUT_STATUS = 124
+# Exit status when the VM could not even be started (no vng, no kernel).
+NOT_STARTED_STATUS = 125
+
+# Guest-side state directories: / is read-only in the guest except /tmp, /etc, /var, ...
+GUEST_HOME = "/tmp/kubelvs-vm/home"
+GUEST_CACHE = "/tmp/kubelvs-vm/cache"
+GUEST_TMP = "/tmp/kubelvs-vm/tmp"
+
+
+class VMError(RuntimeError):
+    """The VM cannot be started on this machine (no vng, no suitable kernel)."""
+
+
+def _check_rwdirs(rwdirs: Sequence[str]) -> None:
+    for d in rwdirs:
+        resolved = Path(d).resolve()
+        if resolved == Path("/tmp") or Path("/tmp") in resolved.parents:
+            raise VMError(f"--rwdir {d}: must be outside /tmp (the guest's /tmp is a throwaway overlay)")
+        resolved.mkdir(parents=True, exist_ok=True)
+
+
+def _version_key(path: str) -> list[object]:
+    """Sort key for /boot/vmlinuz-6.1.0-56-amd64 style names: numeric parts compare as numbers."""
+    parts = re.split(r"(\d+)", os.path.basename(path))
+    return [int(p) if p.isdigit() else p for p in parts]
+
+
+def find_kernel() -> str:
+    """The kernel image to boot: $KUBELVS_VM_KERNEL, else the newest /boot/vmlinuz-*-amd64."""
+    env = os.environ.get("KUBELVS_VM_KERNEL")
+    if env:
+        if not os.path.exists(env):
+            raise VMError(f"KUBELVS_VM_KERNEL={env} does not exist")
+        return env
+    found = sorted(glob.glob("/boot/vmlinuz-*-amd64"), key=_version_key)
+    if not found:
+        raise VMError(
+            "no /boot/vmlinuz-*-amd64 kernel: install Debian's linux-image-amd64 "
+            "(apt-get install linux-image-amd64 qemu-system-x86 ipvsadm busybox-static)"
+        )
+    kernel = found[-1]
+    release = os.path.basename(kernel)[len("vmlinuz-") :]
+    if not os.path.isdir(f"/lib/modules/{release}"):
+        raise VMError(f"{kernel} has no /lib/modules/{release}: its modules (ip_vs, ipip) are missing")
+    return kernel
+
+
+def find_vng() -> str:
+    """vng next to sys.executable (the venv's bin), else on PATH."""
+    here = Path(sys.executable).parent / "vng"
+    if here.exists() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("vng")
+    if found:
+        return found
+    raise VMError(f"vng not found next to {sys.executable} nor on PATH: pip install virtme-ng")
+
+
+def _guest_env(extra_env: dict[str, str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    # Host variables of the project itself travel along (but never the in-VM marker).
+    for key, value in os.environ.items():
+        if key.startswith("KUBELVS_") and key != "KUBELVS_IN_VM":
+            env[key] = value
+    env.update(
+        {
+            "KUBELVS_IN_VM": "1",
+            "KUBELVS_REPO": str(REPO),
+            "HOME": GUEST_HOME,
+            "XDG_CACHE_HOME": GUEST_CACHE,
+            "XDG_CONFIG_HOME": GUEST_HOME + "/.config",
+            "XDG_RUNTIME_DIR": GUEST_TMP + "/run",
+            "TMPDIR": GUEST_TMP,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "HYPOTHESIS_STORAGE_DIRECTORY": GUEST_CACHE + "/hypothesis",
+            "LANG": "C.UTF-8",
+            "TERM": os.environ.get("TERM", "dumb") or "dumb",
+            "PATH": os.pathsep.join(
+                [
+                    str(Path(sys.executable).parent),
+                    "/usr/local/sbin",
+                    "/usr/local/bin",
+                    "/usr/sbin",
+                    "/usr/bin",
+                    "/sbin",
+                    "/bin",
+                ]
+            ),
+        }
+    )
+    if extra_env:
+        env.update(extra_env)
+    return env
+
+
+def _write_guest_script(cmd: Sequence[str], env: dict[str, str], cwd: Path) -> Path:
+    """The script the guest runs.  It lives in the host's /tmp, which the guest sees (read-only
+    lower layer of its /tmp overlay).  vng passes --exec on the kernel command line (base64, and
+    the whole line is limited to 2 KiB), so only a short `exec /bin/sh <script>` goes there."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="kubelvs-vm-"))
+    script = tmpdir / "run.sh"
+    lines = ["#!/bin/sh", "# generated by hack/vm.py"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines.append(f"cd {shlex.quote(str(cwd))} || exit 126")
+    lines.append("exec /bin/sh " + shlex.join([str(GUEST_INIT), *cmd]))
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return script
+
+
+def vng_command(
+    script: Path,
+    rwdirs: Sequence[str],
+    network_user: bool,
+    verbose: bool,
+    kernel: str,
+    vng: str,
+    memory: str,
+    cpus: int,
+) -> list[str]:
+    cmd = [vng, "--disable-kvm", "--run", kernel, "--memory", memory, "--cpus", str(cpus)]
+    # --force-9p: vng otherwise first tries virtiofsd for the root filesystem, which fails here
+    # and costs seconds of waiting before it falls back to 9p anyway.
+    cmd += ["--force-9p", "--cwd", str(REPO)]
+    for d in rwdirs:
+        cmd += ["--rwdir", str(Path(d).resolve())]
+    if network_user:
+        cmd += ["--network", "user"]
+    if verbose:
+        # Kernel console to our stderr, but only warnings and worse once booted (an info line per
+        # veth/bridge port state change would flood the serial console, which is slow under TCG).
+        cmd += ["--verbose", "--append", "loglevel=4"]
+    cmd += ["--exec", f"exec /bin/sh {shlex.quote(str(script))}"]
+    return cmd
+
+
+def _pump(stream: IO[bytes], sinks: list[Callable[[str], None]]) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+        if not line.endswith("\n"):
+            line += "\n"
+        for sink in sinks:
+            with contextlib.suppress(Exception):  # a broken sink must not stall the VM's output
+                sink(line)
+    stream.close()
+
+
+def run_in_vm(
+    cmd: list[str],
+    rwdirs: list[str],
+    timeout: float,
+    network_user: bool = False,
+    *,
+    log_path: str | os.PathLike[str] | None = None,
+    on_stdout: Callable[[str], None] | None = None,
+    on_stderr: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+    verbose: bool = False,
+    memory: str = "2G",
+    cpus: int = 2,
+) -> int:
+    """Boot the VM once, run ``cmd`` inside as root (cwd = repo root), return its exit status.
+
+    ``rwdirs``: host directories (outside /tmp) shared read-write at the same path.
+    ``timeout``: seconds for the whole run including boot; on expiry the VM is killed and
+    TIMEOUT_STATUS (124) is returned.  NOT_STARTED_STATUS (125) if vng or the kernel is missing.
+    Guest stdout goes to ``on_stdout`` (default: our stdout), guest stderr and the kernel console
+    to ``on_stderr`` (default: our stderr); with ``log_path`` everything is also written there.
+    ``env``: extra environment variables for the guest command.
+    """
+    log = open(log_path, "w", encoding="utf-8") if log_path is not None else None  # noqa: SIM115
+    lock = threading.Lock()
+
+    def to_log(line: str) -> None:
+        if log is not None:
+            with lock:
+                log.write(line)
+                log.flush()
+
+    def default_out(line: str) -> None:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+    def default_err(line: str) -> None:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    script_dir: Path | None = None
+    try:
+        try:
+            kernel = find_kernel()
+            vng = find_vng()
+            _check_rwdirs(rwdirs)
+        except VMError as exc:
+            to_log(f"hack/vm.py: {exc}\n")
+            (on_stderr or default_err)(f"hack/vm.py: {exc}\n")
+            return NOT_STARTED_STATUS
+        script = _write_guest_script(cmd, _guest_env(env), REPO)
+        script_dir = script.parent
+        argv = vng_command(script, rwdirs, network_user, verbose, kernel, vng, memory, cpus)
+        host_env = dict(os.environ)
+        bindir = str(Path(vng).parent)
+        host_env["PATH"] = bindir + os.pathsep + host_env.get("PATH", "")  # vng calls virtme-run
+        to_log(f"hack/vm.py: {shlex.join(argv)}\nhack/vm.py: guest command: {shlex.join(cmd)}\n")
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=host_env,
+            cwd=str(REPO),
+            start_new_session=True,  # own process group: a timeout kills vng and qemu together
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, [to_log, on_stdout or default_out]), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, [to_log, on_stderr or default_err]), daemon=True),
+        ]
+        for t in pumps:
+            t.start()
+        timed_out = False
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            rc = TIMEOUT_STATUS
+        except BaseException:  # KeyboardInterrupt: do not leave a qemu behind
+            _kill_group(proc)
+            raise
+        for t in pumps:
+            t.join(timeout=10)
+        elapsed = time.monotonic() - started
+        if timed_out:
+            to_log(f"hack/vm.py: VM run exceeded {timeout:.0f} s and was killed\n")
+        to_log(f"hack/vm.py: exit status {rc} after {elapsed:.1f} s\n")
+        return rc
+    finally:
+        if script_dir is not None:
+            shutil.rmtree(script_dir, ignore_errors=True)
+        if log is not None:
+            log.close()
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run a command as root inside a VM with Debian's kernel (IPVS, ipip).",
+        usage="%(prog)s [--rwdir DIR ...] [--network user] [--timeout S] -- CMD ARG...",
+    )
+    parser.add_argument("--rwdir", action="append", default=[], help="host dir (outside /tmp) shared read-write")
+    parser.add_argument("--network", choices=["user"], help="qemu user networking: host is 10.0.2.2")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (default 1800)")
+    parser.add_argument("--log", help="also write all output to this file")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="guest environment")
+    parser.add_argument("--verbose", action="store_true", help="kernel console (warnings and worse) on stderr")
+    parser.add_argument("--memory", default="2G")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("no command given (put it after --)")
+    extra = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--env {item!r}: expected NAME=VALUE")
+        extra[name] = value
+    return run_in_vm(
+        cmd,
+        args.rwdir,
+        args.timeout,
+        args.network == "user",
+        log_path=args.log,
+        env=extra,
+        verbose=args.verbose,
+        memory=args.memory,
+        cpus=args.cpus,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
