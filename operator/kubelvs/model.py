@@ -7,6 +7,7 @@ state with ``==`` and tests can build states by hand.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -190,6 +191,8 @@ def format_hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _addr_sort(address: str) -> tuple[int, int]:
+    # Memoised: the same real servers recur in many services and in every dump.
     addr = ipaddress.ip_address(address)
     return addr.version, int(addr)

@@ -14,6 +14,7 @@ from typing import Any
 
 from kubelvs.model import (
     AF_INET,
+    AF_INET6,
     SCHED_FLAG_BITS,
     SCHEDULERS,
     Destination,
@@ -613,7 +614,7 @@ def _backend_port(vs: VirtualServerSpec, entry: PortSpec, endpoint_port: int | N
 
 
 def _destination(vs: VirtualServerSpec, address: str, port: int, weight: int) -> Destination:
-    family, _ = normalize_address(address)
+    family = AF_INET6 if ":" in address else AF_INET  # address is normalised text already
     return Destination(
         address,
         port,

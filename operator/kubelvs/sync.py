@@ -65,20 +65,21 @@ class Reconciler:
         for key in services:
             wanted_vips.setdefault(key.address, key.family)
         report = SyncReport(the_plan, ApplyResult())
-        for address, family in sorted(wanted_vips.items()):
-            if address and self.vips.add(address, family):
-                owned.addresses[address] = family
-                report.vips_added.append(address)
+        with self.vips.session():  # one rtnetlink socket for every VIP of this sync
+            for address, family in sorted(wanted_vips.items()):
+                if address and self.vips.add(address, family):
+                    owned.addresses[address] = family
+                    report.vips_added.append(address)
 
-        report.result = self.client.apply(the_plan)
-        self._record(owned, desired, report.result.succeeded, observed, services)
+            report.result = self.client.apply(the_plan)
+            self._record(owned, desired, report.result.succeeded, observed, services)
 
-        still_used = {k.address for k in owned.services}
-        for address, family in sorted(owned.addresses.items()):
-            if address not in wanted_vips and address not in still_used:
-                self.vips.remove(address, family)
-                del owned.addresses[address]
-                report.vips_removed.append(address)
+            still_used = {k.address for k in owned.services}
+            for address, family in sorted(owned.addresses.items()):
+                if address not in wanted_vips and address not in still_used:
+                    self.vips.remove(address, family)
+                    del owned.addresses[address]
+                    report.vips_removed.append(address)
         self.store.save(owned)
         return report
 

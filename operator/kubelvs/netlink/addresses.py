@@ -3,59 +3,175 @@
 VIPs live on a dummy interface of kubelvs's own (like kube-proxy's ``kube-ipvs0``), so adding
 and removing them never disturbs the node's real interfaces, and what kubelvs added is easy to
 tell from what was there before.
+
+The requests are the ones pyroute2's ``IPRoute`` sends for ``link_lookup``, ``link("add")``,
+``link("set", state="up")``, ``get_addr`` and ``addr("add"/"del")``, packed by
+:mod:`kubelvs.netlink.codec` on a plain rtnetlink socket: creating an ``IPRoute`` (and importing
+pyroute2) costs far more than the few requests a sync makes. Within :meth:`VipInterface.session`
+one socket serves every call, and the interface's addresses are read once.
 """
 
 from __future__ import annotations
 
-from pyroute2 import IPRoute
+import contextlib
+import errno
+import os
+import socket
+from collections.abc import Callable, Iterator
 
 from kubelvs.model import AF_INET
+from kubelvs.netlink import codec
 
 DEFAULT_INTERFACE = "kubelvs0"
 IFA_F_NODAD = 0x02
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+
+
+class _Rtnl:
+    """One rtnetlink socket: request, answer."""
+
+    def __init__(self, netns: str | None) -> None:
+        if netns is None:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        else:
+            from pyroute2.netns import create_socket  # forks a helper: only for a named netns
+
+            self.sock = create_socket(
+                netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE
+            )
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+            self.sock.bind((0, 0))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.seq = 0
+        # Per session: the interface's index and its addresses, read at the first need.
+        self.index: int | None = None
+        self.present: set[str] | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(self, build: Callable[..., bytes], *args: object) -> list[tuple[int, memoryview]]:
+        """Send ``build(*args, seq)``; return the (type, payload) answers before its ack or done.
+        Raises OSError with the kernel's errno (the message the pyroute2 call would raise)."""
+        self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
+        seq = self.seq
+        self.sock.send(build(*args, seq))
+        answers: list[tuple[int, memoryview]] = []
+        while True:
+            data = self.sock.recv(1 << 16)
+            for kind, _flags, msg_seq, payload in codec.iter_messages(data):
+                if msg_seq != seq:
+                    continue
+                if kind == codec.NLMSG_DONE:
+                    return answers
+                if kind == codec.NLMSG_ERROR:
+                    err, message = codec.parse_error(payload)
+                    if err:
+                        raise OSError(err, os.strerror(err) + (f": {message}" if message else ""))
+                    return answers
+                answers.append((kind, payload))
 
 
 class VipInterface:
     def __init__(self, name: str = DEFAULT_INTERFACE, netns: str | None = None) -> None:
         self.name = name
         self.netns = netns  # a named network namespace (tests), or the caller's own
+        self._session: _Rtnl | None = None
 
-    def _index(self, ipr: IPRoute, create: bool) -> int | None:
-        links = ipr.link_lookup(ifname=self.name)
+    @contextlib.contextmanager
+    def session(self) -> Iterator[VipInterface]:
+        """Serve every call within the block with one socket (and one read of the addresses)."""
+        if self._session is not None:
+            yield self
+            return
+        self._session = _Rtnl(self.netns)
+        try:
+            yield self
+        finally:
+            self._session.close()
+            self._session = None
+
+    @contextlib.contextmanager
+    def _rtnl(self) -> Iterator[_Rtnl]:
+        if self._session is not None:
+            yield self._session
+            return
+        rtnl = _Rtnl(self.netns)
+        try:
+            yield rtnl
+        finally:
+            rtnl.close()
+
+    def _index(self, rtnl: _Rtnl, create: bool) -> int | None:
+        if rtnl.index is not None:
+            return rtnl.index
+        try:
+            answers = rtnl.request(codec.get_link_request, self.name)
+        except OSError as error:
+            if error.errno != errno.ENODEV:
+                raise
+            answers = []
+        links = [codec.decode_link_index(payload) for kind, payload in answers if kind == codec.RTM_NEWLINK]
         if links:
-            return int(links[0])
+            rtnl.index = links[0]
+            return rtnl.index
         if not create:
             return None
-        ipr.link("add", ifname=self.name, kind="dummy")
-        index = int(ipr.link_lookup(ifname=self.name)[0])
-        ipr.link("set", index=index, state="up")
+        rtnl.request(codec.new_link_request, self.name, "dummy")
+        answers = rtnl.request(codec.get_link_request, self.name)
+        index = next(codec.decode_link_index(payload) for kind, payload in answers if kind == codec.RTM_NEWLINK)
+        rtnl.request(codec.set_link_up_request, index)
+        rtnl.index = index
+        rtnl.present = set()
         return index
 
+    @staticmethod
+    def _present(rtnl: _Rtnl, index: int) -> set[str]:
+        if rtnl.present is None:
+            present = set()
+            for kind, payload in rtnl.request(codec.get_addresses_request):
+                if kind == codec.RTM_NEWADDR:
+                    owner, address = codec.decode_address(payload)
+                    if owner == index and address is not None:
+                        present.add(address)
+            rtnl.present = present
+        return rtnl.present
+
     def addresses(self) -> set[str]:
-        with IPRoute(netns=self.netns) as ipr:
-            index = self._index(ipr, create=False)
+        with self._rtnl() as rtnl:
+            index = self._index(rtnl, create=False)
             if index is None:
                 return set()
-            return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            return set(self._present(rtnl, index))
 
     def add(self, address: str, family: int) -> bool:
         """Make ``address`` local; return False if it already was on this interface."""
-        with IPRoute(netns=self.netns) as ipr:
-            index = self._index(ipr, create=True)
-            present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+        with self._rtnl() as rtnl:
+            index = self._index(rtnl, create=True)
+            assert index is not None
+            present = self._present(rtnl, index)
             if address in present:
                 return False
             prefix = 32 if family == AF_INET else 128
-            extra = {} if family == AF_INET else {"flags": IFA_F_NODAD}
-            ipr.addr("add", index=index, address=address, prefixlen=prefix, **extra)
+            flags = 0 if family == AF_INET else IFA_F_NODAD
+            rtnl.request(codec.address_request, True, index, address, family, prefix, flags)
+            present.add(address)
             return True
 
     def remove(self, address: str, family: int) -> None:
-        with IPRoute(netns=self.netns) as ipr:
-            index = self._index(ipr, create=False)
+        with self._rtnl() as rtnl:
+            index = self._index(rtnl, create=False)
             if index is None:
                 return
             prefix = 32 if family == AF_INET else 128
-            present = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            present = self._present(rtnl, index)
             if address in present:
-                ipr.addr("del", index=index, address=address, prefixlen=prefix)
+                rtnl.request(codec.address_request, False, index, address, family, prefix, 0)
+                present.discard(address)

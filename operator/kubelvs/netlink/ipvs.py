@@ -1,9 +1,12 @@
 """The IPVS client: dump the kernel's state and apply plans, many requests per round trip.
 
 ``ipvsadm`` and pyroute2's ``IPVS`` send one request and wait for its answer. Here the requests
-of a plan are packed into batches sent with one ``send()`` each; the kernel handles every message
-of a batch in order and queues one acknowledgement per message, so a failure is reported for its
-own operation and never aborts the rest.
+of a plan are packed into batches sent with one ``send()`` each. The kernel handles every message
+of a batch in order, within that ``send()``, and a failure is reported for its own operation and
+never aborts the rest. Only the last request of a batch asks for an acknowledgement: the kernel
+answers every failed request anyway (with its errno), so the one ack tells that the whole batch
+was handled, and each error that came before it names the request that failed. That spares the
+kernel and us one acknowledgement (and one ``recv()``) per request.
 """
 
 from __future__ import annotations
@@ -12,23 +15,27 @@ import errno as errno_codes
 import os
 import select
 import socket
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
-from pyroute2.netns import create_socket
-
-from kubelvs.model import Observed, ServiceKey
+from kubelvs.model import Observed, ServiceKey, VirtualService
 from kubelvs.netlink import codec
-from kubelvs.netlink.messages import ipvs_family_id
 from kubelvs.plan import Operation, Verb
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
+SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 RECEIVE_BUFFER = 8 << 20
-BATCH_SIZE = 256  # requests per send(); their acks must fit the receive buffer
+SEND_BUFFER = 4 << 20
+BATCH_SIZE = 1024  # requests per send()
+RECV_SIZE = 1 << 20
+ERROR_ACK_SPACE = 2048  # receive-buffer bytes an error acknowledgement may take (skb overhead)
+ACK_TIMEOUT = 30.0
+GENL_NAME = "IPVS"
 
 _SERVICE_COMMANDS = {
     Verb.ADD_SERVICE: codec.CMD_NEW_SERVICE,
@@ -40,6 +47,8 @@ _DEST_COMMANDS = {
     Verb.EDIT_DEST: codec.CMD_SET_DEST,
     Verb.DELETE_DEST: codec.CMD_DEL_DEST,
 }
+_FLAGS = struct.Struct("=H")  # nlmsghdr.nlmsg_flags, at offset 6
+_MSG_HEAD = struct.Struct("=IHHI")  # nlmsghdr's length, type, flags, seq
 
 
 class IPVSError(OSError):
@@ -70,36 +79,62 @@ class ApplyResult:
         return not self.failed and not self.skipped
 
 
+def _encode(encoder: codec.RequestEncoder, op: Operation, seq: int, flags: int) -> bytes:
+    verb = op.verb
+    # Identity tests: Enum members hash in Python code, which a dict lookup per request pays.
+    if verb is Verb.ADD_DEST or verb is Verb.EDIT_DEST or verb is Verb.DELETE_DEST:
+        dest = op.dest
+        if dest is None:
+            raise ValueError(f"{op}: a real-server operation without a real server")
+        cmd = codec.CMD_NEW_DEST if verb is Verb.ADD_DEST else _DEST_COMMANDS[verb]
+        return encoder.dest(cmd, op.service, dest, verb is not Verb.DELETE_DEST, seq, flags)
+    return encoder.service(_SERVICE_COMMANDS[verb], op.service, verb is not Verb.DELETE_SERVICE, seq, flags)
+
+
 def encode(op: Operation, family_id: int, seq: int) -> bytes:
-    """The request for one operation."""
-    if op.verb in _SERVICE_COMMANDS:
-        full = op.verb is not Verb.DELETE_SERVICE
-        service = codec.service_attrs(op.service) if full else codec.service_key_attrs(op.key)
-        return codec.message(family_id, _SERVICE_COMMANDS[op.verb], codec.nested(codec.CMD_ATTR_SERVICE, service), seq)
-    assert op.dest is not None
-    attrs = codec.nested(codec.CMD_ATTR_SERVICE, codec.service_key_attrs(op.key)) + codec.nested(
-        codec.CMD_ATTR_DEST, codec.dest_attrs(op.dest, op.key.family, full=op.verb is not Verb.DELETE_DEST)
-    )
-    return codec.message(family_id, _DEST_COMMANDS[op.verb], attrs, seq)
+    """The request for one operation (asking for an acknowledgement)."""
+    return _encode(codec.RequestEncoder(family_id), op, seq, codec.NLM_F_REQUEST | codec.NLM_F_ACK)
+
+
+def _raise_error(err: int, message: str) -> None:
+    raise IPVSError(err, f"{os.strerror(err)}{': ' + message if message else ''}")
 
 
 class IPVSClient:
     """One generic-netlink socket to IPVS, in this network namespace or a named one."""
 
     def __init__(self, netns: str | None = None, batch_size: int = BATCH_SIZE) -> None:
-        self.family_id = ipvs_family_id()
-        self.batch_size = batch_size
-        self.sock = create_socket(
-            netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_GENERIC
-        )
+        if netns is None:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        else:
+            from pyroute2.netns import create_socket  # forks a helper: only for a named netns
+
+            self.sock = create_socket(
+                netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_GENERIC
+            )
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        except PermissionError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-        self.sock.bind((0, 0))
-        self._seq = 1
+            for force, plain, size in (
+                (SO_RCVBUFFORCE, socket.SO_RCVBUF, RECEIVE_BUFFER),
+                (SO_SNDBUFFORCE, socket.SO_SNDBUF, SEND_BUFFER),
+            ):
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, force, size)
+                except PermissionError:
+                    self.sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+            self.sock.bind((0, 0))
+            # What one send() may carry, and how many failures the receive buffer can hold
+            # (each failed request of a batch queues an error before the batch's final ack).
+            self.max_send = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 1024
+            rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            self.batch_size = max(1, min(batch_size, rcvbuf // ERROR_ACK_SPACE - 1))
+            self._seq = 1
+            self._buffer = bytearray(RECV_SIZE)
+            self.family_id = self._family_id(GENL_NAME)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def close(self) -> None:
         self.sock.close()
@@ -114,43 +149,116 @@ class IPVSClient:
         self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
         return self._seq
 
-    # --- reading ---------------------------------------------------------------------------
+    def _recv(self) -> memoryview:
+        """The next datagram (one skb of kernel messages), in a buffer the next call reuses.
 
-    def _dump(self, cmd: int, attrs: bytes) -> list[memoryview]:
-        """Run one dump; return the genl payload (after the genlmsghdr) of each answer."""
+        The kernel answers within the send() (and produces a dump's next part within the recv()
+        of the previous one), so the answer is nearly always there: one syscall, no select()."""
+        try:
+            size = self.sock.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if not select.select([self.sock], [], [], ACK_TIMEOUT)[0]:
+                raise IPVSError(errno_codes.ETIMEDOUT, "no answer from the kernel's IPVS") from None
+            size = self.sock.recv_into(self._buffer)
+        return memoryview(self._buffer)[:size]
+
+    def _family_id(self, name: str) -> int:
+        """The generic-netlink family id of IPVS (asking for it loads ip_vs if it is a module)."""
         seq = self._next_seq()
-        self.sock.send(codec.message(self.family_id, cmd, attrs, seq, codec.NLM_F_REQUEST | codec.NLM_F_DUMP))
-        payloads: list[memoryview] = []
+        self.sock.send(codec.get_family_request(name, seq))
+        family_id = None
         while True:
-            data = self.sock.recv(1 << 20)
-            for kind, _flags, msg_seq, payload in codec.iter_messages(data):
+            for kind, _flags, msg_seq, payload in codec.iter_messages(self._recv()):
                 if msg_seq != seq:
                     continue
-                if kind == codec.NLMSG_DONE:
-                    return payloads
-                if kind == codec.NLMSG_ERROR:
+                if kind == codec.GENL_ID_CTRL:
+                    family_id = codec.decode_family_id(payload[4:])
+                elif kind == codec.NLMSG_ERROR:
                     err, message = codec.parse_error(payload)
                     if err:
-                        raise IPVSError(err, f"{os.strerror(err)}{': ' + message if message else ''}")
-                    return payloads
-                payloads.append(payload[4:])
+                        _raise_error(err, message or f"generic netlink family {name}")
+                    if family_id is None:
+                        raise IPVSError(errno_codes.ENOENT, f"no generic netlink family {name}")
+                    return family_id
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _dump(self, request: bytes, seq: int, decode: Callable[[memoryview, int, int], None]) -> None:
+        """Run one dump; call ``decode(view, offset, length)`` for each answer message."""
+        self.sock.send(request)
+        head = _MSG_HEAD.unpack_from
+        while True:
+            view = self._recv()
+            end = len(view)
+            offset = 0
+            while offset + 16 <= end:
+                length, kind, _flags, msg_seq = head(view, offset)
+                if length < 16:
+                    break
+                if msg_seq == seq:
+                    if kind == codec.NLMSG_DONE:
+                        return
+                    if kind == codec.NLMSG_ERROR:
+                        err, message = codec.parse_error(view[offset + 16 : offset + length])
+                        if err:
+                            _raise_error(err, message)
+                        return
+                    decode(view, offset, length)
+                offset += (length + 3) & ~3
 
     def dump(self, with_counters: bool = True) -> Observed:
         """Every virtual service in the kernel with its real servers (and counters)."""
         observed = Observed()
-        for payload in self._dump(codec.CMD_GET_SERVICE, b""):
-            service, counters = codec.decode_service(payload)
+        heads: list[tuple[VirtualService, codec.Counters | None]] = []
+        services = codec.ServiceDecoder(with_counters)
+        dests = codec.DestDecoder(with_counters)
+
+        def on_service(view: memoryview, offset: int, length: int) -> None:
+            decoded = services.decode(view, offset, length)
+            if decoded is None:
+                decoded = codec.decode_service(view[offset + 20 : offset + length])
+            heads.append(decoded)
+
+        seq = self._next_seq()
+        self._dump(
+            codec.message(self.family_id, codec.CMD_GET_SERVICE, b"", seq, codec.NLM_F_REQUEST | codec.NLM_F_DUMP),
+            seq,
+            on_service,
+        )
+
+        encoder = codec.RequestEncoder(self.family_id)
+        found: list[tuple[codec.Destination, codec.DestCounters | None]] = []
+        family = 0
+
+        def on_dest(view: memoryview, offset: int, length: int) -> None:
+            decoded = dests.decode(view, offset, length, family)
+            if decoded is None:
+                decoded = codec.decode_dest(view[offset + 20 : offset + length], family)
+            found.append(decoded)
+
+        all_services = observed.services
+        service_counters = observed.service_counters
+        dest_counters = observed.dest_counters
+        for service, counters in heads:
             key = service.key
-            request = codec.nested(codec.CMD_ATTR_SERVICE, codec.service_key_attrs(key))
-            dests = []
-            for dest_payload in self._dump(codec.CMD_GET_DEST, request):
-                dest, dest_counters = codec.decode_dest(dest_payload, key.family)
-                dests.append(dest)
-                if with_counters:
-                    observed.dest_counters[key, dest.key] = dest_counters
-            observed.services[key] = replace(service, destinations=tuple(dests))
+            family = key.family
+            found.clear()
+            seq = self._next_seq()
+            self._dump(encoder.get_dests(key, seq), seq, on_dest)
+            all_services[key] = VirtualService(
+                key,
+                service.scheduler,
+                service.sched_flags,
+                service.persistence_timeout,
+                service.netmask,
+                tuple(dest for dest, _ in found),
+            )
             if with_counters:
-                observed.service_counters[key] = counters
+                assert counters is not None
+                service_counters[key] = counters
+                for dest, dc in found:
+                    assert dc is not None
+                    dest_counters[key, dest.key] = dc
         return observed
 
     # --- writing ---------------------------------------------------------------------------
@@ -163,40 +271,74 @@ class IPVSClient:
         """
         ops = list(operations)
         result = ApplyResult()
+        encoder = codec.RequestEncoder(self.family_id)
         service_ops = [op for op in ops if op.verb in _SERVICE_COMMANDS]
-        self._send_all(service_ops, result)
+        self._send_all(encoder, service_ops, result)
         failed_keys: set[ServiceKey] = {f.operation.key for f in result.failed if f.operation.verb is Verb.ADD_SERVICE}
-        dest_ops: list[Operation] = []
-        for op in ops:
-            if op.verb in _DEST_COMMANDS:
-                (result.skipped if op.key in failed_keys else dest_ops).append(op)
-        self._send_all(dest_ops, result)
+        if failed_keys:
+            dest_ops: list[Operation] = []
+            for op in ops:
+                if op.verb in _DEST_COMMANDS:
+                    (result.skipped if op.key in failed_keys else dest_ops).append(op)
+        else:
+            dest_ops = [op for op in ops if op.verb in _DEST_COMMANDS]
+        self._send_all(encoder, dest_ops, result)
         return result
 
-    def _send_all(self, ops: Sequence[Operation], result: ApplyResult) -> None:
-        for start in range(0, len(ops), self.batch_size):
-            batch = ops[start : start + self.batch_size]
-            pending: dict[int, Operation] = {}
-            chunks = []
-            for op in batch:
-                seq = self._next_seq()
-                pending[seq] = op
-                chunks.append(encode(op, self.family_id, seq))
-            self.sock.send(b"".join(chunks))
-            self._collect_acks(pending, result)
+    def _send_all(self, encoder: codec.RequestEncoder, ops: Sequence[Operation], result: ApplyResult) -> None:
+        flags = codec.NLM_F_REQUEST
+        total = len(ops)
+        start = 0
+        while start < total:
+            if self._seq + self.batch_size >= 0x7FFFFFFF:
+                self._seq = 0  # keep a batch's sequence numbers consecutive
+            first = self._seq + 1
+            chunks: list[bytes] = []
+            size = 0
+            end = min(total, start + self.batch_size)
+            for index in range(start, end):
+                chunk = _encode(encoder, ops[index], first + index - start, flags)
+                if chunks and size + len(chunk) > self.max_send:
+                    end = index
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            # The last request of the batch asks for the acknowledgement that closes it.
+            data = bytearray().join(chunks)
+            _FLAGS.pack_into(data, size - len(chunks[-1]) + 6, flags | codec.NLM_F_ACK)
+            self._seq = first + len(chunks) - 1
+            self.sock.send(data)
+            self._collect(ops, start, first, len(chunks), result)
+            start += len(chunks)
 
-    def _collect_acks(self, pending: dict[int, Operation], result: ApplyResult) -> None:
-        while pending:
-            ready, _, _ = select.select([self.sock], [], [], 30.0)
-            if not ready:
-                raise IPVSError(errno_codes.ETIMEDOUT, f"no acknowledgement for {len(pending)} IPVS requests")
-            data = self.sock.recv(1 << 20)
-            for kind, _flags, seq, payload in codec.iter_messages(data):
-                op = pending.pop(seq, None)
-                if op is None or kind != codec.NLMSG_ERROR:
+    def _collect(self, ops: Sequence[Operation], start: int, first: int, count: int, result: ApplyResult) -> None:
+        """Read the answers of one batch: errors of failed requests, then the final ack."""
+        last = first + count - 1
+        failures: dict[int, tuple[int, str]] = {}
+        while True:
+            try:
+                view = self._recv()
+            except OSError as error:
+                if error.errno == errno_codes.ENOBUFS:
+                    raise IPVSError(
+                        errno_codes.ENOBUFS, "IPVS answers were lost (receive buffer overrun): the outcome is unknown"
+                    ) from error
+                raise
+            for kind, _flags, seq, payload in codec.iter_messages(view):
+                if kind != codec.NLMSG_ERROR or not first <= seq <= last:
                     continue
                 err, message = codec.parse_error(payload)
                 if err:
-                    result.failed.append(Failure(op, err, message))
-                else:
-                    result.succeeded.append(op)
+                    failures[seq - first] = (err, message)
+                if seq == last:
+                    batch = ops[start : start + count]
+                    if not failures:
+                        result.succeeded.extend(batch)
+                        return
+                    for index, op in enumerate(batch):
+                        failure = failures.get(index)
+                        if failure is None:
+                            result.succeeded.append(op)
+                        else:
+                            result.failed.append(Failure(op, *failure))
+                    return
