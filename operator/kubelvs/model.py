@@ -46,10 +46,10 @@ class TunnelType(enum.IntEnum):
 class TunnelChecksum(enum.IntEnum):
     """IP_VS_TUNNEL_ENCAP_FLAG_*: checksum handling of GUE/GRE encapsulation."""
 
-    NONE = 0  # IP_VS_TUNNEL_ENCAP_FLAG_NOCSUM is 1, but 0 means the same to the kernel
-    NOCSUM = 1
-    CSUM = 2
-    REMCSUM = 4
+    NONE = 0  # IP_VS_TUNNEL_ENCAP_FLAG_NOCSUM
+    NOCSUM = 0
+    CSUM = 1
+    REMCSUM = 2
 
 
 # Scheduler flags as the kernel numbers them (IP_VS_SVC_F_SCHED1..3). Their meaning

@@ -6,6 +6,7 @@ test gets a director network namespace with an empty IPVS table of its own.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -149,11 +150,22 @@ def test_ipvsadm_shows_exactly_the_planned_rules(topo: Topology, director: Direc
             backends=addresses(*rs6),
         ),
     ]
+    objects.append(
+        virtual_server(
+            "tun-gre",
+            topo.vip4(12),
+            forwarding={"method": "TUN", "tunnel": {"type": "gre"}},
+            backends=addresses(rs[2]),
+        )
+    )
     planned = director.plan_rules(*objects)
     output = director.apply(*objects)
     assert "0 failed" in output
-    assert director.rules() == planned
-    assert len(planned) == 5 + 3 + 2 + 2 + 3 + 2 * 3 + 1  # services + real servers
+    # `ipvsadm -S` does not save connection thresholds: compare them through `-L --thresholds`.
+    assert director.rules() == [re.sub(r" -x \d+", "", line) for line in planned]
+    assert len(planned) == 6 + 3 + 2 + 2 + 3 + 2 * 3 + 1  # services + real servers
+    thresholds = topo.ipvsadm("dir1", "-Ln", "--thresholds").stdout
+    assert re.search(rf"{re.escape(rs[0])}:80\s+Tunnel\s+3\s+100\s+0", thresholds), thresholds
 
 
 def test_second_apply_makes_no_kernel_operations(topo: Topology, director: Director) -> None:
