@@ -17,12 +17,15 @@ KUBELVS_KERNEL_NATIVE=1 (run them directly: a host that has IPVS itself, as root
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -58,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kernel: runs inside the IPVS VM (tests/kernel)")
+    config.addinivalue_line("markers", "vm_network: the VM gets qemu user networking (host loopback at 10.0.2.2)")
+    config.addinivalue_line(
+        "markers",
+        "vm_control_plane: the host starts the local control plane (CRDs installed) and passes its "
+        "kubeconfig into the VM as KUBELVS_E2E_KUBECONFIG (implies vm_network)",
+    )
     config.addinivalue_line(
         "markers",
         "topology(real_servers=2, directors=2, ports=(80,), udp_ports=None): arguments for the `topology` fixture",
@@ -195,7 +204,10 @@ class VMProxyItem(pytest.Item):
         self._run().report(self.nodeid, "setup")
 
     def runtest(self) -> None:
-        self._run().report(self.nodeid, "call")
+        run = self._run()
+        if run.cp_error and self.get_closest_marker("vm_control_plane"):
+            raise VMTestFailure(run.cp_error)
+        run.report(self.nodeid, "call")
 
     def teardown(self) -> None:
         self._run().report(self.nodeid, "teardown")
@@ -243,6 +255,7 @@ class _VMRun:
         self.log = VMOUT / "console.log"
         self.results: dict[str, dict[str, Any]] = {}
         self.problem = ""
+        self.cp_error = ""
 
     # ------------------------------------------------------------------ running
     def ensure_ran(self, config: pytest.Config) -> None:
@@ -252,7 +265,16 @@ class _VMRun:
         if os.environ.get("KUBELVS_SKIP_KERNEL") == "1":
             self.problem = "skip"
             return
-        nodeids = [it.nodeid for it in self.session.items if isinstance(it, VMProxyItem)]
+        proxies = [it for it in self.session.items if isinstance(it, VMProxyItem)]
+        nodeids = [it.nodeid for it in proxies]
+        wants_cp = os.environ.get("KUBELVS_VM_CONTROL_PLANE") == "1" or any(
+            it.get_closest_marker("vm_control_plane") for it in proxies
+        )
+        network_user = (
+            wants_cp
+            or os.environ.get("KUBELVS_VM_NETWORK") == "user"
+            or any(it.get_closest_marker("vm_network") for it in proxies)
+        )
         timeout = float(_option(config, "vm_timeout", "KUBELVS_VM_TIMEOUT", DEFAULT_VM_TIMEOUT))
         quiet = bool(config.getoption("vm_quiet", default=False)) or os.environ.get("KUBELVS_VM_QUIET") == "1"
         self.outdir = _new_outdir()
@@ -282,20 +304,33 @@ class _VMRun:
                 sys.__stdout__.write(line)
 
         echo: Callable[[str], None] | None = None if quiet else (lambda line: say("[vm] " + line))
-        started = time.monotonic()
-        with capman.global_and_fixture_disabled() if capman is not None else _nullcontext():
+        guest_env = {"KUBELVS_VM_RESULTS": str(results)}
+        with contextlib.ExitStack() as stack:
+            if capman is not None:
+                stack.enter_context(capman.global_and_fixture_disabled())
+            if wants_cp and not os.environ.get("KUBELVS_E2E_KUBECONFIG"):
+                say("\nkubelvs: starting the local control plane for the VM (hack/cluster/controlplane.py)")
+                try:
+                    cp = _start_control_plane()
+                    stack.callback(_stop_control_plane, cp)
+                    guest_env["KUBELVS_E2E_KUBECONFIG"] = str(cp.kubeconfig_vm)
+                except Exception as exc:
+                    self.cp_error = f"the local control plane did not start: {type(exc).__name__}: {exc}"
+                    say(f"kubelvs: {self.cp_error}")
+            started = time.monotonic()
             say(
                 f"\nkubelvs: booting the IPVS VM for {len(nodeids)} kernel test(s); "
-                f"log: {_rel(self.log)} (timeout {timeout:.0f} s)\n"
+                f"log: {_rel(self.log)} (timeout {timeout:.0f} s" + (", network user" if network_user else "") + ")\n"
             )
             self.rc = vm.run_in_vm(
                 inner,
                 [str(VMOUT)],
                 timeout,
+                network_user,
                 log_path=self.log,
                 on_stdout=echo or (lambda line: None),
                 on_stderr=lambda line: None,
-                env={"KUBELVS_VM_RESULTS": str(results)},
+                env=guest_env,
                 verbose=True,
             )
             self.elapsed = time.monotonic() - started
@@ -361,12 +396,47 @@ def _skip(reason: str) -> None:
     raise exc
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
+def _start_control_plane() -> Any:
+    """etcd + kube-apiserver + kube-controller-manager on the host's loopback, CRDs installed.
+    The guest reaches it at 10.0.2.2 (qemu user networking) with ``cp.kubeconfig_vm``; the work
+    directory is in the host's /tmp, which the guest sees read-only."""
+    name = "kubelvs_controlplane"  # the module name tests/api/conftest.py uses too
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, REPO / "hack" / "cluster" / "controlplane.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    import yaml
 
-    def __exit__(self, *a: object) -> None:
-        return None
+    mod.build()
+    cp = mod.ControlPlane(Path(tempfile.mkdtemp(prefix="kubelvs-vm-cp-")), die_with_parent=True)
+    cp.start()
+    try:
+        crds = sorted(p for p in (REPO / "crds").glob("*.y*ml") if p.is_file())
+        kubectl = [str(cp.kubectl), f"--kubeconfig={cp.kubeconfig}"]
+        names = []
+        for f in crds:
+            subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(f)],
+                           check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+            docs = [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
+            names += [d["metadata"]["name"] for d in docs if d.get("kind") == "CustomResourceDefinition"]
+        if names:
+            subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s",
+                            *[f"crd/{n}" for n in names]],
+                           check=True, capture_output=True, text=True, timeout=90)  # fmt: skip
+    except BaseException:
+        _stop_control_plane(cp)
+        raise
+    return cp
+
+
+def _stop_control_plane(cp: Any) -> None:
+    with contextlib.suppress(Exception):
+        cp.stop()
+    if os.environ.get("KUBELVS_API_KEEP") != "1":
+        shutil.rmtree(cp.workdir, ignore_errors=True)
 
 
 def _load_vm_module() -> Any:
