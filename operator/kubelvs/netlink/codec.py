@@ -544,36 +544,58 @@ _make_dest_counters = _fast_constructor(DestCounters)
 _METHODS = tuple(Method(value) if value in Method._value2member_map_ else None for value in range(8))
 
 
-class DestDecoder:
-    """Decodes the messages of GET_DEST dumps: one ``struct`` call per message of a known shape.
+class _Decoder:
+    """Messages of a dump, by shape: each shape's layout is learnt from its first message."""
 
-    ``decode(view, offset)`` gives what :func:`decode_dest` gives for that message, or None when
-    the message does not match a known layout (then the caller uses :func:`decode_dest`).
-    """
+    MAX_SHAPES = 16  # per message length (scheduler names of one length, say)
 
     def __init__(self, with_counters: bool) -> None:
         self.with_counters = with_counters
-        self._layouts: dict[int, tuple[Any, ...] | None] = {}
+        self._shapes: dict[int, list[tuple[Any, ...]]] = {}
+
+    def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
+        """What ``_decode`` needs of a layout, or None when the fast path cannot decode it."""
+        raise NotImplementedError
+
+    def _values(self, view: memoryview, offset: int, length: int) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        """The message's unpacked values and its shape's compiled fields (None: generic)."""
+        shapes = self._shapes.get(length)
+        if shapes is None:
+            shapes = self._shapes[length] = []
+        for unpack, check, expected, compiled in shapes:
+            values = unpack(view, offset)
+            if check(values) == expected:
+                return (values, compiled) if compiled is not None else None
+        if len(shapes) >= self.MAX_SHAPES:
+            return None
+        try:
+            layout = _Layout(view[offset : offset + length])
+        except (ValueError, struct.error):
+            return None
+        compiled = self._compile(layout)
+        shapes.append((layout.struct.unpack_from, layout.check, layout.expected_tuple, compiled))
+        if compiled is None:
+            return None
+        return layout.struct.unpack_from(view, offset), compiled
+
+
+class DestDecoder(_Decoder):
+    """Decodes the messages of GET_DEST dumps: one ``struct`` call per message of a known shape.
+
+    ``decode(view, offset, length, family)`` gives what :func:`decode_dest` gives for that
+    message, or None when the fast path does not apply (then the caller uses decode_dest).
+    """
+
+    def __init__(self, with_counters: bool) -> None:
+        super().__init__(with_counters)
         self._addresses: dict[tuple[int, bytes], str] = {}
 
-    def learn(self, data: memoryview) -> None:
-        try:
-            layout = _Layout(data)
-        except (ValueError, struct.error):
-            self._layouts[len(data)] = None
-            return
+    def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
         top = CMD_ATTR_DEST
         if (top, DEST_ADDR) not in layout.index or (top, DEST_PORT) not in layout.index:
-            self._layouts[len(data)] = None
-            return
+            return None
         family = layout.index.get((top, DEST_ADDR_FAMILY))
-        tunnel = operator.itemgetter(
-            layout.get(top, DEST_TUN_TYPE), layout.get(top, DEST_TUN_PORT), layout.get(top, DEST_TUN_FLAGS)
-        )
-        self._layouts[len(data)] = (
-            layout.struct.unpack_from,
-            layout.check,
-            layout.expected_tuple,
+        return (
             operator.itemgetter(
                 layout.index[(top, DEST_ADDR)],
                 layout.index[(top, DEST_PORT)],
@@ -587,25 +609,19 @@ class DestDecoder:
                 layout.get(top, DEST_PERSIST_CONNS),
             ),
             family is not None,
-            tunnel,
+            operator.itemgetter(
+                layout.get(top, DEST_TUN_TYPE), layout.get(top, DEST_TUN_PORT), layout.get(top, DEST_TUN_FLAGS)
+            ),
             layout.counters(top, DEST_STATS, DEST_STATS64),
         )
 
     def decode(
         self, view: memoryview, offset: int, length: int, service_family: int
     ) -> tuple[Destination, DestCounters | None] | None:
-        layout = self._layouts.get(length)
-        if layout is None:
-            if length in self._layouts:
-                return None  # a shape the fast path does not handle
-            self.learn(view[offset : offset + length])
-            layout = self._layouts[length]
-            if layout is None:
-                return None
-        unpack, check, expected, fields, has_family, tunnel, counters = layout
-        values = unpack(view, offset)
-        if check(values) != expected:
+        found = self._values(view, offset, length)
+        if found is None:
             return None
+        values, (fields, has_family, tunnel, counters) = found
         raw, port, weight, method, upper, lower, family, active, inactive, persistent = fields(values)
         if not has_family:
             family = service_family
@@ -642,46 +658,30 @@ class DestDecoder:
         return dest, _make_dest_counters(_make_counters(*counters(values)), active, inactive, persistent)
 
 
-class ServiceDecoder:
-    """Decodes the messages of a GET_SERVICE dump, like :class:`DestDecoder` for real servers."""
+class ServiceDecoder(_Decoder):
+    """Decodes the messages of a GET_SERVICE dump, like :class:`DestDecoder` for real servers
+    (fwmark services are left to :func:`decode_service`)."""
 
     def __init__(self, with_counters: bool) -> None:
-        self.with_counters = with_counters
-        self._layouts: dict[int, tuple[Any, ...] | None] = {}
+        super().__init__(with_counters)
         self._names: dict[bytes, str] = {}
 
-    def learn(self, data: memoryview) -> None:
-        try:
-            layout = _Layout(data)
-        except (ValueError, struct.error):
-            self._layouts[len(data)] = None
-            return
+    _REQUIRED = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
+
+    def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
         top = CMD_ATTR_SERVICE
-        required = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
-        if any((top, kind) not in layout.index for kind in required) or (top, SVC_FWMARK) in layout.index:
-            self._layouts[len(data)] = None  # fwmark services and odd shapes: the generic decoder
-            return
-        self._layouts[len(data)] = (
-            layout.struct.unpack_from,
-            layout.check,
-            layout.expected_tuple,
-            operator.itemgetter(*(layout.index[(top, kind)] for kind in required)),
+        if any((top, kind) not in layout.index for kind in self._REQUIRED) or (top, SVC_FWMARK) in layout.index:
+            return None
+        return (
+            operator.itemgetter(*(layout.index[(top, kind)] for kind in self._REQUIRED)),
             layout.counters(top, SVC_STATS, SVC_STATS64),
         )
 
     def decode(self, view: memoryview, offset: int, length: int) -> tuple[VirtualService, Counters | None] | None:
-        layout = self._layouts.get(length)
-        if layout is None:
-            if length in self._layouts:
-                return None
-            self.learn(view[offset : offset + length])
-            layout = self._layouts[length]
-            if layout is None:
-                return None
-        unpack, check, expected, fields, counters = layout
-        values = unpack(view, offset)
-        if check(values) != expected:
+        found = self._values(view, offset, length)
+        if found is None:
             return None
+        values, (fields, counters) = found
         family, protocol, raw, port, sched, flags, netmask, timeout = fields(values)
         if family == AF_INET:
             address = _ntop(AF_INET, raw[:4])
