@@ -448,77 +448,84 @@ _NESTED_CONTEXT = {
 _RAW_ATTRS = {(_SVC, SVC_ADDR), (_SVC, SVC_SCHED_NAME), (_SVC, SVC_PE_NAME), (_DEST, DEST_ADDR)}
 _PAIR_ATTRS = {(_SVC, SVC_FLAGS)}  # struct ip_vs_flags: two u32
 _NUMBER_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
-_ZERO = 7  # index of the genlmsghdr's reserved field: 0 in every message that matches a layout
+_ZERO = 0  # the first unpacked value: the genlmsghdr's reserved field, 0 in every matching message
+
+Path = tuple[int, ...]
 
 
 class _Layout:
-    """What one message looks like, precompiled: a ``struct.Struct`` that unpacks the whole
-    message (headers, every attribute header and value) in one call, and a check that a later
-    message has exactly the same attributes, sizes and order (every length and type field is
-    compared, and the message length, type and command).
+    """What one dump message looks like, so that later messages of the same shape are decoded
+    with a few C calls instead of an attribute-by-attribute walk.
 
-    ``index[path]`` is the position in the unpacked tuple of the attribute at ``path`` (top-level
-    kind, then nested kinds); big-endian values (ports) come out byte-swapped.
+    A message has the shape when its bytes, masked to every header field (the message length,
+    type and command, the genlmsghdr's version and reserved field, and every attribute's length
+    and type) equal the sample's: then every attribute sits at the sample's offset with the
+    sample's size. :meth:`unpacker` compiles a ``struct.Struct`` reading just the wanted
+    attributes of such a message (big-endian ones, the ports, come out byte-swapped).
     """
 
     def __init__(self, data: memoryview) -> None:
-        length, kind, _flags, _seq, _pid, cmd, _version, reserved = _HEADER.unpack_from(data, 0)
-        if reserved != 0:
-            raise ValueError("the genlmsghdr's reserved field is not 0")
-        self.formats = [_HEADER.format[1:]]
-        self.checked = [0, 1, 5, _ZERO]
-        self.expected = [length, kind, cmd, 0]
-        self.index: dict[tuple[int, ...], int] = {}
-        self.nests: set[tuple[int, ...]] = set()
-        self.position = 8
-        self._walk(data, _HEADER.size, length, _TOP, ())
-        self.struct = struct.Struct("=" + "".join(self.formats))
-        if self.struct.size != length:
-            raise ValueError("message does not match its own layout")
-        self.check: Callable[[tuple[Any, ...]], tuple[Any, ...]] = operator.itemgetter(*self.checked)
-        self.expected_tuple = tuple(self.expected)
+        length, _kind, _flags, _seq, _pid, _cmd, _version, reserved = _HEADER.unpack_from(data, 0)
+        if reserved != 0 or length != len(data):
+            raise ValueError("not a layout sample")
+        self.length = length
+        # (path, offset of the payload, payload size, context) of every non-nested attribute.
+        self.attrs: dict[Path, tuple[int, int, int]] = {}
+        self.nests: set[Path] = set()
+        headers = [(0, 4), (4, 2), (16, 4)]  # nlmsg_len, nlmsg_type; cmd, version, reserved
+        self._walk(data, _HEADER.size, length, _TOP, (), headers)
+        mask = bytearray(length)
+        for start, size in headers:
+            mask[start : start + size] = b"\xff" * size
+        self.mask = int.from_bytes(mask, "little")
+        self.expected = int.from_bytes(data, "little") & self.mask
 
-    def _walk(self, data: memoryview, offset: int, end: int, context: int, path: tuple[int, ...]) -> None:
+    def _walk(
+        self, data: memoryview, offset: int, end: int, context: int, path: Path, headers: list[tuple[int, int]]
+    ) -> None:
         while offset + 4 <= end:
             length, raw_kind = _NLA.unpack_from(data, offset)
             if length < 4 or offset + length > end:
                 raise ValueError("truncated attribute")
+            headers.append((offset, 4))
             kind = raw_kind & 0x3FFF
-            self.formats.append("HH")
-            self.checked += [self.position, self.position + 1]
-            self.expected += [length, raw_kind]
-            self.position += 2
-            size = length - 4
             sub = _NESTED_CONTEXT.get((context, kind))
             if sub is not None:
                 self.nests.add((*path, kind))
-                self._walk(data, offset + 4, offset + length, sub, (*path, kind))
-            elif size:
-                self.index[(*path, kind)] = self.position
-                if (context, kind) in _PAIR_ATTRS and size == 8:
-                    self.formats.append("II")
-                    self.position += 2
-                elif (context, kind) in _RAW_ATTRS or size not in _NUMBER_FORMATS:
-                    self.formats.append(f"{size}s")
-                    self.position += 1
-                else:
-                    self.formats.append(_NUMBER_FORMATS[size])
-                    self.position += 1
-            pad = min(-length & 3, end - offset - length)
-            if pad:
-                self.formats.append(f"{pad}x")
-            offset += length + pad
-        if offset != end:
-            self.formats.append(f"{end - offset}x")
+                self._walk(data, offset + 4, offset + length, sub, (*path, kind), headers)
+            elif length > 4:
+                self.attrs[(*path, kind)] = (offset + 4, length - 4, context)
+            offset += (length + 3) & ~3
 
-    def get(self, *path: int) -> int:
-        """The index of a number attribute, or of a field that is always 0 when it is absent."""
-        return self.index.get(path, _ZERO)
+    def unpacker(self, paths: list[Path]) -> tuple[struct.Struct, dict[Path, int]]:
+        """A struct reading the genlmsghdr's reserved field (index 0, always 0) and then the
+        attributes at ``paths`` that the message has; where each is in the unpacked tuple."""
+        present = sorted((self.attrs[path][0], path) for path in set(paths) if path in self.attrs)
+        formats = ["18xH"]
+        position = 20
+        index: dict[Path, int] = {}
+        count = 1
+        for offset, path in present:
+            _offset, size, context = self.attrs[path]
+            if offset > position:
+                formats.append(f"{offset - position}x")
+            index[path] = count
+            if (context, path[-1]) in _PAIR_ATTRS and size == 8:
+                formats.append("II")
+                count += 2
+            elif (context, path[-1]) in _RAW_ATTRS or size not in _NUMBER_FORMATS:
+                formats.append(f"{size}s")
+                count += 1
+            else:
+                formats.append(_NUMBER_FORMATS[size])
+                count += 1
+            position = offset + size
+        return struct.Struct("=" + "".join(formats)), index
 
-    def counters(self, top: int, stats: int, stats64: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-        """A getter of the ten counters (from the 64-bit stats when present, as decode_* do)."""
+    def stats_paths(self, top: int, stats: int, stats64: int) -> list[Path]:
+        """The ten counters' paths, in the 64-bit nest when there is one (as decode_* read them)."""
         nest = stats64 if (top, stats64) in self.nests else stats
-        return operator.itemgetter(*(self.get(top, nest, kind) for kind in range(1, STATS_FIELDS + 1)))
+        return [(top, nest, kind) for kind in range(1, STATS_FIELDS + 1)]
 
 
 def _fast_constructor(cls: type) -> Callable[..., Any]:
@@ -542,6 +549,7 @@ _make_destination = _fast_constructor(Destination)
 _make_counters = _fast_constructor(Counters)
 _make_dest_counters = _fast_constructor(DestCounters)
 _METHODS = tuple(Method(value) if value in Method._value2member_map_ else None for value in range(8))
+_from_bytes = int.from_bytes
 
 
 class _Decoder:
@@ -554,7 +562,8 @@ class _Decoder:
         self._shapes: dict[int, list[tuple[Any, ...]]] = {}
 
     def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
-        """What ``_decode`` needs of a layout, or None when the fast path cannot decode it."""
+        """(unpack_from, what ``decode`` needs) for a layout, or None when the fast path cannot
+        decode messages of that shape."""
         raise NotImplementedError
 
     def _values(self, view: memoryview, offset: int, length: int) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
@@ -562,25 +571,41 @@ class _Decoder:
         shapes = self._shapes.get(length)
         if shapes is None:
             shapes = self._shapes[length] = []
-        for unpack, check, expected, compiled in shapes:
-            values = unpack(view, offset)
-            if check(values) == expected:
-                return (values, compiled) if compiled is not None else None
+        masked = _from_bytes(view[offset : offset + length], "little")
+        for mask, expected, unpack, compiled in shapes:
+            if masked & mask == expected:
+                return (unpack(view, offset), compiled) if unpack is not None else None
         if len(shapes) >= self.MAX_SHAPES:
             return None
         try:
             layout = _Layout(view[offset : offset + length])
         except (ValueError, struct.error):
             return None
-        compiled = self._compile(layout)
-        shapes.append((layout.struct.unpack_from, layout.check, layout.expected_tuple, compiled))
-        if compiled is None:
+        found = self._compile(layout)
+        unpack, compiled = found if found is not None else (None, None)
+        shapes.append((layout.mask, layout.expected, unpack, compiled))
+        if unpack is None:
             return None
-        return layout.struct.unpack_from(view, offset), compiled
+        return unpack(view, offset), compiled
+
+
+_DEST_FIELDS = (
+    DEST_ADDR,
+    DEST_PORT,
+    DEST_WEIGHT,
+    DEST_FWD_METHOD,
+    DEST_U_THRESH,
+    DEST_L_THRESH,
+    DEST_ADDR_FAMILY,
+    DEST_ACTIVE_CONNS,
+    DEST_INACT_CONNS,
+    DEST_PERSIST_CONNS,
+)
+_DEST_TUNNEL = (DEST_TUN_TYPE, DEST_TUN_PORT, DEST_TUN_FLAGS)
 
 
 class DestDecoder(_Decoder):
-    """Decodes the messages of GET_DEST dumps: one ``struct`` call per message of a known shape.
+    """Decodes the messages of GET_DEST dumps: a few C calls per message of a known shape.
 
     ``decode(view, offset, length, family)`` gives what :func:`decode_dest` gives for that
     message, or None when the fast path does not apply (then the caller uses decode_dest).
@@ -592,27 +617,18 @@ class DestDecoder(_Decoder):
 
     def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
         top = CMD_ATTR_DEST
-        if (top, DEST_ADDR) not in layout.index or (top, DEST_PORT) not in layout.index:
+        if (top, DEST_ADDR) not in layout.attrs or (top, DEST_PORT) not in layout.attrs:
             return None
-        family = layout.index.get((top, DEST_ADDR_FAMILY))
-        return (
-            operator.itemgetter(
-                layout.index[(top, DEST_ADDR)],
-                layout.index[(top, DEST_PORT)],
-                layout.get(top, DEST_WEIGHT),
-                layout.get(top, DEST_FWD_METHOD),
-                layout.get(top, DEST_U_THRESH),
-                layout.get(top, DEST_L_THRESH),
-                family if family is not None else _ZERO,
-                layout.get(top, DEST_ACTIVE_CONNS),
-                layout.get(top, DEST_INACT_CONNS),
-                layout.get(top, DEST_PERSIST_CONNS),
-            ),
-            family is not None,
-            operator.itemgetter(
-                layout.get(top, DEST_TUN_TYPE), layout.get(top, DEST_TUN_PORT), layout.get(top, DEST_TUN_FLAGS)
-            ),
-            layout.counters(top, DEST_STATS, DEST_STATS64),
+        fields = [(top, kind) for kind in _DEST_FIELDS]
+        tunnel = [(top, kind) for kind in _DEST_TUNNEL]
+        stats = layout.stats_paths(top, DEST_STATS, DEST_STATS64) if self.with_counters else []
+        st, index = layout.unpacker(fields + tunnel + stats)
+        has_family = (top, DEST_ADDR_FAMILY) in index
+        return st.unpack_from, (
+            operator.itemgetter(*(index.get(path, _ZERO) for path in fields)),
+            has_family,
+            operator.itemgetter(*(index.get(path, _ZERO) for path in tunnel)),
+            operator.itemgetter(*(index.get(path, _ZERO) for path in stats)) if stats else None,
         )
 
     def decode(
@@ -653,9 +669,12 @@ class DestDecoder(_Decoder):
             checksum,
             0 if family == service_family else family,
         )
-        if not self.with_counters:
+        if counters is None:
             return dest, None
         return dest, _make_dest_counters(_make_counters(*counters(values)), active, inactive, persistent)
+
+
+_SERVICE_FIELDS = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
 
 
 class ServiceDecoder(_Decoder):
@@ -666,15 +685,16 @@ class ServiceDecoder(_Decoder):
         super().__init__(with_counters)
         self._names: dict[bytes, str] = {}
 
-    _REQUIRED = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
-
     def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
         top = CMD_ATTR_SERVICE
-        if any((top, kind) not in layout.index for kind in self._REQUIRED) or (top, SVC_FWMARK) in layout.index:
+        fields = [(top, kind) for kind in _SERVICE_FIELDS]
+        if any(path not in layout.attrs for path in fields) or (top, SVC_FWMARK) in layout.attrs:
             return None
-        return (
-            operator.itemgetter(*(layout.index[(top, kind)] for kind in self._REQUIRED)),
-            layout.counters(top, SVC_STATS, SVC_STATS64),
+        stats = layout.stats_paths(top, SVC_STATS, SVC_STATS64) if self.with_counters else []
+        st, index = layout.unpacker(fields + stats)
+        return st.unpack_from, (
+            operator.itemgetter(*(index[path] for path in fields)),
+            operator.itemgetter(*(index.get(path, _ZERO) for path in stats)) if stats else None,
         )
 
     def decode(self, view: memoryview, offset: int, length: int) -> tuple[VirtualService, Counters | None] | None:
@@ -704,7 +724,7 @@ class ServiceDecoder(_Decoder):
             timeout if flags & SVC_F_PERSISTENT else 0,
             netmask,
         )
-        if not self.with_counters:
+        if counters is None:
             return service, None
         return service, _make_counters(*counters(values))
 
