@@ -1,4 +1,5 @@
-"""Fixtures for tests against a real local Kubernetes control plane.
+"""Fixtures for tests against a real local Kubernetes control plane (tests/api, and the host side
+of the kernel suite, whose director end-to-end tests reach it from the VM).
 
 The control plane (etcd + kube-apiserver + kube-controller-manager, Kubernetes 1.34) is built
 from Go modules by hack/cluster/build.sh and run by hack/cluster/controlplane.py.
@@ -39,7 +40,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CRDS_DIR = Path(os.environ.get("KUBELVS_CRDS_DIR") or REPO / "crds")
 _CP_PATH = REPO / "hack" / "cluster" / "controlplane.py"
 
@@ -60,7 +61,7 @@ controlplane = _load_controlplane()
 
 
 def pytest_collection_modifyitems(config, items):
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent / "api"
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.api)
@@ -119,20 +120,24 @@ def _install_crds(kubectl: Kubectl, timeout: float = 60) -> list[str]:
     return names
 
 
-@pytest.fixture(scope="session")
-def control_plane():
-    # Builds only what is missing or stale (seconds when everything is built).
-    controlplane.build()
+def shared_control_plane(config: pytest.Config):
+    """The session's control plane, started on first use and stopped when pytest ends.
+
+    Shared by the API tests (the ``control_plane`` fixture) and the kernel suite's host side,
+    which hands its VM kubeconfig to the director end-to-end tests inside the VM.
+    """
+    cp = getattr(config, "_kubelvs_control_plane", None)
+    if cp is not None:
+        return cp
+    controlplane.build()  # builds only what is missing or stale (seconds when everything is built)
     wd_env = os.environ.get("KUBELVS_API_WORKDIR")
     workdir = Path(wd_env) if wd_env else Path(tempfile.mkdtemp(prefix="kubelvs-api-"))
     cp = controlplane.ControlPlane(workdir, die_with_parent=True)
     cp.start()
     old_kc = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(cp.kubeconfig)
-    try:
-        cp.crds = _install_crds(Kubectl(cp.kubectl, cp.kubeconfig))
-        yield cp
-    finally:
+
+    def stop() -> None:
         if old_kc is None:
             os.environ.pop("KUBECONFIG", None)
         else:
@@ -140,6 +145,20 @@ def control_plane():
         cp.stop()
         if not wd_env and os.environ.get("KUBELVS_API_KEEP") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
+
+    config.add_cleanup(stop)
+    try:
+        cp.crds = _install_crds(Kubectl(cp.kubectl, cp.kubeconfig))
+    except BaseException:
+        stop()
+        raise
+    config._kubelvs_control_plane = cp  # type: ignore[attr-defined]
+    return cp
+
+
+@pytest.fixture(scope="session")
+def control_plane(pytestconfig: pytest.Config):
+    return shared_control_plane(pytestconfig)
 
 
 @pytest.fixture(scope="session")
