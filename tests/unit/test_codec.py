@@ -730,3 +730,40 @@ def test_batches_are_split_to_fit_the_send_buffer() -> None:
     result = _client(kernel, batch_size=1024, max_send=size * 16 + 3).apply(ops)
     assert result.ok and len(result.succeeded) == 50
     assert kernel.sends == [size * 16] * 3 + [size * 2]
+
+
+def test_decode_run_takes_same_shaped_messages_at_once() -> None:
+    cases = [(DR, [1] * 10), (NAT4, [2**40] * 10), (GUE, list(range(10))), (TUN6_IN_V4, [0] * 10)]
+    kernel = [_kernel_dest(dest, dest.family or AF_INET, counters, (1, 2, 3)) for dest, counters in cases]
+    # Three of one shape, a pyroute2-shaped one, then two more of the first shape.
+    payload = _kernel_style_dump(
+        codec.CMD_NEW_DEST,
+        [
+            ("IPVS_DEST_ATTR_ADDR", "198.51.100.7"),
+            ("IPVS_DEST_ATTR_PORT", 80),
+            ("IPVS_DEST_ATTR_WEIGHT", 3),
+            ("IPVS_DEST_ATTR_ADDR_FAMILY", AF_INET),
+        ],
+        "IPVS_CMD_ATTR_DEST",
+    )
+    other = struct.pack("=IHHIIBBH", 20 + len(payload), FAMILY_ID, 2, 9, 0, codec.CMD_NEW_DEST, 1, 0) + bytes(payload)
+    for messages, expected_runs in (
+        ([*kernel, kernel[0]], [5]),  # one receive buffer of one shape: checked and unpacked at once
+        ([kernel[0], kernel[1], other, kernel[2], kernel[3]], None),  # mixed: correct, in shorter runs
+    ):
+        buffer = memoryview(b"".join(messages))
+        for with_counters in (True, False):
+            decoder = codec.DestDecoder(with_counters)
+            out: list[tuple[Destination, DestCounters | None]] = []
+            offset, runs = 0, []
+            while offset < len(buffer):
+                length = struct.unpack_from("=I", buffer, offset)[0]
+                after = decoder.decode_run(buffer, offset, length, len(buffer), AF_INET, out)
+                assert after > offset
+                runs.append((after - offset) // length)
+                offset = after
+            if expected_runs is not None:
+                assert runs == expected_runs
+            expected = [codec.decode_dest(memoryview(m)[20:], AF_INET) for m in messages]
+            assert [dest for dest, _ in out] == [dest for dest, _ in expected]
+            assert [c for _, c in out] == ([c for _, c in expected] if with_counters else [None] * len(messages))

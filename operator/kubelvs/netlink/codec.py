@@ -552,6 +552,33 @@ _METHODS = tuple(Method(value) if value in Method._value2member_map_ else None f
 _from_bytes = int.from_bytes
 
 
+class _Shape:
+    """One learnt message shape: its check, its struct (the message's full length) and what the
+    decoder compiled from its layout (None: the fast path cannot decode it)."""
+
+    __slots__ = ("_expected_bytes", "_mask_bytes", "_runs", "compiled", "expected", "length", "mask", "struct")
+
+    def __init__(self, layout: _Layout, st: struct.Struct | None, compiled: tuple[Any, ...] | None) -> None:
+        self.length = layout.length
+        self.mask = layout.mask
+        self.expected = layout.expected
+        self.struct = st
+        self.compiled = compiled
+        self._mask_bytes = layout.mask.to_bytes(layout.length, "little")
+        self._expected_bytes = layout.expected.to_bytes(layout.length, "little")
+        self._runs: dict[int, tuple[int, int]] = {}
+
+    def run(self, count: int) -> tuple[int, int]:
+        """The mask and expected value of ``count`` messages of this shape back to back."""
+        found = self._runs.get(count)
+        if found is None:
+            found = self._runs[count] = (
+                _from_bytes(self._mask_bytes * count, "little"),
+                _from_bytes(self._expected_bytes * count, "little"),
+            )
+        return found
+
+
 class _Decoder:
     """Messages of a dump, by shape: each shape's layout is learnt from its first message."""
 
@@ -559,22 +586,22 @@ class _Decoder:
 
     def __init__(self, with_counters: bool) -> None:
         self.with_counters = with_counters
-        self._shapes: dict[int, list[tuple[Any, ...]]] = {}
+        self._shapes: dict[int, list[_Shape]] = {}
 
-    def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
-        """(unpack_from, what ``decode`` needs) for a layout, or None when the fast path cannot
-        decode messages of that shape."""
+    def _compile(self, layout: _Layout) -> tuple[struct.Struct, tuple[Any, ...]] | None:
+        """(a struct of the message's full length, what ``decode`` needs) for a layout, or None
+        when the fast path cannot decode messages of that shape."""
         raise NotImplementedError
 
-    def _values(self, view: memoryview, offset: int, length: int) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-        """The message's unpacked values and its shape's compiled fields (None: generic)."""
+    def _shape(self, view: memoryview, offset: int, length: int) -> _Shape | None:
+        """The usable shape of the message at ``offset`` (learnt if new), or None: generic."""
         shapes = self._shapes.get(length)
         if shapes is None:
             shapes = self._shapes[length] = []
         masked = _from_bytes(view[offset : offset + length], "little")
-        for mask, expected, unpack, compiled in shapes:
-            if masked & mask == expected:
-                return (unpack(view, offset), compiled) if unpack is not None else None
+        for shape in shapes:
+            if masked & shape.mask == shape.expected:
+                return shape if shape.compiled is not None else None
         if len(shapes) >= self.MAX_SHAPES:
             return None
         try:
@@ -582,11 +609,26 @@ class _Decoder:
         except (ValueError, struct.error):
             return None
         found = self._compile(layout)
-        unpack, compiled = found if found is not None else (None, None)
-        shapes.append((layout.mask, layout.expected, unpack, compiled))
-        if unpack is None:
+        shape = _Shape(layout, *(found if found is not None else (None, None)))
+        shapes.append(shape)
+        return shape if shape.compiled is not None else None
+
+    def _run(self, view: memoryview, offset: int, length: int, end: int) -> tuple[_Shape, int] | None:
+        """The shape of the message at ``offset`` and how many messages from there (up to
+        ``end``) have it, back to back: all checked with one masked compare."""
+        shape = self._shape(view, offset, length)
+        if shape is None:
             return None
-        return unpack(view, offset), compiled
+        count = (end - offset) // length if length & 3 == 0 else 1
+        if count > 1:
+            mask, expected = shape.run(count)
+            if _from_bytes(view[offset : offset + count * length], "little") & mask != expected:
+                count = 1
+        return shape, count
+
+
+def _full_length(st: struct.Struct, length: int) -> struct.Struct:
+    return struct.Struct(st.format + f"{length - st.size}x") if st.size < length else st
 
 
 _DEST_FIELDS = (
@@ -602,20 +644,22 @@ _DEST_FIELDS = (
     DEST_PERSIST_CONNS,
 )
 _DEST_TUNNEL = (DEST_TUN_TYPE, DEST_TUN_PORT, DEST_TUN_FLAGS)
+_IPIP, _NO_CHECKSUM, _TUN = TunnelType.IPIP, TunnelChecksum.NONE, Method.TUN
 
 
 class DestDecoder(_Decoder):
-    """Decodes the messages of GET_DEST dumps: a few C calls per message of a known shape.
+    """Decodes the messages of GET_DEST dumps: a few C calls per message of a known shape, and a
+    whole receive buffer of same-shaped messages checked at once and unpacked by iter_unpack.
 
-    ``decode(view, offset, length, family)`` gives what :func:`decode_dest` gives for that
-    message, or None when the fast path does not apply (then the caller uses decode_dest).
+    What it gives for a message equals what :func:`decode_dest` gives (with None for counters
+    when they are not wanted); messages it cannot decode are left to decode_dest.
     """
 
     def __init__(self, with_counters: bool) -> None:
         super().__init__(with_counters)
         self._addresses: dict[tuple[int, bytes], str] = {}
 
-    def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
+    def _compile(self, layout: _Layout) -> tuple[struct.Struct, tuple[Any, ...]] | None:
         top = CMD_ATTR_DEST
         if (top, DEST_ADDR) not in layout.attrs or (top, DEST_PORT) not in layout.attrs:
             return None
@@ -624,7 +668,7 @@ class DestDecoder(_Decoder):
         stats = layout.stats_paths(top, DEST_STATS, DEST_STATS64) if self.with_counters else []
         st, index = layout.unpacker(fields + tunnel + stats)
         has_family = (top, DEST_ADDR_FAMILY) in index
-        return st.unpack_from, (
+        return _full_length(st, layout.length), (
             operator.itemgetter(*(index.get(path, _ZERO) for path in fields)),
             has_family,
             operator.itemgetter(*(index.get(path, _ZERO) for path in tunnel)),
@@ -634,44 +678,84 @@ class DestDecoder(_Decoder):
     def decode(
         self, view: memoryview, offset: int, length: int, service_family: int
     ) -> tuple[Destination, DestCounters | None] | None:
-        found = self._values(view, offset, length)
+        """One message, or None: not a shape the fast path decodes (use :func:`decode_dest`)."""
+        out: list[tuple[Destination, DestCounters | None]] = []
+        if self.decode_run(view, offset, length, offset + length, service_family, out) == offset:
+            return None
+        return out[0]
+
+    def decode_run(
+        self,
+        view: memoryview,
+        offset: int,
+        length: int,
+        end: int,
+        service_family: int,
+        out: list[tuple[Destination, DestCounters | None]],
+    ) -> int:
+        """Decode the message at ``offset`` (``length`` bytes) and the ones of the same shape
+        right after it (up to ``end``) into ``out``; return the offset after them, or
+        ``offset`` itself when the fast path does not decode that message."""
+        found = self._run(view, offset, length, end)
         if found is None:
-            return None
-        values, (fields, has_family, tunnel, counters) = found
-        raw, port, weight, method, upper, lower, family, active, inactive, persistent = fields(values)
-        if not has_family:
-            family = service_family
-        elif family != AF_INET and family != AF_INET6:
-            return None
-        address = self._addresses.get((family, raw))
-        if address is None:
-            address = _ntop(family, raw[: 4 if family == AF_INET else 16])
-            self._addresses[family, raw] = address
-        method = _METHODS[method & 7]
-        if method is None:
-            return None
-        if method is Method.TUN:
-            tunnel_type, tunnel_port, checksum = tunnel(values)
-            tunnel_type = TunnelType(tunnel_type)
-            tunnel_port = _ntohs(tunnel_port)
-            checksum = TunnelChecksum(checksum)
-        else:
-            tunnel_type, tunnel_port, checksum = TunnelType.IPIP, 0, TunnelChecksum.NONE
-        dest = _make_destination(
-            address,
-            _ntohs(port),
-            weight,
-            method,
-            upper,
-            lower,
-            tunnel_type,
-            tunnel_port,
-            checksum,
-            0 if family == service_family else family,
-        )
-        if counters is None:
-            return dest, None
-        return dest, _make_dest_counters(_make_counters(*counters(values)), active, inactive, persistent)
+            return offset
+        shape, count = found
+        assert shape.struct is not None and shape.compiled is not None
+        fields, has_family, tunnel, counters = shape.compiled
+        addresses = self._addresses
+        append = out.append
+        stop = offset + count * length
+        at = offset
+        for values in shape.struct.iter_unpack(view[offset:stop]):
+            raw, port, weight, method, upper, lower, family, active, inactive, persistent = fields(values)
+            if not has_family:
+                family = service_family
+            address = addresses.get((family, raw))
+            if address is None:
+                if family == AF_INET:
+                    address = _ntop(AF_INET, raw[:4])
+                elif family == AF_INET6:
+                    address = _ntop(AF_INET6, raw[:16])
+                if address is not None:
+                    addresses[family, raw] = address
+            method = _METHODS[method & 7]
+            if address is None or method is None:
+                append(decode_dest(view[at + 20 : at + length], service_family))  # raises as it would
+                at += length
+                continue
+            if method is _TUN:
+                tunnel_type, tunnel_port, checksum = tunnel(values)
+                dest = _make_destination(
+                    address,
+                    _ntohs(port),
+                    weight,
+                    method,
+                    upper,
+                    lower,
+                    TunnelType(tunnel_type),
+                    _ntohs(tunnel_port),
+                    TunnelChecksum(checksum),
+                    0 if family == service_family else family,
+                )
+            else:
+                dest = _make_destination(
+                    address,
+                    _ntohs(port),
+                    weight,
+                    method,
+                    upper,
+                    lower,
+                    _IPIP,
+                    0,
+                    _NO_CHECKSUM,
+                    0 if family == service_family else family,
+                )
+            if counters is None:
+                append((dest, None))
+            else:
+                append((dest, _make_dest_counters(_make_counters(*counters(values)), active, inactive, persistent)))
+            at += length
+        return stop
 
 
 _SERVICE_FIELDS = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
@@ -685,23 +769,25 @@ class ServiceDecoder(_Decoder):
         super().__init__(with_counters)
         self._names: dict[bytes, str] = {}
 
-    def _compile(self, layout: _Layout) -> tuple[Any, ...] | None:
+    def _compile(self, layout: _Layout) -> tuple[struct.Struct, tuple[Any, ...]] | None:
         top = CMD_ATTR_SERVICE
         fields = [(top, kind) for kind in _SERVICE_FIELDS]
         if any(path not in layout.attrs for path in fields) or (top, SVC_FWMARK) in layout.attrs:
             return None
         stats = layout.stats_paths(top, SVC_STATS, SVC_STATS64) if self.with_counters else []
         st, index = layout.unpacker(fields + stats)
-        return st.unpack_from, (
+        return _full_length(st, layout.length), (
             operator.itemgetter(*(index[path] for path in fields)),
             operator.itemgetter(*(index.get(path, _ZERO) for path in stats)) if stats else None,
         )
 
     def decode(self, view: memoryview, offset: int, length: int) -> tuple[VirtualService, Counters | None] | None:
-        found = self._values(view, offset, length)
-        if found is None:
+        shape = self._shape(view, offset, length)
+        if shape is None:
             return None
-        values, (fields, counters) = found
+        assert shape.struct is not None and shape.compiled is not None
+        values = shape.struct.unpack_from(view, offset)
+        fields, counters = shape.compiled
         family, protocol, raw, port, sched, flags, netmask, timeout = fields(values)
         if family == AF_INET:
             address = _ntop(AF_INET, raw[:4])

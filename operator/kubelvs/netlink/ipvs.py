@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kubelvs.model import Observed, ServiceKey, VirtualService
+from kubelvs.model import DestKey, Observed, ServiceKey, VirtualService
 from kubelvs.netlink import codec
 from kubelvs.plan import Operation, Verb
 
@@ -49,6 +49,11 @@ _DEST_COMMANDS = {
 }
 _FLAGS = struct.Struct("=H")  # nlmsghdr.nlmsg_flags, at offset 6
 _MSG_HEAD = struct.Struct("=IHHI")  # nlmsghdr's length, type, flags, seq
+
+
+def _dest_key(fields: tuple[str, int]) -> DestKey:
+    """``DestKey(*fields)`` without NamedTuple's Python-level ``__new__``."""
+    return tuple.__new__(DestKey, fields)  # type: ignore[no-any-return]
 
 
 class IPVSError(OSError):
@@ -183,8 +188,9 @@ class IPVSClient:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def _dump(self, request: bytes, seq: int, decode: Callable[[memoryview, int, int], None]) -> None:
-        """Run one dump; call ``decode(view, offset, length)`` for each answer message."""
+    def _dump(self, request: bytes, seq: int, decode: Callable[[memoryview, int, int, int], int]) -> None:
+        """Run one dump; ``decode(view, offset, length, end)`` decodes the answer message at
+        ``offset`` (and maybe more, up to ``end``) and returns the offset after what it took."""
         self.sock.send(request)
         head = _MSG_HEAD.unpack_from
         while True:
@@ -203,8 +209,9 @@ class IPVSClient:
                         if err:
                             _raise_error(err, message)
                         return
-                    decode(view, offset, length)
-                offset += (length + 3) & ~3
+                    offset = decode(view, offset, length, end)
+                else:
+                    offset += (length + 3) & ~3
 
     def dump(self, with_counters: bool = True) -> Observed:
         """Every virtual service in the kernel with its real servers (and counters)."""
@@ -213,11 +220,12 @@ class IPVSClient:
         services = codec.ServiceDecoder(with_counters)
         dests = codec.DestDecoder(with_counters)
 
-        def on_service(view: memoryview, offset: int, length: int) -> None:
+        def on_service(view: memoryview, offset: int, length: int, end: int) -> int:
             decoded = services.decode(view, offset, length)
             if decoded is None:
                 decoded = codec.decode_service(view[offset + 20 : offset + length])
             heads.append(decoded)
+            return offset + ((length + 3) & ~3)
 
         seq = self._next_seq()
         self._dump(
@@ -230,11 +238,12 @@ class IPVSClient:
         found: list[tuple[codec.Destination, codec.DestCounters | None]] = []
         family = 0
 
-        def on_dest(view: memoryview, offset: int, length: int) -> None:
-            decoded = dests.decode(view, offset, length, family)
-            if decoded is None:
-                decoded = codec.decode_dest(view[offset + 20 : offset + length], family)
-            found.append(decoded)
+        def on_dest(view: memoryview, offset: int, length: int, end: int) -> int:
+            after = dests.decode_run(view, offset, length, end, family, found)
+            if after == offset:  # a message the fast path does not decode
+                found.append(codec.decode_dest(view[offset + 20 : offset + length], family))
+                after = offset + ((length + 3) & ~3)
+            return after
 
         all_services = observed.services
         service_counters = observed.service_counters
@@ -258,7 +267,7 @@ class IPVSClient:
                 service_counters[key] = counters
                 for dest, dc in found:
                     assert dc is not None
-                    dest_counters[key, dest.key] = dc
+                    dest_counters[key, _dest_key((dest.address, dest.port))] = dc
         return observed
 
     # --- writing ---------------------------------------------------------------------------
