@@ -735,7 +735,7 @@ def test_batches_are_split_to_fit_the_send_buffer() -> None:
 def test_decode_run_takes_same_shaped_messages_at_once() -> None:
     cases = [(DR, [1] * 10), (NAT4, [2**40] * 10), (GUE, list(range(10))), (TUN6_IN_V4, [0] * 10)]
     kernel = [_kernel_dest(dest, dest.family or AF_INET, counters, (1, 2, 3)) for dest, counters in cases]
-    # Three of one shape, a pyroute2-shaped one, then two more of the first shape.
+    # A pyroute2-shaped message (4-byte address, fewer attributes): another shape.
     payload = _kernel_style_dump(
         codec.CMD_NEW_DEST,
         [
