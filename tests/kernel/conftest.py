@@ -448,11 +448,16 @@ def _load_vm_module() -> Any:
     return mod
 
 
-def _new_outdir(keep: int = 5) -> Path:
+def _new_outdir(keep: int = 8, min_age: float = 3 * 3600) -> Path:
+    """A fresh .vmout/run-<time>-<pid>/ (and .vmout/last -> it).  Old runs beyond the newest
+    ``keep`` go, but only once older than ``min_age``: another session may still be writing."""
     VMOUT.mkdir(exist_ok=True)
     runs = sorted(p for p in VMOUT.glob("run-*") if p.is_dir())
+    now = time.time()
     for old in runs[: max(0, len(runs) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > min_age:
+                shutil.rmtree(old, ignore_errors=True)
     out = VMOUT / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     out.mkdir()
     last = VMOUT / "last"

@@ -3,9 +3,13 @@ forwarding through a real IPVS director between network namespaces inside the VM
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from topology import Topology, alternates
 
+NETNS = Path("/run/netns")
 N = 6  # requests per check: three full round-robin cycles over two real servers
 
 
@@ -101,3 +105,15 @@ def test_sh_source_addresses(topology: Topology) -> None:
         assert len(set(names)) == 1 and names[0] in topology.real_servers, (src, names)
         seen.add(names[0])
     assert len(seen) >= 2, f"6 client addresses all hashed to {seen}"
+
+
+def test_topology_cleanup(make_topology: Any) -> None:
+    """close() kills the servers and deletes every namespace it made (and is idempotent)."""
+    topo = make_topology(real_servers=1, directors=1)
+    names = [topo.ns(node) for node in ["sw", *topo.nodes]]
+    assert all((NETNS / name).exists() for name in names)
+    server = topo._procs["rs1"]
+    topo.close()
+    assert server.poll() is not None
+    assert not [name for name in names if (NETNS / name).exists()]
+    topo.close()
