@@ -136,6 +136,53 @@ def _guest_env(extra_env: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+SQUASHFS_EXCLUDES = ["lib/python3*/test", "lib/python3*/idlelib", "lib/python3*/tkinter", "lib/python3*/ensurepip"]
+
+
+def _newest_mtime(root: Path) -> float:
+    newest = root.stat().st_mtime
+    for dirpath, _dirs, _files in os.walk(root):
+        newest = max(newest, os.stat(dirpath).st_mtime)
+    return newest
+
+
+def python_images() -> list[tuple[Path, Path]]:
+    """Squashfs images of this Python and its venv, as (image, mount point) pairs.
+
+    Under emulation every file lookup over the shared 9p root costs a virtio round trip:
+    importing pyroute2 takes a minute that way. From a loop-mounted image (one file, read in
+    large blocks and cached by the guest) the same import takes a second. Images are rebuilt
+    when a directory of the tree changed (a package installed or removed); without mksquashfs
+    the VM still works, slowly.
+    """
+    mksquashfs = shutil.which("mksquashfs")
+    if mksquashfs is None:
+        return []
+    cache = Path(os.environ.get("KUBELVS_CACHE", Path.home() / ".cache" / "kubelvs")) / "vm"
+    cache.mkdir(parents=True, exist_ok=True)
+    trees = [Path(sys.base_prefix).resolve()]
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv:
+        trees.append(Path(sys.prefix).resolve())
+    images = []
+    for tree in trees:
+        image = cache / (re.sub(r"[^A-Za-z0-9]+", "-", str(tree)).strip("-") + ".sqfs")
+        if not image.exists() or image.stat().st_mtime < _newest_mtime(tree):
+            excludes = list(SQUASHFS_EXCLUDES)
+            if in_venv and tree == trees[0]:
+                excludes.append("lib/python3*/site-packages")  # the venv's own packages are used
+            partial = image.with_suffix(".partial")
+            subprocess.run(
+                [mksquashfs, str(tree), str(partial), "-noappend", "-quiet", "-no-progress", "-comp", "lz4",
+                 "-wildcards", "-e", *excludes],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            partial.replace(image)
+        images.append((image, tree))
+    return images
+
+
 def _write_guest_script(cmd: Sequence[str], env: dict[str, str], cwd: Path) -> Path:
     """The script the guest runs.  It lives in the host's /tmp, which the guest sees (read-only
     lower layer of its /tmp overlay).  vng passes --exec on the kernel command line (base64, and
@@ -238,7 +285,9 @@ def run_in_vm(
             to_log(f"hack/vm.py: {exc}\n")
             (on_stderr or default_err)(f"hack/vm.py: {exc}\n")
             return NOT_STARTED_STATUS
-        script = _write_guest_script(cmd, _guest_env(env), REPO)
+        guest_env = _guest_env(env)
+        guest_env["KUBELVS_VM_IMAGES"] = " ".join(f"{image}:{mount}" for image, mount in python_images())
+        script = _write_guest_script(cmd, guest_env, REPO)
         script_dir = script.parent
         argv = vng_command(script, rwdirs, network_user, verbose, kernel, vng, memory, cpus)
         host_env = dict(os.environ)

@@ -163,7 +163,7 @@ def test_ipvsadm_shows_exactly_the_planned_rules(topo: Topology, director: Direc
     assert "0 failed" in output
     # `ipvsadm -S` does not save connection thresholds: compare them through `-L --thresholds`.
     assert director.rules() == [re.sub(r" -x \d+", "", line) for line in planned]
-    assert len(planned) == 6 + 3 + 2 + 2 + 3 + 2 * 3 + 1  # services + real servers
+    assert len(planned) == 7 + 3 + 2 + 2 + 3 + 2 * 3 + 1  # 7 services and their real servers
     thresholds = topo.ipvsadm("dir1", "-Ln", "--thresholds").stdout
     assert re.search(rf"{re.escape(rs[0])}:80\s+100\s+0\s", thresholds), thresholds  # Uthreshold, Lthreshold
 
