@@ -35,10 +35,8 @@ POD_NODE = "worker-1"
 METRICS_PORT = 19344
 RESYNC_SECONDS = 5
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("KUBELVS_IN_VM") == "1" and not KUBECONFIG,
-    reason="needs the host's control plane (the host side of the kernel suite passes KUBELVS_E2E_KUBECONFIG)",
-)
+# The host side of the kernel suite starts the control plane and gives the VM user networking.
+pytestmark = pytest.mark.vm_control_plane
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0, interval: float = 0.5) -> Any:
@@ -174,6 +172,8 @@ class DirectorProcess:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    if not KUBECONFIG:
+        pytest.fail("KUBELVS_E2E_KUBECONFIG is not set: the host side of the kernel suite starts the control plane")
     workdir = tmp_path_factory.mktemp("e2e")
     with Topology(real_servers=3, directors=1, ports=(80,)) as topo:
         cluster = Cluster()
