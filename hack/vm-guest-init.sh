@@ -36,6 +36,32 @@ if [ -n "${KUBELVS_VM_IMAGES:-}" ]; then
     done
 fi
 
+if [ "${KUBELVS_VM_NETWORK:-}" = "user" ]; then
+    # qemu user networking (slirp): the host's loopback is 10.0.2.2.  vng asks for eth0 + DHCP
+    # (net.ifnames=0 virtme.dhcp), but udev renames the NIC here (enp0s9) and the DHCP client
+    # never configures it, so configure it statically.  Deliberately NO default route: only
+    # 10.0.2.0/24 is reachable, nothing from the guest can leak through slirp to other networks.
+    nic=""
+    for d in /sys/class/net/*; do
+        [ -e "$d/device" ] || continue   # a real (virtio) NIC, not lo/tunnels/veth
+        nic=${d##*/}
+        break
+    done
+    if [ -n "$nic" ]; then
+        # udev may or may not have renamed it, virtme's background udhcpc may or may not have
+        # configured it (with a default route): wait for that client to finish, then take over.
+        i=0
+        while grep -qs udhcpc /proc/[0-9]*/comm && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+        echo 0 > "/proc/sys/net/ipv6/conf/$nic/accept_ra" 2>/dev/null
+        ip link set "$nic" up
+        ip -4 addr show dev "$nic" | grep -q 'inet ' || ip addr add 10.0.2.15/24 dev "$nic"
+        while ip route del default 2>/dev/null; do :; done
+        while ip -6 route del default 2>/dev/null; do :; done
+    else
+        echo "vm-guest-init: --network user but no NIC found" >&2
+    fi
+fi
+
 if [ ! -e /proc/net/ip_vs ]; then
     echo "vm-guest-init: /proc/net/ip_vs missing after modprobe ip_vs (kernel $(uname -r))" >&2
 fi

@@ -98,7 +98,7 @@ def find_vng() -> str:
     raise VMError(f"vng not found next to {sys.executable} nor on PATH: pip install virtme-ng")
 
 
-def _guest_env(extra_env: dict[str, str] | None) -> dict[str, str]:
+def _guest_env(extra_env: dict[str, str] | None, network_user: bool = False) -> dict[str, str]:
     env: dict[str, str] = {}
     # Host variables of the project itself travel along (but never the in-VM marker).
     for key, value in os.environ.items():
@@ -131,6 +131,8 @@ def _guest_env(extra_env: dict[str, str] | None) -> dict[str, str]:
             ),
         }
     )
+    if network_user:
+        env["KUBELVS_VM_NETWORK"] = "user"  # hack/vm-guest-init.sh configures the NIC
     if extra_env:
         env.update(extra_env)
     return env
@@ -285,7 +287,7 @@ def run_in_vm(
             to_log(f"hack/vm.py: {exc}\n")
             (on_stderr or default_err)(f"hack/vm.py: {exc}\n")
             return NOT_STARTED_STATUS
-        guest_env = _guest_env(env)
+        guest_env = _guest_env(env, network_user)
         guest_env["KUBELVS_VM_IMAGES"] = " ".join(f"{image}:{mount}" for image, mount in python_images())
         script = _write_guest_script(cmd, guest_env, REPO)
         script_dir = script.parent
