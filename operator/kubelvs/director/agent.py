@@ -262,7 +262,11 @@ class Director:
                 continue
             if full:
                 self.last_full = time.monotonic()
-            await self.write_status(desired, scope)
+            try:
+                await self.write_status(desired, scope)
+            except Exception:  # status is reported again on the next sync; the kernel work goes on
+                log.exception("status not written")
+                self.metrics.api_errors.inc()
 
     # --- status ---------------------------------------------------------------------------
 
@@ -285,7 +289,7 @@ class Director:
                 summary = st.summary(vs, resolution, entry, st.now_rfc3339())
                 if not st.same_summary(vs, summary):
                     await loop.run_in_executor(None, self._apply_status, ref, summary, "kubelvs-status")
-                    self._event_on_transition(vs, summary)
+                    await loop.run_in_executor(None, self._event_on_transition, vs, summary)
             if body:
                 await loop.run_in_executor(None, self._apply_status, ref, body, f"kubelvs-director-{node}")
                 self.written_entries[ref] = entry
@@ -299,15 +303,16 @@ class Director:
             "status": status,
         }
         try:
-            self.custom.api_client.call_api(
-                f"/apis/{GROUP}/{VERSION}/namespaces/{ref.namespace}/{PLURAL}/{ref.name}/status",
-                "PATCH",
-                query_params=[("fieldManager", manager), ("force", "true")],
-                header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-                body=patch,
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-                _preload_content=False,
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                ref.namespace,
+                PLURAL,
+                ref.name,
+                patch,
+                field_manager=manager,
+                force=True,
+                _content_type="application/apply-patch+yaml",
             )
         except k8s.ApiException as error:
             if error.status != 404:  # deleted meanwhile: nothing to report on
@@ -315,21 +320,39 @@ class Director:
                 log.warning("status of %s not written: %s %s", ref, error.status, error.reason)
 
     def _event_on_transition(self, vs: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        """A Kubernetes Event for each condition that changed (Warning when it went bad)."""
         old = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
+        meta = vs.get("metadata") or {}
         for condition in summary["conditions"]:
             before = old.get(condition["type"]) or {}
             if (before.get("status"), before.get("reason")) == (condition["status"], condition["reason"]):
                 continue
-            warning = condition["status"] == "False" and condition["reason"] not in ("NoDirectors",)
+            warning = condition["status"] == "False" and condition["reason"] != "NoDirectors"
+            now = st.now_rfc3339()
+            event = {
+                "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+                "involvedObject": {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "VirtualServer",
+                    "name": meta.get("name"),
+                    "namespace": meta.get("namespace"),
+                    "uid": meta.get("uid"),
+                },
+                "type": "Warning" if warning else "Normal",
+                "reason": condition["reason"],
+                "message": f"{condition['type']}={condition['status']}: {condition['message']}"[:1000],
+                "source": {"component": "kubelvs-director", "host": self.config.node_name},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
             try:
-                kopf.event(
-                    kopf.Body(dict(vs)),  # type: ignore[arg-type]
-                    type="Warning" if warning else "Normal",
-                    reason=condition["reason"],
-                    message=condition["message"][:1000],
-                )
-            except Exception:  # events are best effort
-                log.debug("event not posted", exc_info=True)
+                assert self.custom is not None
+                core = k8s.CoreV1Api(self.custom.api_client)
+                core.create_namespaced_event(str(meta.get("namespace")), event)  # type: ignore[arg-type]
+            except k8s.ApiException as error:  # events are best effort
+                self.metrics.api_errors.inc()
+                log.debug("event not posted: %s", error.reason)
 
     # --- start-up -------------------------------------------------------------------------
 
