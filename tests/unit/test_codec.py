@@ -13,6 +13,7 @@ from kubelvs.model import (
     Counters,
     DestCounters,
     Destination,
+    DestKey,
     Method,
     ServiceKey,
     TunnelChecksum,
@@ -754,16 +755,19 @@ def test_decode_run_takes_same_shaped_messages_at_once() -> None:
         buffer = memoryview(b"".join(messages))
         for with_counters in (True, False):
             decoder = codec.DestDecoder(with_counters)
-            out: list[tuple[Destination, DestCounters | None]] = []
+            key = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
+            dests: list[Destination] = []
+            counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] | None = [] if with_counters else None
             offset, runs = 0, []
             while offset < len(buffer):
                 length = struct.unpack_from("=I", buffer, offset)[0]
-                after = decoder.decode_run(buffer, offset, length, len(buffer), AF_INET, out)
+                after = decoder.decode_run(buffer, offset, length, len(buffer), key, dests, counters)
                 assert after > offset
                 runs.append((after - offset) // length)
                 offset = after
             if expected_runs is not None:
                 assert runs == expected_runs
             expected = [codec.decode_dest(memoryview(m)[20:], AF_INET) for m in messages]
-            assert [dest for dest, _ in out] == [dest for dest, _ in expected]
-            assert [c for _, c in out] == ([c for _, c in expected] if with_counters else [None] * len(messages))
+            assert dests == [dest for dest, _ in expected]
+            if counters is not None:
+                assert counters == [((key, DestKey(d.address, d.port)), c) for d, c in expected]

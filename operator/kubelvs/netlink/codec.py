@@ -30,6 +30,7 @@ from kubelvs.model import (
     Counters,
     DestCounters,
     Destination,
+    DestKey,
     Method,
     ServiceKey,
     TunnelChecksum,
@@ -645,6 +646,7 @@ _DEST_FIELDS = (
 )
 _DEST_TUNNEL = (DEST_TUN_TYPE, DEST_TUN_PORT, DEST_TUN_FLAGS)
 _IPIP, _NO_CHECKSUM, _TUN = TunnelType.IPIP, TunnelChecksum.NONE, Method.TUN
+_new_tuple = tuple.__new__  # DestKey(address, port) without NamedTuple's Python-level __new__
 
 
 class DestDecoder(_Decoder):
@@ -679,10 +681,13 @@ class DestDecoder(_Decoder):
         self, view: memoryview, offset: int, length: int, service_family: int
     ) -> tuple[Destination, DestCounters | None] | None:
         """One message, or None: not a shape the fast path decodes (use :func:`decode_dest`)."""
-        out: list[tuple[Destination, DestCounters | None]] = []
-        if self.decode_run(view, offset, length, offset + length, service_family, out) == offset:
+        dests: list[Destination] = []
+        counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] = []
+        key = ServiceKey(service_family, 0, "", 0)
+        wanted = counters if self.with_counters else None
+        if self.decode_run(view, offset, length, offset + length, key, dests, wanted) == offset:
             return None
-        return out[0]
+        return dests[0], counters[0][1] if counters else None
 
     def decode_run(
         self,
@@ -690,20 +695,27 @@ class DestDecoder(_Decoder):
         offset: int,
         length: int,
         end: int,
-        service_family: int,
-        out: list[tuple[Destination, DestCounters | None]],
+        key: ServiceKey,
+        dests: list[Destination],
+        counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] | None,
     ) -> int:
         """Decode the message at ``offset`` (``length`` bytes) and the ones of the same shape
-        right after it (up to ``end``) into ``out``; return the offset after them, or
-        ``offset`` itself when the fast path does not decode that message."""
+        right after it (up to ``end``), real servers of the service ``key``: append each to
+        ``dests`` and, when ``counters`` is a list, ``((key, dest.key), its counters)`` to it.
+        Return the offset after them, or ``offset`` itself when the fast path does not decode
+        that message (nothing appended)."""
         found = self._run(view, offset, length, end)
         if found is None:
             return offset
         shape, count = found
         assert shape.struct is not None and shape.compiled is not None
-        fields, has_family, tunnel, counters = shape.compiled
+        fields, has_family, tunnel, getter = shape.compiled
+        if counters is not None and getter is None:
+            return offset  # learnt without counters: not for this call
+        service_family = key.family
         addresses = self._addresses
-        append = out.append
+        append = dests.append
+        add_counters = counters.append if counters is not None else None
         stop = offset + count * length
         at = offset
         for values in shape.struct.iter_unpack(view[offset:stop]):
@@ -720,14 +732,18 @@ class DestDecoder(_Decoder):
                     addresses[family, raw] = address
             method = _METHODS[method & 7]
             if address is None or method is None:
-                append(decode_dest(view[at + 20 : at + length], service_family))  # raises as it would
+                dest, dest_counters = decode_dest(view[at + 20 : at + length], service_family)  # raises as it would
+                append(dest)
+                if add_counters is not None:
+                    add_counters(((key, _new_tuple(DestKey, (dest.address, dest.port))), dest_counters))
                 at += length
                 continue
+            port = _ntohs(port)
             if method is _TUN:
                 tunnel_type, tunnel_port, checksum = tunnel(values)
                 dest = _make_destination(
                     address,
-                    _ntohs(port),
+                    port,
                     weight,
                     method,
                     upper,
@@ -740,7 +756,7 @@ class DestDecoder(_Decoder):
             else:
                 dest = _make_destination(
                     address,
-                    _ntohs(port),
+                    port,
                     weight,
                     method,
                     upper,
@@ -750,10 +766,14 @@ class DestDecoder(_Decoder):
                     _NO_CHECKSUM,
                     0 if family == service_family else family,
                 )
-            if counters is None:
-                append((dest, None))
-            else:
-                append((dest, _make_dest_counters(_make_counters(*counters(values)), active, inactive, persistent)))
+            append(dest)
+            if add_counters is not None:
+                add_counters(
+                    (
+                        (key, _new_tuple(DestKey, (address, port))),
+                        _make_dest_counters(_make_counters(*getter(values)), active, inactive, persistent),
+                    )
+                )
             at += length
         return stop
 

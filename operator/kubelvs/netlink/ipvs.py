@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kubelvs.model import DestKey, Observed, ServiceKey, VirtualService
+from kubelvs.model import DestCounters, Destination, DestKey, Observed, ServiceKey, VirtualService
 from kubelvs.netlink import codec
 from kubelvs.plan import Operation, Verb
 
@@ -248,23 +248,23 @@ class IPVSClient:
         )
 
         encoder = codec.RequestEncoder(self.family_id)
-        found: list[tuple[codec.Destination, codec.DestCounters | None]] = []
-        family = 0
+        found: list[Destination] = []
+        counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] | None = [] if with_counters else None
+        key = ServiceKey(0, 0, "", 0)
 
         def on_dest(view: memoryview, offset: int, length: int, end: int) -> int:
-            after = dests.decode_run(view, offset, length, end, family, found)
+            after = dests.decode_run(view, offset, length, end, key, found, counters)
             if after == offset:  # a message the fast path does not decode
-                found.append(codec.decode_dest(view[offset + 20 : offset + length], family))
+                dest, dest_counters = codec.decode_dest(view[offset + 20 : offset + length], key.family)
+                found.append(dest)
+                if counters is not None:
+                    counters.append(((key, _dest_key((dest.address, dest.port))), dest_counters))
                 after = offset + ((length + 3) & ~3)
             return after
 
         all_services = observed.services
-        service_counters = observed.service_counters
-        dest_counters = observed.dest_counters
-        for service, counters in heads:
+        for service, service_counters in heads:
             key = service.key
-            family = key.family
-            found.clear()
             seq = self._next_seq()
             self._dump(encoder.get_dests(key, seq), seq, on_dest)
             all_services[key] = VirtualService(
@@ -273,14 +273,14 @@ class IPVSClient:
                 service.sched_flags,
                 service.persistence_timeout,
                 service.netmask,
-                tuple(dest for dest, _ in found),
+                tuple(found),
             )
-            if with_counters:
-                assert counters is not None
-                service_counters[key] = counters
-                for dest, dc in found:
-                    assert dc is not None
-                    dest_counters[key, _dest_key((dest.address, dest.port))] = dc
+            found.clear()
+            if counters is not None:
+                assert service_counters is not None
+                observed.service_counters[key] = service_counters
+                observed.dest_counters.update(counters)
+                counters.clear()
         return observed
 
     # --- writing ---------------------------------------------------------------------------
