@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 from collections.abc import Callable, Iterator
 
 from kubelvs.model import AF_INET
 from kubelvs.netlink import codec
+from kubelvs.netlink.netns import netlink_socket
 
 DEFAULT_INTERFACE = "kubelvs0"
 IFA_F_NODAD = 0x02
@@ -34,14 +34,7 @@ class _Rtnl:
     """One rtnetlink socket: request, answer."""
 
     def __init__(self, netns: str | None) -> None:
-        if netns is None:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        else:
-            from pyroute2.netns import create_socket  # forks a helper: only for a named netns
-
-            self.sock = create_socket(
-                netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE
-            )
+        self.sock = netlink_socket(NETLINK_ROUTE, netns)
         try:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)

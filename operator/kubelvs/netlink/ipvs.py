@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from kubelvs.model import DestCounters, Destination, DestKey, Observed, ServiceKey, VirtualService
 from kubelvs.netlink import codec
+from kubelvs.netlink.netns import netlink_socket
 from kubelvs.plan import Operation, Verb
 
 NETLINK_GENERIC = 16
@@ -110,14 +111,7 @@ class IPVSClient:
     """One generic-netlink socket to IPVS, in this network namespace or a named one."""
 
     def __init__(self, netns: str | None = None, batch_size: int = BATCH_SIZE) -> None:
-        if netns is None:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-        else:
-            from pyroute2.netns import create_socket  # forks a helper: only for a named netns
-
-            self.sock = create_socket(
-                netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_GENERIC
-            )
+        self.sock = netlink_socket(NETLINK_GENERIC, netns)
         try:
             for force, plain, size in (
                 (SO_RCVBUFFORCE, socket.SO_RCVBUF, RECEIVE_BUFFER),
