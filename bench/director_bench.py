@@ -249,31 +249,19 @@ class DirectorRun:
         self.proc.wait()
 
 
-def count_services(client: Any) -> int:
-    from kubelvs.netlink import codec
-
-    return len(client._dump(codec.CMD_GET_SERVICE, b""))
-
-
 def wait_services(client: Any, n: int, timeout: float) -> float:
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
-        if count_services(client) >= n:
+        if client.count_services() >= n:
             return time.perf_counter() - started
         time.sleep(0.5)
-    raise SystemExit(f"not {n} services after {timeout}s (have {count_services(client)})")
+    raise SystemExit(f"not {n} services after {timeout}s (have {client.count_services()})")
 
 
 def dests_of(client: Any, index: int) -> dict[str, int]:
     from kubelvs.model import AF_INET, ServiceKey
-    from kubelvs.netlink import codec
 
-    key = ServiceKey(AF_INET, 6, vip(index), 80)
-    request = codec.nested(codec.CMD_ATTR_SERVICE, codec.service_key_attrs(key))
-    return {
-        d.address: d.weight
-        for d, _ in (codec.decode_dest(p, AF_INET) for p in client._dump(codec.CMD_GET_DEST, request))
-    }
+    return {d.address: d.weight for d in client.destinations(ServiceKey(AF_INET, 6, vip(index), 80))}
 
 
 def vm(args: argparse.Namespace) -> int:

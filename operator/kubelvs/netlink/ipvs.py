@@ -208,6 +208,32 @@ class IPVSClient:
                 else:
                     offset += (length + 3) & ~3
 
+    def count_services(self) -> int:
+        """How many virtual services the kernel holds (one dump, nothing decoded)."""
+        count = 0
+
+        def on_service(view: memoryview, offset: int, length: int, end: int) -> int:
+            nonlocal count
+            count += 1
+            return offset + ((length + 3) & ~3)
+
+        seq = self._next_seq()
+        request = codec.message(self.family_id, codec.CMD_GET_SERVICE, b"", seq, codec.NLM_F_REQUEST | codec.NLM_F_DUMP)
+        self._dump(request, seq, on_service)
+        return count
+
+    def destinations(self, key: ServiceKey) -> list[Destination]:
+        """The real servers of one virtual service (a dump of that service only)."""
+        found: list[Destination] = []
+
+        def on_dest(view: memoryview, offset: int, length: int, end: int) -> int:
+            found.append(codec.decode_dest(view[offset + 20 : offset + length], key.family)[0])
+            return offset + ((length + 3) & ~3)
+
+        seq = self._next_seq()
+        self._dump(codec.RequestEncoder(self.family_id).get_dests(key, seq), seq, on_dest)
+        return found
+
     def dump(self, with_counters: bool = True) -> Observed:
         """Every virtual service in the kernel with its real servers (and counters)."""
         # A dump creates a few objects per real server, all of them kept: the cyclic garbage
