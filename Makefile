@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VM := $(PY) hack/vm.py
 
-.PHONY: demo test lint unit bench cluster cluster-down bootstrap clean
+.PHONY: demo test lint unit bench bench-ipvs bench-director cluster cluster-down bootstrap clean
 
 bootstrap:
 	bash hack/bootstrap.sh
@@ -26,11 +26,20 @@ lint:
 unit: bootstrap
 	$(PY) -m pytest tests/unit
 
-## bench: programming, dump and update speed against ipvsadm, in one VM run -> bench/results.json
-bench: bootstrap
+## bench: IPVS programming/dump/update against ipvsadm (one VM run), then the director's convergence,
+## start-up and memory (control plane on the host, director in the VM) -> bench/results.json, README table
+bench: bench-ipvs bench-director
+	$(PY) bench/table.py
+
+bench-ipvs: bootstrap
 	mkdir -p .vmout
 	$(VM) --rwdir $(CURDIR)/.vmout --timeout 3000 -- $(PY) bench/ipvs_bench.py --out .vmout/ipvs_bench.json
 	$(PY) bench/merge_results.py .vmout/ipvs_bench.json bench/results.json
+
+bench-director: bootstrap
+	bash hack/bootstrap.sh --cluster
+	$(PY) bench/director_bench.py host --out .vmout/director_bench.json
+	$(PY) bench/merge_results.py .vmout/director_bench.json bench/results.json
 
 ## cluster: start the local control plane (etcd, kube-apiserver, kube-controller-manager); cluster-down stops it
 cluster:
