@@ -282,17 +282,23 @@ class Director:
             if vs is None:
                 continue
             entry = st.director_entry(node, resolution, self.errors_by_ref.get(ref, []))
-            body: dict[str, Any] = {}
-            if resolution.selected and not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
-                body["directors"] = [{**entry, "lastSyncTime": st.now_rfc3339()}]
+            manager = f"kubelvs-director-{node}"
+            if not resolution.selected:
+                if node in st.entries(vs) and self.written_entries.get(ref) != {}:
+                    # No longer ours: applying an empty list drops the entry this manager owns.
+                    await loop.run_in_executor(None, self._apply_status, ref, {"directors": []}, manager)
+                    self.written_entries[ref] = {}
+                continue
+            # This director's own entry first: the summary is derived from the entries.
+            if not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
+                body = {"directors": [{**entry, "lastSyncTime": st.now_rfc3339()}]}
+                await loop.run_in_executor(None, self._apply_status, ref, body, manager)
+                self.written_entries[ref] = entry
             if st.summary_writer(vs, node):
                 summary = st.summary(vs, resolution, entry, st.now_rfc3339())
                 if not st.same_summary(vs, summary):
                     await loop.run_in_executor(None, self._apply_status, ref, summary, "kubelvs-status")
                     await loop.run_in_executor(None, self._event_on_transition, vs, summary)
-            if body:
-                await loop.run_in_executor(None, self._apply_status, ref, body, f"kubelvs-director-{node}")
-                self.written_entries[ref] = entry
 
     def _apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> None:
         assert self.custom is not None
