@@ -29,12 +29,13 @@ from kubelvs.director.metrics import Metrics
 from kubelvs.model import Observed
 from kubelvs.netlink.addresses import VipInterface
 from kubelvs.netlink.ipvs import IPVSClient
-from kubelvs.ownership import OwnershipStore
+from kubelvs.ownership import Ownership, OwnershipStore
 from kubelvs.plan import apply_operations
 from kubelvs.spec import GROUP, PLURAL, SERVICE_NAME_LABEL, VERSION, Cluster, DesiredState, Memo, ObjectRef
 from kubelvs.sync import Reconciler, SyncReport
 
 log = logging.getLogger("kubelvs.director")
+STATUS_WRITES_IN_FLIGHT = 4
 
 
 @dataclass
@@ -46,6 +47,29 @@ class DirectorConfig:
     resync_seconds: float = 30.0
     coalesce_seconds: float = 0.05
     metrics_port: int = 0  # 0: no metrics endpoint
+
+
+class CachedStore(OwnershipStore):
+    """The ownership record kept in memory between syncs; the file is rewritten only when the
+    record changed (it is read once, at start-up, to adopt what a previous run created)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self._ownership: Ownership | None = None
+        self._written = ""
+
+    def load(self) -> Ownership:
+        if self._ownership is None:
+            self._ownership = super().load()
+            self._written = self._ownership.to_json()
+        return self._ownership
+
+    def save(self, ownership: Ownership) -> None:
+        self._ownership = ownership
+        text = ownership.to_json()
+        if text != self._written:
+            super().save(ownership)
+            self._written = text
 
 
 class CachedReconciler(Reconciler):
@@ -96,6 +120,8 @@ class Director:
         self.last_full = 0.0
         self.custom: k8s.CustomObjectsApi | None = None
         self.ready = asyncio.Event()
+        self.status_pending: set[ObjectRef] = set()
+        self.status_wake = asyncio.Event()
 
     # --- events -------------------------------------------------------------------------
 
@@ -240,7 +266,7 @@ class Director:
         loop = asyncio.get_running_loop()
         self.reconciler = CachedReconciler(
             IPVSClient(netns=self.config.netns),
-            OwnershipStore(self.config.state_dir),
+            CachedStore(self.config.state_dir),
             VipInterface(self.config.interface, netns=self.config.netns),
         )
         await self.ready.wait()  # the initial listing is in: never sync from a partial view
@@ -262,43 +288,58 @@ class Director:
                 continue
             if full:
                 self.last_full = time.monotonic()
-            try:
-                await self.write_status(desired, scope)
-            except Exception:  # status is reported again on the next sync; the kernel work goes on
-                log.exception("status not written")
-                self.metrics.api_errors.inc()
+            # Status goes out on its own task: a thousand status writes never delay the kernel.
+            self.status_pending.update(desired.resolutions if scope is None else scope)
+            self.status_wake.set()
 
     # --- status ---------------------------------------------------------------------------
 
-    async def write_status(self, desired: DesiredState, scope: set[ObjectRef] | None) -> None:
-        if self.custom is None:
+    async def status_loop(self) -> None:
+        """Write the status of the VirtualServers the syncs touched, a few requests in flight."""
+        limit = asyncio.Semaphore(STATUS_WRITES_IN_FLIGHT)
+
+        async def one(ref: ObjectRef) -> None:
+            async with limit:
+                try:
+                    await self.write_status(ref)
+                except Exception:  # reported again after the next sync; the kernel work goes on
+                    log.exception("status of %s not written", ref)
+                    self.metrics.api_errors.inc()
+
+        while True:
+            await self.status_wake.wait()
+            self.status_wake.clear()
+            refs, self.status_pending = self.status_pending, set()
+            await asyncio.gather(*(one(ref) for ref in sorted(refs)))
+
+    async def write_status(self, ref: ObjectRef) -> None:
+        desired = self.desired
+        if self.custom is None or desired is None or ref not in desired.resolutions:
             return
         loop = asyncio.get_running_loop()
         node = self.config.node_name
-        refs = desired.resolutions.keys() if scope is None else scope & desired.resolutions.keys()
-        for ref in sorted(refs):
-            resolution = desired.resolutions[ref]
-            vs = self.view.virtual_servers.get(ref)
-            if vs is None:
-                continue
-            entry = st.director_entry(node, resolution, self.errors_by_ref.get(ref, []))
-            manager = f"kubelvs-director-{node}"
-            if not resolution.selected:
-                if node in st.entries(vs) and self.written_entries.get(ref) != {}:
-                    # No longer ours: applying an empty list drops the entry this manager owns.
-                    await loop.run_in_executor(None, self._apply_status, ref, {"directors": []}, manager)
-                    self.written_entries[ref] = {}
-                continue
-            # This director's own entry first: the summary is derived from the entries.
-            if not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
-                body = {"directors": [{**entry, "lastSyncTime": st.now_rfc3339()}]}
-                await loop.run_in_executor(None, self._apply_status, ref, body, manager)
-                self.written_entries[ref] = entry
-            if st.summary_writer(vs, node):
-                summary = st.summary(vs, resolution, entry, st.now_rfc3339())
-                if not st.same_summary(vs, summary):
-                    await loop.run_in_executor(None, self._apply_status, ref, summary, "kubelvs-status")
-                    await loop.run_in_executor(None, self._event_on_transition, vs, summary)
+        resolution = desired.resolutions[ref]
+        vs = self.view.virtual_servers.get(ref)
+        if vs is None:
+            return
+        entry = st.director_entry(node, resolution, self.errors_by_ref.get(ref, []))
+        manager = f"kubelvs-director-{node}"
+        if not resolution.selected:
+            if node in st.entries(vs) and self.written_entries.get(ref) != {}:
+                # No longer ours: applying an empty list drops the entry this manager owns.
+                await loop.run_in_executor(None, self._apply_status, ref, {"directors": []}, manager)
+                self.written_entries[ref] = {}
+            return
+        # This director's own entry first: the summary is derived from the entries.
+        if not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
+            body = {"directors": [{**entry, "lastSyncTime": st.now_rfc3339()}]}
+            await loop.run_in_executor(None, self._apply_status, ref, body, manager)
+            self.written_entries[ref] = entry
+        if st.summary_writer(vs, node):
+            summary = st.summary(vs, resolution, entry, st.now_rfc3339())
+            if not st.same_summary(vs, summary):
+                await loop.run_in_executor(None, self._apply_status, ref, summary, "kubelvs-status")
+                await loop.run_in_executor(None, self._event_on_transition, vs, summary)
 
     def _apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> None:
         assert self.custom is not None
@@ -402,6 +443,7 @@ def build_registry(director: Director) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not one line per watch event
         settings.watching.server_timeout = 300
         settings.networking.request_timeout = 30
         loop = asyncio.get_running_loop()
@@ -410,12 +452,14 @@ def build_registry(director: Director) -> kopf.OperatorRegistry:
         if director.config.metrics_port:
             director.metrics.serve(director.config.metrics_port, director)
         director.sync_task = asyncio.create_task(director.run())  # type: ignore[attr-defined]
+        director.status_task = asyncio.create_task(director.status_loop())  # type: ignore[attr-defined]
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        task = getattr(director, "sync_task", None)
-        if task is not None:
-            task.cancel()
+        for name in ("sync_task", "status_task"):
+            task = getattr(director, name, None)
+            if task is not None:
+                task.cancel()
 
     return registry
 
