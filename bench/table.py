@@ -26,7 +26,8 @@ def ipvs_rows(data: dict[str, Any]) -> list[str]:
             f"| one weight change among {s['services']:,} services | "
             f"applier {s['applier_one_change_s'] * 1000:.1f} ms, "
             f"{s['applier_one_change_operations']} operation(s) (`kubelvs apply` end to end, one weight in "
-            f"{s['kubelvs_apply_one_change_s']:.2f} s, a 50-port VirtualServer: {s['kubelvs_apply_one_change_operations']} operations) | "
+            f"{s['kubelvs_apply_one_change_s']:.2f} s, a 50-port VirtualServer: "
+            f"{s['kubelvs_apply_one_change_operations']} operations) | "
             f"`ipvsadm -e` {s['ipvsadm_edit_one_s'] * 1000:.0f} ms | "
             f"**{s['ratio_applier_one_change_vs_ipvsadm_edit']:.2f}x** | a handful of operations |",
         ]
