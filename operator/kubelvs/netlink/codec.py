@@ -778,6 +778,7 @@ class DestDecoder(_Decoder):
         return stop
 
 
+ServiceSettings = tuple[ServiceKey, str, int, int, int, Counters | None]
 _SERVICE_FIELDS = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
 
 
@@ -802,6 +803,17 @@ class ServiceDecoder(_Decoder):
         )
 
     def decode(self, view: memoryview, offset: int, length: int) -> tuple[VirtualService, Counters | None] | None:
+        """One message, as :func:`decode_service` gives it (None for counters when they are not
+        wanted), or None: not a shape the fast path decodes."""
+        found = self.decode_settings(view, offset, length)
+        if found is None:
+            return None
+        return VirtualService(*found[:5]), found[5]
+
+    def decode_settings(self, view: memoryview, offset: int, length: int) -> ServiceSettings | None:
+        """What :meth:`decode` gives, as the VirtualService's fields (key, scheduler, flags,
+        persistence timeout, netmask) and the counters: for a caller that builds the
+        VirtualService itself, with its real servers."""
         shape = self._shape(view, offset, length)
         if shape is None:
             return None
@@ -823,16 +835,14 @@ class ServiceDecoder(_Decoder):
         name = self._names.get(sched)
         if name is None:
             name = self._names[sched] = sched.rstrip(b"\0").decode()
-        service = VirtualService(
+        return (
             ServiceKey(family, protocol, address, _ntohs(port)),
             name,
             flags & ~(SVC_F_PERSISTENT | SVC_F_HASHED),
             timeout if flags & SVC_F_PERSISTENT else 0,
             netmask,
+            _make_counters(*counters(values)) if counters is not None else None,
         )
-        if counters is None:
-            return service, None
-        return service, _make_counters(*counters(values))
 
 
 # --- generic netlink controller ---------------------------------------------------------------

@@ -249,14 +249,22 @@ class IPVSClient:
 
     def _dump_all(self, with_counters: bool) -> Observed:
         observed = Observed()
-        heads: list[tuple[VirtualService, codec.Counters | None]] = []
+        heads: list[codec.ServiceSettings] = []
         services = codec.ServiceDecoder(with_counters)
         dests = codec.DestDecoder(with_counters)
 
         def on_service(view: memoryview, offset: int, length: int, end: int) -> int:
-            decoded = services.decode(view, offset, length)
+            decoded = services.decode_settings(view, offset, length)
             if decoded is None:
-                decoded = codec.decode_service(view[offset + 20 : offset + length])
+                service, counters = codec.decode_service(view[offset + 20 : offset + length])
+                decoded = (
+                    service.key,
+                    service.scheduler,
+                    service.sched_flags,
+                    service.persistence_timeout,
+                    service.netmask,
+                    counters,
+                )
             heads.append(decoded)
             return offset + ((length + 3) & ~3)
 
@@ -283,18 +291,10 @@ class IPVSClient:
             return after
 
         all_services = observed.services
-        for service, service_counters in heads:
-            key = service.key
+        for key, scheduler, sched_flags, timeout, netmask, service_counters in heads:
             seq = self._next_seq()
             self._dump(encoder.get_dests(key, seq), seq, on_dest)
-            all_services[key] = VirtualService(
-                key,
-                service.scheduler,
-                service.sched_flags,
-                service.persistence_timeout,
-                service.netmask,
-                tuple(found),
-            )
+            all_services[key] = VirtualService(key, scheduler, sched_flags, timeout, netmask, tuple(found))
             found.clear()
             if counters is not None:
                 assert service_counters is not None
