@@ -22,6 +22,35 @@ DEFAULT_STATE_DIR = Path(os.environ.get("KUBELVS_STATE_DIR", "/run/kubelvs"))
 class Ownership:
     services: dict[ServiceKey, str] = field(default_factory=dict)  # key -> the VirtualServer it serves
     addresses: dict[str, int] = field(default_factory=dict)  # VIPs kubelvs added -> family
+    _by_origin: dict[str, set[ServiceKey]] | None = field(default=None, repr=False, compare=False)
+
+    def keys_of(self, origin: str) -> set[ServiceKey]:
+        """The services one VirtualServer owns (an index, so one VirtualServer's sync is O(1))."""
+        if self._by_origin is None:
+            self._by_origin = {}
+            for key, owner in self.services.items():
+                self._by_origin.setdefault(owner, set()).add(key)
+        return self._by_origin.get(origin, set())
+
+    def own(self, key: ServiceKey, origin: str) -> bool:
+        """Record ``key`` as serving ``origin``; True if that changed the record."""
+        before = self.services.get(key)
+        if before == origin:
+            return False
+        if before is not None:
+            self.keys_of(before).discard(key)
+        self.services[key] = origin
+        if self._by_origin is not None:
+            self._by_origin.setdefault(origin, set()).add(key)
+        return True
+
+    def disown(self, key: ServiceKey) -> bool:
+        before = self.services.pop(key, None)
+        if before is None:
+            return False
+        if self._by_origin is not None:
+            self._by_origin.get(before, set()).discard(key)
+        return True
 
     def to_json(self) -> str:
         return json.dumps(

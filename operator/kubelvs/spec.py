@@ -381,9 +381,59 @@ class BackendProblem:
     message: str
 
 
+def _meta(obj: Obj, *keys: str) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    return {k: meta[k] for k in ("name", "namespace", "resourceVersion", *keys) if meta.get(k) is not None}
+
+
+def _pick(items: Any, *keys: str) -> list[dict[str, Any]]:
+    return [{k: item[k] for k in keys if item.get(k) is not None} for item in items or [] if isinstance(item, Mapping)]
+
+
+def trim_service(svc: Obj) -> dict[str, Any]:
+    """What desired state reads of a Service (a director keeps thousands: no managedFields)."""
+    return {
+        "metadata": _meta(svc),
+        "spec": {"ports": _pick((svc.get("spec") or {}).get("ports"), "name", "port", "protocol")},
+    }
+
+
+def trim_endpoint_slice(eps: Obj) -> dict[str, Any]:
+    """What desired state reads of an EndpointSlice."""
+    meta = _meta(eps)
+    service = ((eps.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if service is not None:
+        meta["labels"] = {SERVICE_NAME_LABEL: service}
+    return {
+        "metadata": meta,
+        "addressType": eps.get("addressType"),
+        "ports": _pick(eps.get("ports"), "name", "port", "protocol"),
+        "endpoints": _pick(eps.get("endpoints"), "addresses", "conditions", "nodeName"),
+    }
+
+
+def trim_node(node: Obj) -> dict[str, Any]:
+    """What a director reads of a Node: labels (nodeSelector) and InternalIP addresses."""
+    addresses = [
+        a
+        for a in _pick((node.get("status") or {}).get("addresses"), "type", "address")
+        if a.get("type") == "InternalIP"
+    ]
+    return {"metadata": _meta(node, "labels"), "status": {"addresses": addresses}}
+
+
+def trim_virtual_server(vs: Obj) -> dict[str, Any]:
+    """A VirtualServer without managedFields and annotations (kubectl's last-applied copy)."""
+    trimmed: dict[str, Any] = {"metadata": _meta(vs, "uid", "generation", "creationTimestamp")}
+    for key in ("apiVersion", "kind", "spec", "status"):
+        if key in vs:
+            trimmed[key] = vs[key]
+    return trimmed
+
+
 @dataclass(slots=True)
 class Cluster:
-    """The objects VirtualServers refer to, indexed for lookup."""
+    """The objects VirtualServers refer to, indexed for lookup, each cut down to what is read."""
 
     services: dict[tuple[str, str], Obj] = field(default_factory=dict)
     slices: dict[tuple[str, str], dict[str, Obj]] = field(default_factory=dict)  # by (ns, service)
@@ -403,7 +453,7 @@ class Cluster:
 
     def put_service(self, svc: Obj) -> None:
         ref = ObjectRef.of(svc)
-        self.services[ref.namespace, ref.name] = svc
+        self.services[ref.namespace, ref.name] = trim_service(svc)
 
     def remove_service(self, namespace: str, name: str) -> None:
         self.services.pop((namespace, name), None)
@@ -412,7 +462,7 @@ class Cluster:
         ref = ObjectRef.of(eps)
         service = ((eps.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
         if service:
-            self.slices.setdefault((ref.namespace, service), {})[ref.name] = eps
+            self.slices.setdefault((ref.namespace, service), {})[ref.name] = trim_endpoint_slice(eps)
 
     def remove_slice(self, eps: Obj) -> None:
         ref = ObjectRef.of(eps)
@@ -420,6 +470,10 @@ class Cluster:
         by_name = self.slices.get((ref.namespace, service or ""))
         if by_name is not None:
             by_name.pop(ref.name, None)
+
+    def remove_node(self, name: str) -> None:
+        if self.node_addresses.pop(name, None) is not None:
+            self.nodes_version += 1
 
     def put_node(self, node: Obj) -> None:
         name = (node.get("metadata") or {}).get("name")
@@ -714,4 +768,39 @@ def desired_state(
                 state.services[svc.key] = svc
         if resolution.selected:
             state.vips[vs.vip] = vs.family
+    return state
+
+
+def update_desired(
+    previous: DesiredState,
+    virtual_servers: Mapping[ObjectRef, Obj],
+    changed: Iterable[ObjectRef],
+    cluster: Cluster,
+    node_labels: Mapping[str, str] | None,
+    memo: Memo,
+) -> DesiredState | None:
+    """``desired_state`` again, when only the ``changed`` VirtualServers or their backends changed.
+
+    Costs O(changed), not O(all VirtualServers). That holds while each changed VirtualServer
+    was accepted before and still is, with the same keys, VIP and node selection: then no
+    conflict can move. Otherwise it returns None and the caller makes a full pass.
+    """
+    state = DesiredState(dict(previous.services), previous.vips, previous.origins, dict(previous.resolutions))
+    for ref in changed:
+        before = previous.resolutions.get(ref)
+        obj = virtual_servers.get(ref)
+        if before is None or obj is None or before.error is not None:
+            return None  # added, deleted, or refused before: conflicts may move
+        try:
+            vs, services, resolution = _resolve(obj, cluster, memo)
+        except SpecError:
+            return None
+        resolution.generation = (obj.get("metadata") or {}).get("generation")
+        resolution.selected = selects_node(vs.node_selector, node_labels)
+        if (resolution.keys, resolution.vip, resolution.selected) != (before.keys, before.vip, before.selected):
+            return None
+        state.resolutions[ref] = resolution
+        if resolution.selected:
+            for svc in services:
+                state.services[svc.key] = svc
     return state

@@ -34,6 +34,7 @@ class Reconciler:
         self.client = client
         self.store = store
         self.vips = vips
+        self.local_vips: set[str] = set()  # VIPs seen local; a full sync checks them again
 
     def sync(
         self,
@@ -45,42 +46,59 @@ class Reconciler:
         """Make the kernel match ``desired`` for what kubelvs owns.
 
         ``keep``: VirtualServers whose current spec is invalid; what they had is left as it is.
-        ``only``: limit the change to these VirtualServers (``kubelvs delete``).
+        ``only``: limit the change to these VirtualServers (an incremental sync, or ``kubelvs
+        delete``); the work is then proportional to them, not to everything kubelvs owns.
         """
         owned = self.store.load()
         observed = observed or self.client.dump(with_counters=False)
-        kept = {str(ref) for ref in keep}
-        scope = None if only is None else {str(ref) for ref in only}
         services = dict(desired.services)
-        for key, origin in owned.services.items():
-            if origin in kept and key in observed.services:
-                services[key] = observed.services[key]
+        for ref in keep:
+            for key in owned.keys_of(str(ref)):
+                if key in observed.services:
+                    services[key] = observed.services[key]
         keys: set[ServiceKey] | None = None
-        if scope is not None:
-            keys = {k for k, origin in owned.services.items() if origin in scope}
-            keys |= {k for k, ref in desired.origins.items() if str(ref) in scope and k in services}
-        the_plan = plan(services, observed.services, set(owned.services), only=keys)
+        if only is not None:
+            keys = set()
+            for ref in only:
+                keys |= owned.keys_of(str(ref))
+                resolution = desired.resolutions.get(ref)
+                if resolution is not None:
+                    keys.update(k for k in resolution.keys if k in services)
+        the_plan = plan(services, observed.services, owned.services.keys(), only=keys)
 
-        wanted_vips = dict(desired.vips)
-        for key in services:
-            wanted_vips.setdefault(key.address, key.family)
+        if keys is None:
+            self.local_vips.clear()  # a full sync: look at the interface again
+            wanted_vips = dict(desired.vips)
+            for key in services:
+                wanted_vips.setdefault(key.address, key.family)
+        else:
+            wanted_vips = {k.address: k.family for k in keys if k in services}
         report = SyncReport(the_plan, ApplyResult())
+        changed = False
         with self.vips.session():  # one rtnetlink socket for every VIP of this sync
             for address, family in sorted(wanted_vips.items()):
-                if address and self.vips.add(address, family):
+                if not address or address in self.local_vips:
+                    continue
+                if self.vips.add(address, family):
                     owned.addresses[address] = family
                     report.vips_added.append(address)
+                    changed = True
+                self.local_vips.add(address)
 
             report.result = self.client.apply(the_plan)
-            self._record(owned, desired, report.result.succeeded, observed, services)
+            changed |= self._record(owned, desired, report.result.succeeded, observed, services, keys)
 
-            still_used = {k.address for k in owned.services}
-            for address, family in sorted(owned.addresses.items()):
-                if address not in wanted_vips and address not in still_used:
-                    self.vips.remove(address, family)
-                    del owned.addresses[address]
+            candidates = owned.addresses if keys is None else {k.address for k in keys} & owned.addresses.keys()
+            unused = [a for a in candidates if a not in wanted_vips and a not in desired.vips]
+            if unused:
+                still_used = {k.address for k in owned.services}
+                for address in sorted(a for a in unused if a not in still_used):
+                    self.vips.remove(address, owned.addresses.pop(address))
+                    self.local_vips.discard(address)
                     report.vips_removed.append(address)
-        self.store.save(owned)
+                    changed = True
+        if changed:
+            self.store.save(owned)
         return report
 
     @staticmethod
@@ -90,14 +108,18 @@ class Reconciler:
         succeeded: Iterable[Operation],
         observed: Observed,
         services: Mapping[ServiceKey, VirtualService],
-    ) -> None:
+        keys: set[ServiceKey] | None,
+    ) -> bool:
+        """Update the ownership record after an apply (for ``keys`` only, if given)."""
+        changed = False
         for op in succeeded:
             if op.verb is Verb.ADD_SERVICE:
-                owned.services[op.key] = str(desired.origins.get(op.key, ""))
+                changed |= owned.own(op.key, str(desired.origins.get(op.key, "")))
             elif op.verb is Verb.DELETE_SERVICE:
-                owned.services.pop(op.key, None)
-        for key in list(owned.services):
+                changed |= owned.disown(op.key)
+        for key in list(owned.services) if keys is None else [k for k in keys if k in owned.services]:
             if key not in observed.services and key not in services:
-                del owned.services[key]  # gone from the kernel and not wanted: nothing to own
+                changed |= owned.disown(key)  # gone from the kernel and not wanted: nothing to own
             elif key in desired.origins:
-                owned.services[key] = str(desired.origins[key])
+                changed |= owned.own(key, str(desired.origins[key]))
+        return changed

@@ -1,11 +1,14 @@
 """`kubelvs director`: watch the Kubernetes API, program this node's IPVS, report status.
 
-Every director is active (kopf in standalone mode, no peering). Events only update an in-memory
-view of the cluster and mark the VirtualServers they touch; one loop coalesces bursts, computes
-the desired state (memoised per VirtualServer), and applies the difference for the touched
-VirtualServers against a cached view of the kernel. A periodic full resync dumps the kernel and
-repairs drift. When the API server is unreachable the view stays as it was: the kernel is left
-alone (fail static) and the director catches up when the watches resume.
+Every director is active (kopf in standalone mode, no peering). kopf watches the VirtualServers;
+Services, EndpointSlices and Nodes, which are many more, come through lean informers
+(``informer``) and are kept trimmed to what is read. Events only update an in-memory view of the
+cluster and mark the VirtualServers they touch. One loop coalesces bursts, updates the desired
+state for the marked VirtualServers (a full pass only when a conflict could move), and applies
+the difference for them against a cached view of the kernel: an event costs O(touched), not
+O(everything). A periodic full resync dumps the kernel and repairs drift. When the API server is
+unreachable the view stays as it was: the kernel is left alone (fail static) and the director
+catches up when the watches resume.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -25,13 +29,29 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from kubelvs.director import status as st
+from kubelvs.director.informer import Informer, list_objects
 from kubelvs.director.metrics import Metrics
 from kubelvs.model import Observed
 from kubelvs.netlink.addresses import VipInterface
 from kubelvs.netlink.ipvs import IPVSClient
 from kubelvs.ownership import Ownership, OwnershipStore
 from kubelvs.plan import apply_operations
-from kubelvs.spec import GROUP, PLURAL, SERVICE_NAME_LABEL, VERSION, Cluster, DesiredState, Memo, ObjectRef
+from kubelvs.spec import (
+    GROUP,
+    PLURAL,
+    SERVICE_NAME_LABEL,
+    VERSION,
+    Cluster,
+    DesiredState,
+    Memo,
+    ObjectRef,
+    desired_state,
+    trim_endpoint_slice,
+    trim_node,
+    trim_service,
+    trim_virtual_server,
+    update_desired,
+)
 from kubelvs.sync import Reconciler, SyncReport
 
 log = logging.getLogger("kubelvs.director")
@@ -134,6 +154,9 @@ class Director:
     def on_virtual_server(self, kind: str | None, obj: dict[str, Any]) -> None:
         ref = ObjectRef.of(obj)
         before = self.view.virtual_servers.get(ref)
+        if kind != "DELETED" and _unchanged(before, obj):
+            return  # kopf's replay of its initial listing: already known from ours
+        obj = trim_virtual_server(obj)
         if kind == "DELETED":
             self.view.virtual_servers.pop(ref, None)
             self.memo.pop(ref, None)
@@ -158,6 +181,8 @@ class Director:
 
     def on_service(self, kind: str | None, obj: dict[str, Any]) -> None:
         ref = ObjectRef.of(obj)
+        if kind != "DELETED" and _unchanged(self.view.cluster.services.get((ref.namespace, ref.name)), obj):
+            return
         if kind == "DELETED":
             self.view.cluster.remove_service(ref.namespace, ref.name)
         else:
@@ -172,8 +197,11 @@ class Director:
             # Nobody uses this Service: keep nothing of it (bounded memory on big clusters).
             self.view.cluster.remove_slice(obj)
             return
+        known = (self.view.cluster.slices.get((ref.namespace, service or "")) or {}).get(ref.name)
         if kind == "DELETED":
             self.view.cluster.remove_slice(obj)
+        elif _unchanged(known, obj):
+            return
         else:
             self.view.cluster.put_slice(obj)
         self._mark(users)
@@ -181,7 +209,9 @@ class Director:
     def on_node(self, kind: str | None, obj: dict[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name")
         version = self.view.cluster.nodes_version
-        if kind != "DELETED":
+        if kind == "DELETED":
+            self.view.cluster.remove_node(str(name))
+        else:
             self.view.cluster.put_node(obj)
         if name == self.config.node_name:
             labels = dict((obj.get("metadata") or {}).get("labels") or {})
@@ -197,11 +227,28 @@ class Director:
             ]
             self._mark(node_targets)
 
+    def _relisted(self, known: Iterable[Mapping[str, Any]], listed: list[dict[str, Any]], on_event: Any) -> None:
+        """A watch expired and its kind was listed again: what is gone was deleted meanwhile."""
+        present = {ObjectRef.of(obj) for obj in listed}
+        for obj in [o for o in known if ObjectRef.of(o) not in present]:
+            on_event("DELETED", dict(obj))
+        for obj in listed:
+            on_event("MODIFIED", obj)
+
+    def on_services_relisted(self, listed: list[dict[str, Any]]) -> None:
+        self._relisted(list(self.view.cluster.services.values()), listed, self.on_service)
+
+    def on_endpoint_slices_relisted(self, listed: list[dict[str, Any]]) -> None:
+        known = [eps for by_name in self.view.cluster.slices.values() for eps in by_name.values()]
+        self._relisted(known, listed, self.on_endpoint_slice)
+
+    def on_nodes_relisted(self, listed: list[dict[str, Any]]) -> None:
+        known = [{"metadata": {"name": name}} for name in self.view.cluster.node_addresses]
+        self._relisted(known, listed, self.on_node)
+
     # --- the sync loop --------------------------------------------------------------------
 
     def compute_desired(self) -> DesiredState:
-        from kubelvs.spec import desired_state
-
         return desired_state(self.view.virtual_servers.values(), self.view.cluster, self.view.node_labels, self.memo)
 
     def _scope(self, desired: DesiredState) -> set[ObjectRef] | None:
@@ -225,6 +272,14 @@ class Director:
 
     def plan_sync(self, full: bool) -> tuple[DesiredState, set[ObjectRef] | None]:
         """In the event loop's thread (the view is only touched there): what to sync."""
+        if not (full or self.everything_dirty) and self.desired is not None:
+            quick = update_desired(
+                self.desired, self.view.virtual_servers, self.dirty, self.view.cluster, self.view.node_labels, self.memo
+            )
+            if quick is not None:  # nothing but the marked VirtualServers changed
+                marked = set(self.dirty)
+                self.dirty.clear()
+                return quick, marked
         desired = self.compute_desired()
         scope = None if full else self._scope(desired)
         self.dirty.clear()
@@ -403,23 +458,63 @@ class Director:
 
     # --- start-up -------------------------------------------------------------------------
 
-    def initial_list(self) -> None:
-        """List everything once before the first sync, so a restart adopts the kernel as is."""
+    def informers(self, api: k8s.ApiClient) -> list[Informer]:
+        core, discovery = k8s.CoreV1Api(api), k8s.DiscoveryV1Api(api)
+        restarted = self.metrics.watch_restarted
+        return [
+            Informer(
+                "services",
+                core.list_service_for_all_namespaces,
+                trim_service,
+                self.on_service,
+                self.on_services_relisted,
+                restarted,
+            ),
+            Informer(
+                "endpointslices",
+                discovery.list_endpoint_slice_for_all_namespaces,
+                trim_endpoint_slice,
+                self.on_endpoint_slice,
+                self.on_endpoint_slices_relisted,
+                restarted,
+            ),
+            Informer("nodes", core.list_node, trim_node, self.on_node, self.on_nodes_relisted, restarted),
+        ]
+
+    def initial_list(self) -> list[tuple[Informer, str]]:
+        """List everything once before the first sync, so a restart adopts the kernel as is.
+
+        VirtualServers first: the Services and EndpointSlices listed after them are kept only
+        when a VirtualServer refers to them. Returns each informer with the version to watch from.
+        """
         api = k8s.ApiClient()
         self.custom = k8s.CustomObjectsApi(api)
-        core = k8s.CoreV1Api(api)
-        discovery = k8s.DiscoveryV1Api(api)
-        listed: dict[str, Any] = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)  # type: ignore[assignment]
-        for vs in listed["items"]:
+        custom = self.custom
+
+        def list_virtual_servers(**kwargs: Any) -> Any:
+            return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+
+        # Read in pages like the informers (kopf then watches them: that listing is only replayed).
+        listed, _ = list_objects(list_virtual_servers, trim_virtual_server)
+        for vs in listed:
             self.on_virtual_server("ADDED", vs)
-        for svc in api.sanitize_for_serialization(core.list_service_for_all_namespaces()).get("items", []):
-            self.on_service("ADDED", svc)
-        slices = api.sanitize_for_serialization(discovery.list_endpoint_slice_for_all_namespaces())
-        for eps in slices.get("items", []):
-            self.on_endpoint_slice("ADDED", eps)
-        for node in api.sanitize_for_serialization(core.list_node()).get("items", []):
-            self.on_node("ADDED", node)
+        del listed
+        started = []
+        for informer in self.informers(api):
+            items, version = informer.list()
+            for obj in items:
+                informer.on_event("ADDED", obj)
+            started.append((informer, version))
         self._mark(everything=True)
+        return started
+
+
+def _unchanged(known: Mapping[str, Any] | None, obj: Mapping[str, Any]) -> bool:
+    """The same resourceVersion: a replayed event (kopf replays its initial listing)."""
+    if known is None:
+        return False
+    version = (obj.get("metadata") or {}).get("resourceVersion")
+    return version is not None and (known.get("metadata") or {}).get("resourceVersion") == version
 
 
 def build_registry(director: Director) -> kopf.OperatorRegistry:
@@ -436,18 +531,26 @@ def build_registry(director: Director) -> kopf.OperatorRegistry:
         return on_event
 
     kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(handler(director.on_virtual_server))
-    kopf.on.event("", "v1", "services", registry=registry)(handler(director.on_service))
-    kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry)(handler(director.on_endpoint_slice))
-    kopf.on.event("", "v1", "nodes", registry=registry)(handler(director.on_node))
+    watches_stop = threading.Event()
 
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.level = logging.WARNING
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not one line per watch event
         settings.watching.server_timeout = 300
+        # Memory: kopf lists in pages, and a per-object worker with nothing to do exits soon
+        # (each keeps the last body it saw; the initial listing makes one per VirtualServer).
+        settings.watching.chunk_size = 500
+        settings.queueing.idle_timeout = 0.5
         settings.networking.request_timeout = 30
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, director.initial_list)
+        informers = await loop.run_in_executor(None, director.initial_list)
+
+        def deliver(callback: Any, args: Any) -> None:  # from a watch thread to the event loop's
+            loop.call_soon_threadsafe(callback, *args)
+
+        for informer, version in informers:
+            informer.start(version, deliver, watches_stop)
         director.ready.set()
         if director.config.metrics_port:
             director.metrics.serve(director.config.metrics_port, director)
@@ -456,6 +559,7 @@ def build_registry(director: Director) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
+        watches_stop.set()
         for name in ("sync_task", "status_task"):
             task = getattr(director, name, None)
             if task is not None:

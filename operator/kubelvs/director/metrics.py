@@ -46,7 +46,17 @@ class Metrics:
         self.api_errors = Counter(
             "kubelvs_api_errors_total", "Kubernetes API requests of the director that failed.", registry=registry
         )
+        self.watch_restarts = Counter(
+            "kubelvs_watch_restarts_total",
+            "Watches of the API server that were started again, by resource and reason: timeout (the "
+            "server closed it, routine), expired (resourceVersion too old: listed again), error.",
+            ["resource", "reason"],
+            registry=registry,
+        )
         Info("kubelvs_build", "The kubelvs version.", registry=registry).info({"version": __version__})
+
+    def watch_restarted(self, resource: str, reason: str) -> None:
+        self.watch_restarts.labels(resource, reason).inc()
 
     def observe_sync(self, kind: str, seconds: float, report: SyncReport) -> None:
         self.sync_duration.labels(kind).observe(seconds)

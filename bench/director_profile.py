@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Where the director's time and memory go, natively on the host (a profile, not the benchmark).
+
+The director's Kubernetes side (kopf, the watches, the view, desired state, the planner and the
+status writes) runs for real against a real API server; only the kernel is an in-memory stand-in,
+because this host has no IPVS (the benchmark, ``director_bench.py``, runs the real kernel in the
+VM). It reports start-up, settle time, convergence, RSS and the top allocation sites
+(tracemalloc) and, with ``--cprofile``, the hottest functions of the sync loop.
+
+    python hack/cluster/controlplane.py up --dir DIR
+    KUBECONFIG=DIR/kubeconfig python bench/director_profile.py --create 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import director_bench as bench
+from kubelvs.director import agent
+from kubelvs.model import Observed, ServiceKey
+from kubelvs.netlink.ipvs import ApplyResult
+from kubelvs.plan import Operation
+from kubelvs.plan import apply_operations as apply_in_memory
+
+
+class MemoryKernel:
+    """Stands in for IPVSClient: the IPVS table as a dict (no IPVS on this host)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.services: dict[ServiceKey, Any] = {}
+        self.lock = threading.Lock()
+
+    def dump(self, with_counters: bool = True) -> Observed:
+        with self.lock:
+            return Observed(services=dict(self.services))
+
+    def apply(self, operations: Iterable[Operation]) -> ApplyResult:
+        ops = list(operations)
+        with self.lock:
+            self.services = apply_in_memory(self.services, ops)
+        return ApplyResult(succeeded=ops)
+
+    def count_services(self) -> int:
+        return len(self.services)
+
+
+class MemoryVips:
+    """Stands in for VipInterface."""
+
+    def __init__(self, name: str = "", netns: str | None = None) -> None:
+        self.present: set[str] = set()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[MemoryVips]:
+        yield self
+
+    def add(self, address: str, family: int) -> bool:
+        if address in self.present:
+            return False
+        self.present.add(address)
+        return True
+
+    def remove(self, address: str, family: int) -> None:
+        self.present.discard(address)
+
+
+def rss() -> dict[str, float]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--create", type=int, default=0, help="create VirtualServers 0..N first")
+    parser.add_argument("--count", type=int, default=1000, help="VirtualServers with Services (changes go to them)")
+    parser.add_argument("--changes", type=int, default=50)
+    parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument("--cprofile", action="store_true")
+    args = parser.parse_args()
+
+    from kubernetes import client, config
+
+    kubeconfig = os.environ["KUBECONFIG"]  # read when kubernetes is imported: set it in the environment
+    api = config.new_client_from_config(config_file=kubeconfig)
+    if args.create:
+        with contextlib.suppress(client.ApiException):
+            client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
+        print(f"created in {bench.create_all(kubeconfig, bench.objects(0, args.create, True)):.1f}s")
+
+    kernel = MemoryKernel()
+    agent.IPVSClient = lambda netns=None: kernel  # type: ignore[assignment,misc]
+    agent.VipInterface = MemoryVips  # type: ignore[assignment,misc]
+    if args.tracemalloc:
+        tracemalloc.start(12)
+    loop_profile = cProfile.Profile() if args.cprofile else None  # kopf, handlers, desired state
+    sync_profile = cProfile.Profile() if args.cprofile else None  # the sync worker thread
+    if sync_profile:
+        sync_once = agent.Director.sync_once
+
+        def profiled(self: agent.Director, *a: Any) -> Any:
+            sync_profile.enable()
+            try:
+                return sync_once(self, *a)
+            finally:
+                sync_profile.disable()
+
+        agent.Director.sync_once = profiled  # type: ignore[method-assign]
+    baseline = rss()
+    started = time.perf_counter()
+    config_ = agent.DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
+    director = agent.Director(config_)
+    registry = agent.build_registry(director)
+    stop = threading.Event()
+
+    def run() -> None:
+        import kopf
+
+        config.load_kube_config(config_file=kubeconfig)
+        if loop_profile:
+            loop_profile.enable()
+        asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True, stop_flag=stop))
+
+    threading.Thread(target=run, daemon=True).start()
+    listed = client.CustomObjectsApi(api).list_cluster_custom_object("kubelvs.io", "v1alpha1", "virtualservers")
+    total = len(listed["items"])
+    del listed
+    while kernel.count_services() < total:
+        time.sleep(0.05)
+    result: dict[str, Any] = {"virtual_servers": total, "startup_s": time.perf_counter() - started}
+    discovery = client.DiscoveryV1Api(api)
+
+    class Poll:  # what bench.converge polls, served from the in-memory kernel
+        def destinations(self, key: ServiceKey) -> list[Any]:
+            svc = kernel.services.get(key)
+            return list(svc.destinations) if svc else []
+
+    settle = time.perf_counter()
+    bench.converge(discovery, Poll(), args.count, 0, timeout=600)
+    result["settle_s"] = time.perf_counter() - settle
+    result["rss_mb"] = rss()
+    result["rss_baseline_mb"] = baseline
+    latencies = sorted(bench.converge(discovery, Poll(), args.count, n, timeout=60) for n in range(1, args.changes + 1))
+    result["convergence_p50_s"] = statistics.median(latencies)
+    result["convergence_p99_s"] = latencies[int(0.99 * (len(latencies) - 1))]
+    print(json.dumps(result, indent=2))
+    if args.tracemalloc:
+        snapshot = tracemalloc.take_snapshot()
+        print(f"traced: {sum(s.size for s in snapshot.statistics('filename')) / 2**20:.1f} MB")
+        for stat in snapshot.statistics("lineno")[:25]:
+            print(f"{stat.size / 2**20:8.2f} MB {stat.count:8d}  {stat.traceback[0]}")
+        for stat in snapshot.statistics("traceback")[:4]:
+            print(f"{stat.size / 2**20:8.2f} MB from", *stat.traceback.format(), sep="\n  ")
+    stop.set()
+    for name, profile in (("event loop", loop_profile), ("sync thread", sync_profile)):
+        if profile:
+            time.sleep(1)
+            out = io.StringIO()
+            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
+            print(f"--- {name} (start-up and changes) ---\n{out.getvalue()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""List, then watch, one kind of object cluster-wide: the lean watch of the high-volume kinds.
+
+kopf handles the VirtualServers. Services, EndpointSlices and Nodes are many more objects, and
+the director needs a few fields of each. Here they come in as raw JSON, without the client's
+model classes, and each object is cut down to what ``kubelvs.spec`` reads before it is kept.
+The initial listing is read in pages. The watch resumes from the last resourceVersion it saw
+(bookmarks keep that version fresh), so a restart of the stream replays nothing. When the
+version has expired (410 Gone), the informer lists again and hands over the whole new list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+log = logging.getLogger("kubelvs.director.informer")
+
+Obj = dict[str, Any]
+PAGE_SIZE = 500
+WATCH_SECONDS = 300  # the server ends each watch after this; it is then resumed
+READ_TIMEOUT = WATCH_SECONDS + 30  # no byte (not even a bookmark) for this long: the stream is dead
+BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 15)
+
+
+class Expired(Exception):
+    """The resourceVersion is too old to watch from (HTTP 410): list again."""
+
+
+def list_objects(call: Callable[..., Any], trim: Callable[[Obj], Obj]) -> tuple[list[Obj], str]:
+    """Every object, read in pages and trimmed, and the resourceVersion to watch from."""
+    items: list[Obj] = []
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False}
+        if token:
+            kwargs["_continue"] = token
+        page = json.loads(call(**kwargs).data)
+        items.extend(trim(obj) for obj in page.get("items") or [])
+        meta = page.get("metadata") or {}
+        token = meta.get("continue")
+        if not token:
+            return items, str(meta.get("resourceVersion") or "")
+
+
+@dataclass
+class Informer:
+    resource: str  # for logs and metrics: "services", "endpointslices", "nodes"
+    call: Callable[..., Any]  # a list_*_for_all_namespaces (or list_node) of the kubernetes client
+    trim: Callable[[Obj], Obj]  # keeps what the director reads of one object
+    on_event: Callable[[str, Obj], None]  # ("ADDED" | "MODIFIED" | "DELETED", trimmed object)
+    on_relist: Callable[[list[Obj]], None]  # the complete set, after a re-list
+    on_restart: Callable[[str, str], None] = lambda resource, reason: None
+
+    def list(self) -> tuple[list[Obj], str]:
+        return list_objects(self.call, self.trim)
+
+    def watch(self, version: str, deliver: Callable[[Callable[..., None], Any], None], stop: threading.Event) -> str:
+        """Stream events from ``version`` until the server ends the watch; return the newest version."""
+        response = self.call(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_SECONDS,
+            _preload_content=False,
+            _request_timeout=(10, READ_TIMEOUT),
+        )
+        try:
+            for line in iter_resp_lines(response):
+                if stop.is_set():
+                    break
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise Expired(obj.get("message", ""))
+                    raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                if kind != "BOOKMARK":
+                    deliver(self.on_event, (str(kind), self.trim(obj)))
+        finally:
+            response.close()
+            response.release_conn()
+        return version
+
+    def run(self, version: str, deliver: Callable[[Callable[..., None], Any], None], stop: threading.Event) -> None:
+        """Watch from ``version`` (from :meth:`list`) until ``stop``; resume, re-list when expired.
+
+        ``deliver(callback, args)`` hands an event to the thread that owns the view (the event loop).
+        """
+        failures = 0
+        while not stop.is_set():
+            try:
+                if not version:
+                    items, version = self.list()
+                    deliver(self.on_relist, (items,))
+                version = self.watch(version, deliver, stop)
+                failures = 0
+            except Expired:
+                log.info("%s: watch expired, listing again", self.resource)
+                self.on_restart(self.resource, "expired")
+                version = ""
+            except Exception as error:  # the API server is away: keep what we have, retry (fail static)
+                delay = BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS) - 1)]
+                failures += 1
+                log.warning("%s: watch failed (%s); retrying in %.1f s", self.resource, error, delay)
+                self.on_restart(self.resource, "error")
+                stop.wait(delay)
+            else:
+                if not stop.is_set():
+                    self.on_restart(self.resource, "timeout")
+
+    def start(
+        self, version: str, deliver: Callable[[Callable[..., None], Any], None], stop: threading.Event
+    ) -> threading.Thread:
+        thread = threading.Thread(
+            target=self.run, args=(version, deliver, stop), name=f"watch-{self.resource}", daemon=True
+        )
+        thread.start()
+        return thread
