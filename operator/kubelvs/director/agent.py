@@ -350,11 +350,12 @@ class Director:
     # --- status ---------------------------------------------------------------------------
 
     async def status_loop(self) -> None:
-        """Write the status of the VirtualServers the syncs touched, a few requests in flight."""
-        limit = asyncio.Semaphore(STATUS_WRITES_IN_FLIGHT)
+        """Write the status of the VirtualServers the syncs touched, a few requests in flight
+        (a few workers, not a task per VirtualServer: start-up touches all of them)."""
 
-        async def one(ref: ObjectRef) -> None:
-            async with limit:
+        async def worker(queue: list[ObjectRef]) -> None:
+            while queue:
+                ref = queue.pop()
                 try:
                     await self.write_status(ref)
                 except Exception:  # reported again after the next sync; the kernel work goes on
@@ -364,8 +365,9 @@ class Director:
         while True:
             await self.status_wake.wait()
             self.status_wake.clear()
-            refs, self.status_pending = self.status_pending, set()
-            await asyncio.gather(*(one(ref) for ref in sorted(refs)))
+            queue = sorted(self.status_pending, reverse=True)
+            self.status_pending = set()
+            await asyncio.gather(*(worker(queue) for _ in range(STATUS_WRITES_IN_FLIGHT)))
 
     async def write_status(self, ref: ObjectRef) -> None:
         desired = self.desired
