@@ -45,14 +45,15 @@ def director_rows(d: dict[str, Any]) -> list[str]:
     if "startup_1000_s" in d:
         rows.append(
             f"| director start-up to all rules programmed, 1,000 VirtualServers | {d['startup_1000_s']:.1f} s "
-            f"(watch replay absorbed after {d.get('settle_after_startup_s', 0):.0f} s) | | | |"
+            f"(first change after start-up converged in {d.get('settle_after_startup_s', 0):.1f} s) | | | |"
         )
     if "startup_10000_s" in d:
         rows.append(f"| director start-up, 10,000 VirtualServers | {d['startup_10000_s']:.1f} s | | | |")
-    if "rss_mb_1000" in d:
-        rows.append(f"| director memory (RSS), 1,000 VirtualServers | {d['rss_mb_1000']:.0f} MB | | | |")
-    if "rss_mb_10000" in d:
-        rows.append(f"| director memory (RSS), 10,000 VirtualServers | **{d['rss_mb_10000']:.0f} MB** | | | < 150 MB |")
+    for n, label, target in (("1000", "1,000", ""), ("10000", "10,000", "< 150 MB")):
+        if f"rss_mb_{n}" in d:
+            peak = f" (peak {d[f'peak_rss_mb_{n}']:.0f} MB)" if f"peak_rss_mb_{n}" in d else ""
+            rss = d[f"rss_mb_{n}"]
+            rows.append(f"| director memory (RSS), {label} VirtualServers | **{rss:.0f} MB**{peak} | | | {target} |")
     return rows
 
 
