@@ -311,6 +311,7 @@ def test_metrics(env: dict[str, Any]) -> None:
     assert "kubelvs_backend_active_connections{" in text
     assert "kubelvs_sync_duration_seconds_bucket" in text
     assert 'kubelvs_operations_total{result="success",verb="add-dest"}' in text
+    assert "# TYPE kubelvs_watch_restarts_total counter" in text
 
 
 def test_sigkill_and_restart_adopts_without_disturbing_traffic(env: dict[str, Any]) -> None:
