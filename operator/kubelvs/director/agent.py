@@ -125,14 +125,14 @@ class ClusterView:
 
 
 class Director:
-    def __init__(self, config: DirectorConfig) -> None:
+    def __init__(self, config: DirectorConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.view = ClusterView()
         self.memo: Memo = {}
         self.dirty: set[ObjectRef] = set()
         self.everything_dirty = True
         self.wake: asyncio.Event | None = None
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()  # the process-wide registry /metrics serves
         self.reconciler: CachedReconciler | None = None
         self.desired: DesiredState | None = None
         self.errors_by_ref: dict[ObjectRef, list[str]] = {}
@@ -192,11 +192,8 @@ class Director:
     def on_endpoint_slice(self, kind: str | None, obj: dict[str, Any]) -> None:
         ref = ObjectRef.of(obj)
         service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-        users = self.view.refs_by_service.get((ref.namespace, service or ""))
-        if not users:
-            # Nobody uses this Service: keep nothing of it (bounded memory on big clusters).
-            self.view.cluster.remove_slice(obj)
-            return
+        # Every slice is kept (trimmed), used or not: a VirtualServer created later for an
+        # existing Service must find its endpoints without waiting for them to change.
         known = (self.view.cluster.slices.get((ref.namespace, service or "")) or {}).get(ref.name)
         if kind == "DELETED":
             self.view.cluster.remove_slice(obj)
@@ -204,7 +201,7 @@ class Director:
             return
         else:
             self.view.cluster.put_slice(obj)
-        self._mark(users)
+        self._mark(self.view.refs_by_service.get((ref.namespace, service or ""), ()))
 
     def on_node(self, kind: str | None, obj: dict[str, Any]) -> None:
         name = (obj.get("metadata") or {}).get("name")
