@@ -399,7 +399,9 @@ def _skip(reason: str) -> None:
 def _start_control_plane() -> Any:
     """etcd + kube-apiserver + kube-controller-manager on the host's loopback, CRDs installed.
     The guest reaches it at 10.0.2.2 (qemu user networking) with ``cp.kubeconfig_vm``; the work
-    directory is in the host's /tmp, which the guest sees read-only."""
+    directory is in the host's /tmp, which the guest sees read-only. Its own, not the API tests'
+    (``shared_control_plane``): the directors in the VM watch the whole cluster, and the API
+    tests' VirtualServers, still there while their namespaces are deleted, could claim its VIPs."""
     name = "kubelvs_controlplane"  # the module name tests/api/conftest.py uses too
     mod = sys.modules.get(name)
     if mod is None:
