@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -142,81 +141,34 @@ def host(args: argparse.Namespace) -> int:
                 "status": {"addresses": [{"type": "InternalIP", "address": "10.0.2.15"}]},
             }
         )
+        out = REPO / ".vmout"
+        out.mkdir(exist_ok=True)
+
+        def vm_phase(phase: str, *options: str) -> dict[str, Any] | None:
+            """Run the VM half of one phase; its figures, or None if the VM run failed."""
+            result = out / f"dbench-{phase}.json"
+            command = [sys.executable, str(REPO / "hack" / "vm.py"), "--rwdir", str(out), "--network", "user"]
+            command += ["--timeout", str(args.timeout), "--", sys.executable, __file__, "vm", "--phase", phase]
+            command += [*options, "--kubeconfig", str(cp.kubeconfig_vm), "--out", str(result)]
+            if subprocess.call(command):
+                return None
+            return dict(json.loads(result.read_text()))
+
         small = args.small
         seconds = create_all(str(cp.kubeconfig), objects(0, small, with_services=True))
         print(f"created {small} VirtualServers over Services in {seconds:.1f}s", flush=True)
-        out = REPO / ".vmout"
-        out.mkdir(exist_ok=True)
-        vm = [
-            sys.executable,
-            str(REPO / "hack" / "vm.py"),
-            "--rwdir",
-            str(out),
-            "--network",
-            "user",
-            "--timeout",
-            str(args.timeout),
-            "--",
-        ]
-        status = subprocess.call(
-            [
-                *vm,
-                sys.executable,
-                __file__,
-                "vm",
-                "--phase",
-                "small",
-                "--small",
-                str(small),
-                "--kubeconfig",
-                str(cp.kubeconfig_vm),
-                "--out",
-                str(out / "dbench-small.json"),
-            ]
-        )
-        if status:
-            return status
-        small_result = json.loads((out / "dbench-small.json").read_text())
-        if args.large <= small:
-            large_result: dict[str, Any] = {}
-            report = {
-                "director": {
-                    "environment": "VM: qemu TCG, 2 vCPUs; director in the VM, API server on the host",
-                    **small_result,
-                }
-            }
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-            print(json.dumps(report, indent=2))
-            return 0
-        seconds = create_all(str(cp.kubeconfig), objects(small, args.large, with_services=True))
-        print(f"created {args.large - small} more VirtualServers over Services in {seconds:.1f}s", flush=True)
-        status = subprocess.call(
-            [
-                *vm,
-                sys.executable,
-                __file__,
-                "vm",
-                "--phase",
-                "large",
-                "--small",
-                str(small),
-                "--large",
-                str(args.large),
-                "--kubeconfig",
-                str(cp.kubeconfig_vm),
-                "--out",
-                str(out / "dbench-large.json"),
-            ]
-        )
-        if status:
-            return status
-        large_result = json.loads((out / "dbench-large.json").read_text())
+        figures = vm_phase("small", "--small", str(small))
+        if figures is None:
+            return 1
+        if args.large > small:
+            seconds = create_all(str(cp.kubeconfig), objects(small, args.large, with_services=True))
+            print(f"created {args.large - small} more VirtualServers over Services in {seconds:.1f}s", flush=True)
+            large = vm_phase("large", "--small", str(small), "--large", str(args.large))
+            if large is None:
+                return 1
+            figures.update(large)
         report = {
-            "director": {
-                "environment": f"VM: qemu TCG, 2 vCPUs; director in the VM, API server on the host ({platform.node()})",
-                **small_result,
-                **large_result,
-            }
+            "director": {"environment": "VM: qemu TCG, 2 vCPUs; director in the VM, API server on the host", **figures}
         }
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))

@@ -123,10 +123,10 @@ def _install_crds(kubectl: Kubectl, timeout: float = 60) -> list[str]:
 def shared_control_plane(config: pytest.Config):
     """The session's control plane, started on first use and stopped when pytest ends.
 
-    Shared by the API tests (the ``control_plane`` fixture) and ``bench/director_bench.py``. The
-    kernel suite starts its own (``tests/kernel/conftest.py``): the directors there watch the
-    whole cluster, and VirtualServers the API tests leave behind while their namespaces are
-    being deleted could claim the same VIPs.
+    Used by the API tests (the ``control_plane`` fixture). The kernel suite starts its own
+    (``tests/kernel/conftest.py``): the directors there watch the whole cluster, and
+    VirtualServers the API tests leave behind while their namespaces are being deleted could
+    claim the same VIPs.
     """
     cp = getattr(config, "_kubelvs_control_plane", None)
     if cp is not None:
