@@ -781,7 +781,8 @@ def update_desired(
 ) -> DesiredState | None:
     """``desired_state`` again, when only the ``changed`` VirtualServers or their backends changed.
 
-    Costs O(changed), not O(all VirtualServers). That holds while each changed VirtualServer
+    The Python work is O(changed), not O(all VirtualServers); only two dicts are copied whole,
+    so that ``previous`` stays as it was. That holds while each changed VirtualServer
     was accepted before and still is, with the same keys, VIP and node selection: then no
     conflict can move. Otherwise it returns None and the caller makes a full pass.
     """

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,15 +98,20 @@ class CachedReconciler(Reconciler):
 
     observed: Observed | None = None
 
-    def sync_cached(self, desired: DesiredState, only: Iterable[ObjectRef] | None, full: bool) -> SyncReport:
+    def sync_cached(self, desired: DesiredState, only: Collection[ObjectRef] | None, full: bool) -> SyncReport:
         if full or self.observed is None:
             self.observed = self.client.dump(with_counters=False)
-        report = self.sync(
-            desired,
-            keep=[e.ref for e in desired.errors if e.reason == "InvalidSpec"],
-            only=only,
-            observed=self.observed,
-        )
+        # Invalid specs keep what they had. Only the synced VirtualServers matter: an incremental
+        # sync does not look through every VirtualServer for them.
+        resolutions = desired.resolutions
+        keep = [
+            ref
+            for ref in (resolutions if only is None else only)
+            if (found := resolutions.get(ref)) is not None
+            and found.error is not None
+            and found.error.reason == "InvalidSpec"
+        ]
+        report = self.sync(desired, keep=keep, only=only, observed=self.observed)
         if report.result.ok:
             self.observed.services = apply_operations(self.observed.services, report.result.succeeded)
         else:
