@@ -226,7 +226,7 @@ def wait_services(client: Any, n: int, timeout: float) -> float:
 
 
 def dests_of(client: Any, index: int) -> dict[str, int]:
-    from kubelvs.model import AF_INET, ServiceKey
+    from kubelvs.core.model import AF_INET, ServiceKey
 
     return {d.address: d.weight for d in client.destinations(ServiceKey(AF_INET, 6, vip(index), 80))}
 
@@ -255,7 +255,7 @@ def converge(discovery: Any, ipvs: Any, count: int, n: int, timeout: float) -> f
 
 
 def vm(args: argparse.Namespace) -> int:
-    from kubelvs.netlink.ipvs import IPVSClient
+    from kubelvs.kernel.ipvs import IPVSClient
     from kubernetes import client, config
 
     log = Path(args.out).with_suffix(".log")

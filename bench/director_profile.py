@@ -33,11 +33,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import director_bench as bench
+from kubelvs.core.model import Observed, ServiceKey
+from kubelvs.core.plan import Operation
+from kubelvs.core.plan import apply_operations as apply_in_memory
 from kubelvs.director import agent
-from kubelvs.model import Observed, ServiceKey
-from kubelvs.netlink.ipvs import ApplyResult
-from kubelvs.plan import Operation
-from kubelvs.plan import apply_operations as apply_in_memory
+from kubelvs.kernel.ipvs import ApplyResult
 
 
 class MemoryKernel:

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubelvs.model import AF_INET, Destination, ServiceKey, VirtualService
-from kubelvs.netlink.ipvs import IPVSClient
-from kubelvs.plan import plan
-from kubelvs.rules import format_rules
+from kubelvs.core.model import AF_INET, Destination, ServiceKey, VirtualService
+from kubelvs.core.plan import plan
+from kubelvs.core.rules import format_rules
+from kubelvs.kernel.ipvs import IPVSClient
 
 KUBELVS = str(Path(sys.executable).with_name("kubelvs"))
 PORTS_PER_VIP = 50  # one VirtualServer per VIP, 50 ports each

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from kubelvs import __version__
+from kubelvs.core.desired import DesiredState, desired_state
+from kubelvs.core.model import Counters, DestCounters
+from kubelvs.core.rules import dest_rule, format_rules, service_rule
 from kubelvs.manifests import ManifestError, Manifests, load
-from kubelvs.model import Counters, DestCounters
-from kubelvs.rules import dest_rule, format_rules, service_rule
-from kubelvs.spec import DesiredState, desired_state
 
 
 def _desired(paths: list[str]) -> tuple[Manifests, DesiredState]:
@@ -41,10 +41,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _reconciler(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     # Imported here so that `kubelvs plan` works without pyroute2's kernel access.
-    from kubelvs.netlink.addresses import VipInterface
-    from kubelvs.netlink.ipvs import IPVSClient
-    from kubelvs.ownership import OwnershipStore
-    from kubelvs.sync import Reconciler
+    from kubelvs.apply import Reconciler
+    from kubelvs.kernel.addresses import VipInterface
+    from kubelvs.kernel.ipvs import IPVSClient
+    from kubelvs.state.ownership import OwnershipStore
 
     return Reconciler(IPVSClient(), OwnershipStore(Path(args.state_dir)), VipInterface(args.interface))
 
@@ -82,8 +82,8 @@ def _print_report(report) -> int:  # type: ignore[no-untyped-def]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from kubelvs.netlink.ipvs import IPVSClient
-    from kubelvs.ownership import OwnershipStore
+    from kubelvs.kernel.ipvs import IPVSClient
+    from kubelvs.state.ownership import OwnershipStore
 
     owned = OwnershipStore(Path(args.state_dir)).load()
     with IPVSClient() as client:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def with_state(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        from kubelvs.ownership import DEFAULT_STATE_DIR
+        from kubelvs.state.ownership import DEFAULT_STATE_DIR
 
         sub.add_argument(
             "--state-dir",

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from kubelvs.spec import GROUP, KIND, Cluster, ObjectRef
+from kubelvs.core.cluster import Cluster
+from kubelvs.core.spec import GROUP, KIND, ObjectRef
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it
 

@@ -25,8 +25,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubelvs.model import SCHEDULERS
-from kubelvs.spec import GROUP, KIND, PLURAL, VERSION, SpecError, desired_state, parse_virtual_server
+from kubelvs.core.desired import desired_state
+from kubelvs.core.model import SCHEDULERS
+from kubelvs.core.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_virtual_server
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 

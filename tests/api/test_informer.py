@@ -6,9 +6,9 @@ import queue
 import threading
 from typing import Any
 
+from kubelvs.core.cluster import trim_service
 from kubelvs.director import informer as informer_module
-from kubelvs.director.informer import Informer
-from kubelvs.spec import trim_service
+from kubelvs.kube.informers import Informer
 
 
 def _service(name: str) -> dict[str, Any]:

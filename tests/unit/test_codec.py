@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from kubelvs.model import (
+from kubelvs.core.model import (
     AF_INET,
     AF_INET6,
     Counters,
@@ -20,10 +20,10 @@ from kubelvs.model import (
     TunnelType,
     VirtualService,
 )
-from kubelvs.netlink import codec
-from kubelvs.netlink.ipvs import IPVSClient, _encode, encode
-from kubelvs.netlink.messages import IPVSMessage
-from kubelvs.plan import Operation, Verb
+from kubelvs.core.plan import Operation, Verb
+from kubelvs.kernel import codec
+from kubelvs.kernel.ipvs import IPVSClient, _encode, encode
+from kubelvs.kernel.messages import IPVSMessage
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, ctrlmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kubelvs.core.model import AF_INET, ServiceKey
+from kubelvs.core.spec import ObjectRef
 from kubelvs.director.agent import Director, DirectorConfig
 from kubelvs.director.metrics import Metrics
-from kubelvs.model import AF_INET, ServiceKey
-from kubelvs.spec import ObjectRef
 from prometheus_client import CollectorRegistry
 from test_incremental import versioned
 from test_spec import endpoint, eps, service, vs

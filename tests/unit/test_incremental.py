@@ -5,19 +5,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubelvs.model import AF_INET, ServiceKey
-from kubelvs.ownership import Ownership
-from kubelvs.spec import (
-    Cluster,
-    DesiredState,
-    Memo,
-    ObjectRef,
-    desired_state,
-    trim_endpoint_slice,
-    trim_service,
-    trim_virtual_server,
-    update_desired,
-)
+from kubelvs.core.cluster import Cluster, trim_endpoint_slice, trim_service, trim_virtual_server
+from kubelvs.core.desired import DesiredState, Memo, desired_state, update_desired
+from kubelvs.core.model import AF_INET, ServiceKey
+from kubelvs.core.spec import ObjectRef
+from kubelvs.state.ownership import Ownership
 from test_spec import endpoint, eps, service, vs
 
 

@@ -11,7 +11,7 @@ import json
 import threading
 from typing import Any
 
-from kubelvs.director.informer import Informer
+from kubelvs.kube.informers import Informer
 
 
 class Response:

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kubelvs.model import AF_INET, Destination, Method, ServiceKey, VirtualService
-from kubelvs.plan import Verb, apply_operations, owned_after, plan
+from kubelvs.core.model import AF_INET, Destination, Method, ServiceKey, VirtualService
+from kubelvs.core.plan import Verb, apply_operations, owned_after, plan
 
 KEY = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
 

@@ -6,8 +6,10 @@ import copy
 from typing import Any
 
 import pytest
-from kubelvs.model import AF_INET, AF_INET6, Method, ServiceKey
-from kubelvs.spec import Cluster, ObjectRef, desired_state, parse_virtual_server
+from kubelvs.core.cluster import Cluster
+from kubelvs.core.desired import desired_state
+from kubelvs.core.model import AF_INET, AF_INET6, Method, ServiceKey
+from kubelvs.core.spec import ObjectRef, parse_virtual_server
 
 
 def vs(name: str = "web", created: str = "2026-01-01T00:00:00Z", **spec: Any) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from kubelvs.director import status as st
-from kubelvs.spec import BackendProblem, ObjectRef, Resolution, SpecError
+from kubelvs.core import status as st
+from kubelvs.core.resolve import BackendProblem, Resolution
+from kubelvs.core.spec import ObjectRef, SpecError
 
 REF = ObjectRef("ns", "web")
 NOW = "2026-01-01T00:00:00Z"

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,31 +28,16 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from kubelvs.director import status as st
-from kubelvs.director.informer import Informer, list_objects
+from kubelvs.apply import CachedReconciler, SyncReport
+from kubelvs.core import status as st
+from kubelvs.core.cluster import Cluster, trim_endpoint_slice, trim_node, trim_service, trim_virtual_server
+from kubelvs.core.desired import DesiredState, Memo, desired_state, update_desired
+from kubelvs.core.spec import GROUP, PLURAL, SERVICE_NAME_LABEL, VERSION, ObjectRef
 from kubelvs.director.metrics import Metrics
-from kubelvs.model import Observed
-from kubelvs.netlink.addresses import VipInterface
-from kubelvs.netlink.ipvs import IPVSClient
-from kubelvs.ownership import Ownership, OwnershipStore
-from kubelvs.plan import apply_operations
-from kubelvs.spec import (
-    GROUP,
-    PLURAL,
-    SERVICE_NAME_LABEL,
-    VERSION,
-    Cluster,
-    DesiredState,
-    Memo,
-    ObjectRef,
-    desired_state,
-    trim_endpoint_slice,
-    trim_node,
-    trim_service,
-    trim_virtual_server,
-    update_desired,
-)
-from kubelvs.sync import Reconciler, SyncReport
+from kubelvs.kernel.addresses import VipInterface
+from kubelvs.kernel.ipvs import IPVSClient
+from kubelvs.kube.informers import Informer, list_objects
+from kubelvs.state.ownership import CachedStore
 
 log = logging.getLogger("kubelvs.director")
 STATUS_WRITES_IN_FLIGHT = 4
@@ -67,56 +52,6 @@ class DirectorConfig:
     resync_seconds: float = 30.0
     coalesce_seconds: float = 0.05
     metrics_port: int = 0  # 0: no metrics endpoint
-
-
-class CachedStore(OwnershipStore):
-    """The ownership record kept in memory between syncs; the file is rewritten only when the
-    record changed (it is read once, at start-up, to adopt what a previous run created)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        super().__init__(state_dir)
-        self._ownership: Ownership | None = None
-        self._written = ""
-
-    def load(self) -> Ownership:
-        if self._ownership is None:
-            self._ownership = super().load()
-            self._written = self._ownership.to_json()
-        return self._ownership
-
-    def save(self, ownership: Ownership) -> None:
-        self._ownership = ownership
-        text = ownership.to_json()
-        if text != self._written:
-            super().save(ownership)
-            self._written = text
-
-
-class CachedReconciler(Reconciler):
-    """A Reconciler that keeps the kernel's state between syncs: incremental syncs plan against
-    the cache (no dump per event); a full sync dumps and replaces it."""
-
-    observed: Observed | None = None
-
-    def sync_cached(self, desired: DesiredState, only: Collection[ObjectRef] | None, full: bool) -> SyncReport:
-        if full or self.observed is None:
-            self.observed = self.client.dump(with_counters=False)
-        # Invalid specs keep what they had. Only the synced VirtualServers matter: an incremental
-        # sync does not look through every VirtualServer for them.
-        resolutions = desired.resolutions
-        keep = [
-            ref
-            for ref in (resolutions if only is None else only)
-            if (found := resolutions.get(ref)) is not None
-            and found.error is not None
-            and found.error.reason == "InvalidSpec"
-        ]
-        report = self.sync(desired, keep=keep, only=only, observed=self.observed)
-        if report.result.ok:
-            self.observed.services = apply_operations(self.observed.services, report.result.succeeded)
-        else:
-            self.observed = None  # something failed: trust only a fresh dump next time
-        return report
 
 
 @dataclass

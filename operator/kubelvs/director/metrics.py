@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubelvs import __version__
-from kubelvs.model import Protocol
-from kubelvs.sync import SyncReport
+from kubelvs.apply import SyncReport
+from kubelvs.core.model import Protocol
 
 if TYPE_CHECKING:
     from kubelvs.director.agent import Director
@@ -78,7 +78,7 @@ class KernelCollector(Collector):
         self.client: Any = None
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        from kubelvs.netlink.ipvs import IPVSClient
+        from kubelvs.kernel.ipvs import IPVSClient
 
         families: dict[str, Any] = {}
 

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
-from kubelvs.model import Destination, DestKey, IPVSState, ServiceKey, VirtualService
+from kubelvs.core.model import Destination, DestKey, IPVSState, ServiceKey, VirtualService
 
 
 class Verb(enum.Enum):

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubelvs.model import ServiceKey
+from kubelvs.core.model import ServiceKey
 
 DEFAULT_STATE_DIR = Path(os.environ.get("KUBELVS_STATE_DIR", "/run/kubelvs"))
 
@@ -86,3 +86,26 @@ class OwnershipStore:
         with os.fdopen(fd, "w") as handle:
             handle.write(ownership.to_json())
         os.replace(tmp, self.path)
+
+
+class CachedStore(OwnershipStore):
+    """The ownership record kept in memory between syncs; the file is rewritten only when the
+    record changed (it is read once, at start-up, to adopt what a previous run created)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self._ownership: Ownership | None = None
+        self._written = ""
+
+    def load(self) -> Ownership:
+        if self._ownership is None:
+            self._ownership = super().load()
+            self._written = self._ownership.to_json()
+        return self._ownership
+
+    def save(self, ownership: Ownership) -> None:
+        self._ownership = ownership
+        text = ownership.to_json()
+        if text != self._written:
+            super().save(ownership)
+            self._written = text

@@ -6,7 +6,7 @@ tell from what was there before.
 
 The requests are the ones pyroute2's ``IPRoute`` sends for ``link_lookup``, ``link("add")``,
 ``link("set", state="up")``, ``get_addr`` and ``addr("add"/"del")``, packed by
-:mod:`kubelvs.netlink.codec` on a plain rtnetlink socket: creating an ``IPRoute`` (and importing
+:mod:`kubelvs.kernel.codec` on a plain rtnetlink socket: creating an ``IPRoute`` (and importing
 pyroute2) costs far more than the few requests a sync makes. Within :meth:`VipInterface.session`
 one socket serves every call, and the interface's addresses are read once.
 """
@@ -18,9 +18,9 @@ import errno
 import os
 from collections.abc import Callable, Iterator
 
-from kubelvs.model import AF_INET
-from kubelvs.netlink import codec
-from kubelvs.netlink.netns import netlink_socket
+from kubelvs.core.model import AF_INET
+from kubelvs.kernel import codec
+from kubelvs.kernel.netns import netlink_socket
 
 DEFAULT_INTERFACE = "kubelvs0"
 IFA_F_NODAD = 0x02

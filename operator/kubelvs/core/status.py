@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from kubelvs.spec import Resolution
+from kubelvs.core.resolve import Resolution
 
 Obj = Mapping[str, Any]
 

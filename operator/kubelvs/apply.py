@@ -6,15 +6,16 @@ by the standalone CLI and the director agent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kubelvs.model import Observed, ServiceKey, VirtualService
-from kubelvs.netlink.addresses import VipInterface
-from kubelvs.netlink.ipvs import ApplyResult, IPVSClient
-from kubelvs.ownership import Ownership, OwnershipStore
-from kubelvs.plan import Operation, Plan, Verb, plan
-from kubelvs.spec import DesiredState, ObjectRef
+from kubelvs.core.desired import DesiredState
+from kubelvs.core.model import Observed, ServiceKey, VirtualService
+from kubelvs.core.plan import Operation, Plan, Verb, apply_operations, plan
+from kubelvs.core.spec import ObjectRef
+from kubelvs.kernel.addresses import VipInterface
+from kubelvs.kernel.ipvs import ApplyResult, IPVSClient
+from kubelvs.state.ownership import Ownership, OwnershipStore
 
 
 @dataclass(slots=True)
@@ -123,3 +124,30 @@ class Reconciler:
             elif key in desired.origins:
                 changed |= owned.own(key, str(desired.origins[key]))
         return changed
+
+
+class CachedReconciler(Reconciler):
+    """A Reconciler that keeps the kernel's state between syncs: incremental syncs plan against
+    the cache (no dump per event); a full sync dumps and replaces it."""
+
+    observed: Observed | None = None
+
+    def sync_cached(self, desired: DesiredState, only: Collection[ObjectRef] | None, full: bool) -> SyncReport:
+        if full or self.observed is None:
+            self.observed = self.client.dump(with_counters=False)
+        # Invalid specs keep what they had. Only the synced VirtualServers matter: an incremental
+        # sync does not look through every VirtualServer for them.
+        resolutions = desired.resolutions
+        keep = [
+            ref
+            for ref in (resolutions if only is None else only)
+            if (found := resolutions.get(ref)) is not None
+            and found.error is not None
+            and found.error.reason == "InvalidSpec"
+        ]
+        report = self.sync(desired, keep=keep, only=only, observed=self.observed)
+        if report.result.ok:
+            self.observed.services = apply_operations(self.observed.services, report.result.succeeded)
+        else:
+            self.observed = None  # something failed: trust only a fresh dump next time
+        return report

@@ -9,7 +9,7 @@ message of a shape (see :class:`_Layout`) is parsed attribute by attribute, ever
 of that shape is unpacked with one ``struct`` call, and falls back to the generic parser when
 its attribute headers differ in any way.
 
-The layout follows pyroute2's ``ipvsmsg`` definitions (see ``kubelvs.netlink.messages``), and
+The layout follows pyroute2's ``ipvsmsg`` definitions (see ``kubelvs.kernel.messages``), and
 ``tests/unit/test_codec.py`` checks every encoder and decoder here against pyroute2's own
 encoding and decoding of the same message.
 """
@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubelvs.model import (
+from kubelvs.core.model import (
     AF_INET,
     AF_INET6,
     SVC_F_HASHED,

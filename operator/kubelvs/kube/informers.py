@@ -2,7 +2,7 @@
 
 kopf handles the VirtualServers. Services, EndpointSlices and Nodes are many more objects, and
 the director needs a few fields of each. Here they come in as raw JSON, without the client's
-model classes, and each object is cut down to what ``kubelvs.spec`` reads before it is kept.
+model classes, and each object is cut down to what ``kubelvs.core`` reads before it is kept.
 The initial listing is read in pages. The watch resumes from the last resourceVersion it saw
 (bookmarks keep that version fresh), so a restart of the stream replays nothing. When the
 version has expired (410 Gone), the informer lists again and hands over the whole new list.
@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-log = logging.getLogger("kubelvs.director.informer")
+log = logging.getLogger("kubelvs.kube.informers")
 
 Obj = dict[str, Any]
 PAGE_SIZE = 500

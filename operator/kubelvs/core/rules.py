@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from kubelvs.model import (
+from kubelvs.core.model import (
     AF_INET,
     SCHED_FLAG_BITS,
     SVC_F_ONEPACKET,

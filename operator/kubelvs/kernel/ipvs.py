@@ -20,10 +20,10 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kubelvs.model import DestCounters, Destination, DestKey, Observed, ServiceKey, VirtualService
-from kubelvs.netlink import codec
-from kubelvs.netlink.netns import netlink_socket
-from kubelvs.plan import Operation, Verb
+from kubelvs.core.model import DestCounters, Destination, DestKey, Observed, ServiceKey, VirtualService
+from kubelvs.core.plan import Operation, Verb
+from kubelvs.kernel import codec
+from kubelvs.kernel.netns import netlink_socket
 
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
