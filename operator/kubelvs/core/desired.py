@@ -1,4 +1,9 @@
-"""Desired state of one director: every VirtualServer resolved, conflicts settled, memoised (pure)."""
+"""Desired state of one director: every VirtualServer resolved, conflicts settled, memoised (pure).
+
+Words: ``DesiredState.services`` (like ``Observed.services`` and ``ServiceKey``) holds IPVS
+*virtual services*, one per VIP, port and protocol. A Kubernetes *Service* is what a
+VirtualServer's ``serviceRef`` names; those live in :class:`~kubelvs.core.cluster.Cluster`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,24 @@ from dataclasses import dataclass, field, replace
 from kubelvs.core.cluster import Cluster
 from kubelvs.core.model import IPVSState, ServiceKey, VirtualService
 from kubelvs.core.resolve import Resolution, virtual_services
-from kubelvs.core.spec import KIND, Obj, ObjectRef, SpecError, VirtualServerSpec, parse_virtual_server
+from kubelvs.core.spec import KIND, Obj, ObjectRef, SpecError, VirtualServerSpec, meta, parse_virtual_server
 
 
 @dataclass(slots=True)
 class DesiredState:
-    services: IPVSState = field(default_factory=dict)
+    """What one director wants: IPVS virtual services, VIPs, and what became of each VirtualServer.
+
+    ``update_desired`` shares ``vips``, ``origins`` and ``vip_ports`` (with their sets) between
+    the state it is given and the one it returns: treat every field as read-only.
+    """
+
+    services: IPVSState = field(default_factory=dict)  # IPVS virtual services, not Kubernetes Services
     vips: dict[str, int] = field(default_factory=dict)  # address -> family, to be made local
     origins: dict[ServiceKey, ObjectRef] = field(default_factory=dict)
     resolutions: dict[ObjectRef, Resolution] = field(default_factory=dict)
+    # VIP -> {(protocol number, port)} of the accepted virtual services selected here on that VIP:
+    # the only ports the VIP should answer on (a VIP shared by VirtualServers gets their union).
+    vip_ports: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[SpecError]:
@@ -24,8 +38,13 @@ class DesiredState:
 
 
 def _age_key(obj: Obj) -> tuple[str, str, str]:
-    meta = obj.get("metadata") or {}
-    return str(meta.get("creationTimestamp") or ""), str(meta.get("namespace") or "default"), str(meta.get("name"))
+    found = meta(obj)
+    return str(found.get("creationTimestamp") or ""), str(found.get("namespace") or "default"), str(found.get("name"))
+
+
+def _generation(obj: Obj) -> int | None:
+    generation = meta(obj).get("generation")
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else None
 
 
 def selects_node(node_selector: Mapping[str, str], node_labels: Mapping[str, str] | None) -> bool:
@@ -34,40 +53,95 @@ def selects_node(node_selector: Mapping[str, str], node_labels: Mapping[str, str
     return all(node_labels.get(k) == v for k, v in node_selector.items())
 
 
-def _version(obj: Obj | None) -> object:
-    """What changes when an object changes: its resourceVersion (or identity, for manifests)."""
+# --- the memo ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoEntry:
+    """One VirtualServer resolved, valid while its version and its backends' versions hold."""
+
+    version: str  # the VirtualServer's resourceVersion
+    backends: tuple[object, ...]  # _backend_version() when it was resolved
+    spec: VirtualServerSpec
+    virtual_services: tuple[VirtualService, ...]  # IPVS virtual services
+    resolution: Resolution  # frozen: shared by every desired state that reuses the entry
+
+
+Memo = dict[ObjectRef, MemoEntry]
+
+_ABSENT = "<absent>"  # the version of an object that does not exist (a resourceVersion is never empty)
+
+
+def _version(obj: Obj | None) -> str | None:
+    """An object's resourceVersion; None when it has none (manifests), so it cannot be memoised.
+
+    (Object identity is no substitute: ids are reused once an object is garbage collected, and
+    a manifest edited in place keeps its id.)
+    """
     if obj is None:
-        return None
-    return (obj.get("metadata") or {}).get("resourceVersion") or id(obj)
+        return _ABSENT
+    version = meta(obj).get("resourceVersion")
+    if isinstance(version, str):  # what the API server sends
+        return version or None
+    return str(version) if isinstance(version, int) and not isinstance(version, bool) else None
 
 
-def _backend_version(vs: VirtualServerSpec, cluster: Cluster) -> tuple[object, ...]:
+def _backend_version(vs: VirtualServerSpec, cluster: Cluster) -> tuple[object, ...] | None:
+    """What changes when ``vs``'s backends change; None when one of them has no resourceVersion."""
     if vs.service_name is None:
         return ()
     key = (vs.ref.namespace, vs.service_name)
-    slices = cluster.slices.get(key) or {}
-    version = (_version(cluster.services.get(key)), tuple(sorted((n, _version(e)) for n, e in slices.items())))
+    k8s_service_version = _version(cluster.services.get(key))
+    slice_versions = tuple(sorted((n, _version(e)) for n, e in (cluster.slices.get(key) or {}).items()))
+    if k8s_service_version is None or any(v is None for _, v in slice_versions):
+        return None
+    version = (k8s_service_version, slice_versions)
     return (*version, cluster.nodes_version) if vs.target_node else version
-
-
-Memo = dict[ObjectRef, tuple[object, tuple[object, ...], VirtualServerSpec, list[VirtualService], Resolution]]
 
 
 def _resolve(
     obj: Obj, cluster: Cluster, memo: Memo | None
-) -> tuple[VirtualServerSpec, list[VirtualService], Resolution]:
-    """Parse and resolve one VirtualServer, reusing the memo while it and its backends are unchanged."""
+) -> tuple[VirtualServerSpec, tuple[VirtualService, ...], Resolution]:
+    """Parse and resolve one VirtualServer, reusing the memo while it and its backends are unchanged.
+
+    Only objects with a resourceVersion (and backends with one) are memoised. Raises SpecError.
+    """
     ref = ObjectRef.of(obj)
-    version = _version(obj)
-    cached = memo.get(ref) if memo is not None else None
-    if cached is not None and cached[0] == version and cached[1] == _backend_version(cached[2], cluster):
-        _, _, vs, services, resolution = cached
-        return vs, services, replace(resolution)
+    version = _version(obj) if memo is not None else None
+    if memo is not None and version is not None:
+        cached = memo.get(ref)
+        if (
+            cached is not None
+            and cached.version == version
+            and cached.backends == _backend_version(cached.spec, cluster)
+        ):
+            return cached.spec, cached.virtual_services, cached.resolution
     vs = parse_virtual_server(obj)
-    services, resolution = virtual_services(vs, cluster)
+    try:
+        found, resolution = virtual_services(vs, cluster)
+    except SpecError:
+        raise
+    except Exception as exc:  # a bug, or cluster data nobody thought of: fail this one VirtualServer only
+        raise SpecError(
+            ref, "spec.backends", f"could not be resolved against the cluster: {exc!r}", reason="ResolutionFailed"
+        ) from exc
+    ipvs_services = tuple(found)
+    resolution = replace(resolution, generation=_generation(obj))
     if memo is not None:
-        memo[ref] = (version, _backend_version(vs, cluster), vs, services, replace(resolution))
-    return vs, services, resolution
+        backends = _backend_version(vs, cluster) if version is not None else None
+        if version is not None and backends is not None:
+            memo[ref] = MemoEntry(version, backends, vs, ipvs_services, resolution)
+        else:
+            memo.pop(ref, None)
+    return vs, ipvs_services, resolution
+
+
+# --- desired state ----------------------------------------------------------------------------
+
+
+def _add_ports(vip_ports: dict[str, set[tuple[int, int]]], ipvs_services: Iterable[VirtualService]) -> None:
+    for svc in ipvs_services:
+        vip_ports.setdefault(svc.key.address, set()).add((svc.key.protocol, svc.key.port))
 
 
 def desired_state(
@@ -82,32 +156,34 @@ def desired_state(
     creationTimestamp, then namespace/name) keeps it, the newer one is refused as a VIPConflict.
     ``memo`` (kept by the caller between calls) skips VirtualServers whose object and backends
     did not change, so an EndpointSlice event costs one VirtualServer's work, not all of them.
+    Nothing in the cluster objects raises: at worst one VirtualServer gets an error or a problem.
     """
     cluster = cluster or Cluster()
     state = DesiredState()
     for obj in sorted(virtual_servers, key=_age_key):
         ref = ObjectRef.of(obj)
-        generation = (obj.get("metadata") or {}).get("generation")
         try:
-            vs, services, resolution = _resolve(obj, cluster, memo)
-            resolution.generation = generation
-            for svc in services:
+            vs, ipvs_services, resolution = _resolve(obj, cluster, memo)
+            for svc in ipvs_services:
                 owner = state.origins.get(svc.key)
                 if owner is not None:
                     raise SpecError(
                         ref, "spec.vip", f"{svc.key} is already served by {KIND} {owner}", reason="VIPConflict"
                     )
-            resolution.selected = selects_node(vs.node_selector, node_labels)
         except SpecError as error:
-            state.resolutions[ref] = Resolution(ref, generation, error=error)
+            state.resolutions[ref] = Resolution(ref, _generation(obj), error=error)
             continue
+        selected = selects_node(vs.node_selector, node_labels)
+        if resolution.selected != selected:
+            resolution = replace(resolution, selected=selected)
         state.resolutions[ref] = resolution
-        for svc in services:
+        for svc in ipvs_services:
             state.origins[svc.key] = ref  # claimed even when not selected here: conflicts are global
-            if resolution.selected:
+        if selected:
+            for svc in ipvs_services:
                 state.services[svc.key] = svc
-        if resolution.selected:
             state.vips[vs.vip] = vs.family
+            _add_ports(state.vip_ports, ipvs_services)
     return state
 
 
@@ -124,24 +200,28 @@ def update_desired(
     The Python work is O(changed), not O(all VirtualServers); only two dicts are copied whole,
     so that ``previous`` stays as it was. That holds while each changed VirtualServer
     was accepted before and still is, with the same keys, VIP and node selection: then no
-    conflict can move. Otherwise it returns None and the caller makes a full pass.
+    conflict can move, and ``vips``, ``origins`` and ``vip_ports`` stay the same (they are
+    shared with ``previous``). Otherwise it returns None and the caller makes a full pass.
     """
-    state = DesiredState(dict(previous.services), previous.vips, previous.origins, dict(previous.resolutions))
+    state = DesiredState(
+        dict(previous.services), previous.vips, previous.origins, dict(previous.resolutions), previous.vip_ports
+    )
     for ref in changed:
         before = previous.resolutions.get(ref)
         obj = virtual_servers.get(ref)
         if before is None or obj is None or before.error is not None:
             return None  # added, deleted, or refused before: conflicts may move
         try:
-            vs, services, resolution = _resolve(obj, cluster, memo)
+            vs, ipvs_services, resolution = _resolve(obj, cluster, memo)
         except SpecError:
             return None
-        resolution.generation = (obj.get("metadata") or {}).get("generation")
-        resolution.selected = selects_node(vs.node_selector, node_labels)
-        if (resolution.keys, resolution.vip, resolution.selected) != (before.keys, before.vip, before.selected):
+        selected = selects_node(vs.node_selector, node_labels)
+        if (resolution.keys, resolution.vip, selected) != (before.keys, before.vip, before.selected):
             return None
+        if resolution.selected != selected:
+            resolution = replace(resolution, selected=selected)
         state.resolutions[ref] = resolution
-        if resolution.selected:
-            for svc in services:
+        if selected:
+            for svc in ipvs_services:
                 state.services[svc.key] = svc
     return state

@@ -1,11 +1,22 @@
-"""One valid VirtualServer against the cluster: its endpoints, its IPVS services (pure)."""
+"""One valid VirtualServer against the cluster: its endpoints, its IPVS virtual services (pure).
+
+Words: a *Service* is a Kubernetes Service (``vs.service_name``, ``cluster.services``); an IPVS
+*virtual service* is a :class:`~kubelvs.core.model.VirtualService`, one per VIP, port and protocol.
+
+What the cluster holds is not validated by anyone we trust (a Node's InternalIP and an endpoint's
+address are free strings): a value that cannot be used drops that endpoint, and at worst gives
+the VirtualServers that use it a :class:`BackendProblem`. It never raises.
+"""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from kubelvs.core.cluster import Cluster
-from kubelvs.core.model import AF_INET, AF_INET6, Destination, Method, ServiceKey, VirtualService, normalize_address
+from kubelvs.core.cluster import Cluster, endpoint_address
+from kubelvs.core.model import AF_INET, AF_INET6, Destination, Method, ServiceKey, VirtualService
 from kubelvs.core.spec import MAX_WEIGHT, Obj, ObjectRef, PortSpec, SpecError, VirtualServerSpec
 
 # --- resolving backends against the cluster ---------------------------------------------------
@@ -19,6 +30,11 @@ class BackendProblem:
     message: str
 
 
+class EndpointState(enum.Enum):
+    READY = "ready"  # a real server with its weight
+    DRAINING = "draining"  # kept with weight 0 so that its connections drain
+
+
 @dataclass(frozen=True, slots=True)
 class _Endpoint:
     address: str
@@ -26,9 +42,22 @@ class _Endpoint:
     draining: bool
 
 
-def _service_port(svc: Obj, wanted: int | str | None, entry: PortSpec) -> Obj | None:
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _port_number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535 else None
+
+
+def _service_port(k8s_service: Obj, wanted: int | str | None, entry: PortSpec) -> Mapping[str, Any] | None:
     """Pick the Service port a VirtualServer port maps to (see the CRD reference)."""
-    ports = [p for p in (svc.get("spec") or {}).get("ports") or [] if p.get("protocol", "TCP") == entry.protocol.name]
+    raw = _mapping(k8s_service.get("spec")).get("ports")
+    ports = [
+        p
+        for p in (raw if isinstance(raw, list) else [])
+        if isinstance(p, Mapping) and p.get("protocol", "TCP") == entry.protocol.name
+    ]
     if wanted is not None:
         return next((p for p in ports if p.get("name") == wanted or p.get("port") == wanted), None)
     for match in (lambda p: entry.name and p.get("name") == entry.name, lambda p: p.get("port") == entry.port):
@@ -38,73 +67,126 @@ def _service_port(svc: Obj, wanted: int | str | None, entry: PortSpec) -> Obj | 
     return ports[0] if len(ports) == 1 else None
 
 
-def _endpoints(vs: VirtualServerSpec, cluster: Cluster, entry: PortSpec) -> list[_Endpoint] | BackendProblem:
-    assert vs.service_name is not None
-    svc = cluster.services.get((vs.ref.namespace, vs.service_name))
-    if svc is None:
-        return BackendProblem("ServiceNotFound", f"Service {vs.ref.namespace}/{vs.service_name} does not exist")
-    svc_port = _service_port(svc, vs.service_port, entry)
-    if svc_port is None:
+def _slice_port(eps: Obj, port_name: Any, entry: PortSpec) -> int | None:
+    """The port an EndpointSlice gives for the Service port named ``port_name`` (None: unusable slice)."""
+    raw = eps.get("ports")
+    for p in raw if isinstance(raw, list) else []:
+        if (
+            isinstance(p, Mapping)
+            and (p.get("name") or "") == (port_name or "")
+            and p.get("protocol", "TCP") == entry.protocol.name
+        ):
+            return _port_number(p.get("port"))
+    return None
+
+
+def _endpoint_state(conditions: Any) -> EndpointState | None:
+    """The EndpointSlice conditions' truth table; None: leave the endpoint out.
+
+    ``ready`` unset means ready and ``serving`` unset means "as ready" (API conventions for
+    EndpointConditions). Ready and not terminating: ready. Terminating but still serving:
+    draining (weight 0, established connections finish). Anything else: left out.
+    """
+    found = _mapping(conditions)
+    ready = found.get("ready")
+    ready = True if ready is None else bool(ready)
+    serving = found.get("serving")
+    serving = ready if serving is None else bool(serving)
+    terminating = bool(found.get("terminating"))
+    if ready and not terminating:
+        return EndpointState.READY
+    if serving and terminating:
+        return EndpointState.DRAINING
+    return None
+
+
+def _target_address(
+    vs: VirtualServerSpec, cluster: Cluster, endpoint: Mapping[str, Any], pod_address: str
+) -> str | BackendProblem | None:
+    """Where IPVS sends an endpoint's traffic: the pod, or with ``target: Node`` its Node's first
+    InternalIP of the VIP's family. None: the endpoint is left out (no Node, or no such address);
+    a BackendProblem when that is because the Node's address is not an IP address."""
+    if not vs.target_node:
+        return pod_address
+    node = endpoint.get("nodeName")
+    if not isinstance(node, str):
+        return None
+    addresses = cluster.node_addresses.get(node)
+    if addresses is None:
+        return None
+    address = addresses.first(vs.family)
+    if address is not None:
+        return address  # canonical text already (Cluster.put_node)
+    invalid = addresses.invalid
+    if invalid:
         return BackendProblem(
+            "InvalidNodeAddress",
+            f"Node {node}: status.addresses[].address (InternalIP) {invalid[0]} is not an "
+            f"IPv{4 if vs.family == AF_INET else 6} address; the endpoints on that Node are left out",
+        )
+    return None
+
+
+def _endpoint(
+    vs: VirtualServerSpec, cluster: Cluster, endpoint: Any, port: int
+) -> tuple[str, _Endpoint] | BackendProblem | None:
+    """One entry of ``endpoints[]``: (pod address, where to send its traffic), or None to leave it out."""
+    if not isinstance(endpoint, Mapping):
+        return None
+    state = _endpoint_state(endpoint.get("conditions"))
+    addresses = endpoint.get("addresses")
+    pod = endpoint_address(addresses[0]) if state and isinstance(addresses, list) and addresses else None
+    if pod is None or pod[0] != vs.family:  # left out, or an address that is not one
+        return None
+    target = _target_address(vs, cluster, endpoint, pod[1])
+    if not isinstance(target, str):
+        return target
+    return pod[1], _Endpoint(target, port, state is EndpointState.DRAINING)
+
+
+def _endpoints(
+    vs: VirtualServerSpec, cluster: Cluster, entry: PortSpec
+) -> tuple[list[_Endpoint], BackendProblem | None]:
+    """The endpoints of ``vs``'s Service for one of its ports, each pod once (ready wins over draining)."""
+    assert vs.service_name is not None
+    k8s_service = cluster.services.get((vs.ref.namespace, vs.service_name))
+    if k8s_service is None:
+        return [], BackendProblem("ServiceNotFound", f"Service {vs.ref.namespace}/{vs.service_name} does not exist")
+    svc_port = _service_port(k8s_service, vs.service_port, entry)
+    if svc_port is None:
+        return [], BackendProblem(
             "ServicePortNotFound",
             f"Service {vs.service_name} has no {entry.protocol.name} port matching "
             f"{vs.service_port if vs.service_port is not None else entry.name or entry.port}",
         )
     family_name = "IPv4" if vs.family == AF_INET else "IPv6"
+    problem: BackendProblem | None = None
     best: dict[tuple[str, int], _Endpoint] = {}
     for eps in (cluster.slices.get((vs.ref.namespace, vs.service_name)) or {}).values():
-        address_type = eps.get("addressType")
-        if address_type != family_name:  # dual-stack Services have one slice per family
+        # Dual-stack Services have one slice per family.
+        port = _slice_port(eps, svc_port.get("name"), entry) if eps.get("addressType") == family_name else None
+        endpoints = eps.get("endpoints")
+        if port is None or not isinstance(endpoints, list):
             continue
-        slice_port = next(
-            (
-                p
-                for p in eps.get("ports") or []
-                if (p.get("name") or "") == (svc_port.get("name") or "")
-                and p.get("protocol", "TCP") == entry.protocol.name
-            ),
-            None,
-        )
-        if slice_port is None or slice_port.get("port") is None:
-            continue
-        port = int(slice_port["port"])
-        for endpoint in eps.get("endpoints") or []:
-            conditions = endpoint.get("conditions") or {}
-            ready = conditions.get("ready")
-            ready = True if ready is None else bool(ready)  # nil means ready (API convention)
-            serving = conditions.get("serving")
-            serving = ready if serving is None else bool(serving)
-            terminating = bool(conditions.get("terminating"))
-            if ready and not terminating:
-                draining = False
-            elif serving and terminating:
-                draining = True  # keep it with weight 0 so its connections drain
-            else:
-                continue
-            pod_addresses = list(endpoint.get("addresses") or [])[:1]
-            if not pod_addresses:
-                continue
-            target = pod_addresses[0]
-            if vs.target_node:
-                node_ips = [
-                    a
-                    for a in cluster.node_addresses.get(endpoint.get("nodeName") or "", [])
-                    if normalize_address(a)[0] == vs.family
-                ]
-                if not node_ips:
-                    continue
-                target = node_ips[0]
-            _, address = normalize_address(target)
-            identity = (normalize_address(pod_addresses[0])[1], port)  # one pod counts once
-            previous = best.get(identity)
-            if previous is None or (previous.draining and not draining):
-                best[identity] = _Endpoint(address, port, draining)
-    return sorted(best.values(), key=lambda e: (e.address, e.port))
+        for endpoint in endpoints:
+            found = _endpoint(vs, cluster, endpoint, port)
+            if isinstance(found, BackendProblem):
+                problem = problem or found
+            elif found is not None:
+                pod, usable = found
+                previous = best.get((pod, usable.port))  # one pod counts once, whatever slices list it
+                if previous is None or (previous.draining and not usable.draining):
+                    best[pod, usable.port] = usable
+    return sorted(best.values(), key=lambda e: (e.address, e.port)), problem
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Resolution:
-    """What became of one VirtualServer: the services it yields or why it yields none."""
+    """What became of one VirtualServer: the IPVS virtual services it yields or why it yields none.
+
+    Frozen: the memo hands the same instance to every desired state that reuses it; a field that
+    differs between passes (``generation``, ``selected``) is set with ``dataclasses.replace``.
+    """
 
     ref: ObjectRef
     generation: int | None = None
@@ -122,61 +204,92 @@ class Resolution:
 
 
 def virtual_services(vs: VirtualServerSpec, cluster: Cluster) -> tuple[list[VirtualService], Resolution]:
-    """The IPVS services one valid VirtualServer yields, and the counts for its status."""
-    resolution = Resolution(vs.ref, vip=vs.vip)
-    services: list[VirtualService] = []
+    """The IPVS virtual services one valid VirtualServer yields, and the counts for its status.
+
+    Missing or unusable backends are a ``Resolution.problem``; the VirtualServer is still
+    programmed. One check needs the cluster and refuses it instead: see :func:`check_ports_kept`
+    (raises SpecError, reason PortMismatch).
+    """
+    ipvs_services: list[VirtualService] = []
     ready: set[str] = set()
     draining: set[str] = set()
+    problem: BackendProblem | None = None
     for entry in vs.ports:
-        key = ServiceKey(vs.family, int(entry.protocol), vs.vip, entry.port)
-        destinations: list[Destination] = []
         if vs.service_name is not None:
-            found = _endpoints(vs, cluster, entry)
-            if isinstance(found, BackendProblem):
-                resolution.problem = resolution.problem or found
-                found = []
-            per_address: dict[tuple[str, int], list[_Endpoint]] = {}
-            for endpoint in found:
-                port = _backend_port(vs, entry, endpoint.port)
-                per_address.setdefault((endpoint.address, port), []).append(endpoint)
-            for (address, port), group in per_address.items():
-                live = [e for e in group if not e.draining]
-                # Node targets: a node with several ready pods gets a proportional share.
-                weight = min(MAX_WEIGHT, vs.weight * len(live)) if live else 0
-                (ready if live else draining).add(address)
-                destinations.append(_destination(vs, address, port, weight))
+            found, found_problem = _endpoints(vs, cluster, entry)
+            problem = problem or found_problem
+            destinations = _service_destinations(vs, entry, found, ready, draining)
         else:
-            for backend in vs.static_backends:
-                port = _backend_port(vs, entry, backend.port)
-                weight = vs.weight if backend.weight is None else backend.weight
-                (ready if weight else draining).add(backend.address)
-                destinations.append(_destination(vs, backend.address, port, weight))
-        if vs.method is not Method.NAT:
-            mismatched = [d for d in destinations if d.port != entry.port]
-            if mismatched:
-                raise SpecError(
-                    vs.ref,
-                    "spec.backends.serviceRef.port",
-                    f"{vs.method.name} cannot remap ports, but endpoints of Service {vs.service_name} listen on "
-                    f"{mismatched[0].port}, not {entry.port}: use the same port or method NAT",
-                    reason="PortMismatch",
-                )
-        services.append(
-            VirtualService(
-                key,
-                vs.scheduler,
-                vs.sched_flags,
-                vs.persistence_timeout,
-                vs.netmask,
-                tuple(destinations),
-            )
+            destinations = _static_destinations(vs, entry, ready, draining)
+        check_ports_kept(vs, entry, destinations)
+        key = ServiceKey(vs.family, int(entry.protocol), vs.vip, entry.port)
+        ipvs_services.append(
+            VirtualService(key, vs.scheduler, vs.sched_flags, vs.persistence_timeout, vs.netmask, tuple(destinations))
         )
-    resolution.keys = tuple(s.key for s in services)
-    resolution.ready_backends = len(ready)
-    resolution.draining_backends = len(draining - ready)
-    if vs.service_name is not None and not resolution.problem and not ready:
-        resolution.problem = BackendProblem("NoReadyEndpoints", f"Service {vs.service_name} has no ready endpoints")
-    return services, resolution
+    if vs.service_name is not None and not problem and not ready:
+        problem = BackendProblem("NoReadyEndpoints", f"Service {vs.service_name} has no ready endpoints")
+    resolution = Resolution(
+        vs.ref,
+        keys=tuple(s.key for s in ipvs_services),
+        vip=vs.vip,
+        ready_backends=len(ready),
+        draining_backends=len(draining - ready),
+        problem=problem,
+    )
+    return ipvs_services, resolution
+
+
+def check_ports_kept(vs: VirtualServerSpec, entry: PortSpec, destinations: list[Destination]) -> None:
+    """Refuse a DR or TUN VirtualServer whose real servers listen on another port than the VIP's.
+
+    DR and TUN forward packets unchanged, so a real server must listen on the virtual service's
+    own port. ``parse_virtual_server`` refuses that for static addresses; for a ``serviceRef``
+    the port is known only from the EndpointSlices, so the check runs here, after resolution.
+    It refuses the VirtualServer (SpecError at ``spec.backends.serviceRef.port``, reason
+    PortMismatch: Accepted=False) rather than reporting a backend problem, because programming it
+    would send every connection to a port nobody listens on.
+    """
+    if vs.method is Method.NAT:
+        return
+    mismatched = next((d for d in destinations if d.port != entry.port), None)
+    if mismatched is not None:
+        raise SpecError(
+            vs.ref,
+            "spec.backends.serviceRef.port",
+            f"{vs.method.name} cannot remap ports, but endpoints of Service {vs.service_name} listen on "
+            f"{mismatched.port}, not {entry.port}: use the same port or method NAT",
+            reason="PortMismatch",
+        )
+
+
+def _service_destinations(
+    vs: VirtualServerSpec, entry: PortSpec, endpoints: list[_Endpoint], ready: set[str], draining: set[str]
+) -> list[Destination]:
+    """One real server per (address, port): with Node targets, a Node with several ready pods
+    gets a proportional share of the weight; one with only draining pods weight 0."""
+    per_address: dict[tuple[str, int], list[_Endpoint]] = {}
+    for endpoint in endpoints:
+        port = _backend_port(vs, entry, endpoint.port)
+        per_address.setdefault((endpoint.address, port), []).append(endpoint)
+    destinations: list[Destination] = []
+    for (address, port), group in per_address.items():
+        live = sum(1 for e in group if not e.draining)
+        weight = min(MAX_WEIGHT, vs.weight * live) if live else 0
+        (ready if live else draining).add(address)
+        destinations.append(_destination(vs, address, port, weight))
+    return destinations
+
+
+def _static_destinations(
+    vs: VirtualServerSpec, entry: PortSpec, ready: set[str], draining: set[str]
+) -> list[Destination]:
+    destinations: list[Destination] = []
+    for backend in vs.static_backends:
+        port = _backend_port(vs, entry, backend.port)
+        weight = vs.weight if backend.weight is None else backend.weight
+        (ready if weight else draining).add(backend.address)
+        destinations.append(_destination(vs, backend.address, port, weight))
+    return destinations
 
 
 def _backend_port(vs: VirtualServerSpec, entry: PortSpec, endpoint_port: int | None) -> int:

@@ -34,6 +34,16 @@ MAX_PERSISTENCE_SECONDS = 31 * 24 * 3600
 Obj = Mapping[str, Any]
 
 
+def meta(obj: Obj) -> Mapping[str, Any]:
+    """An object's ``metadata``, or an empty mapping when it is missing or not an object.
+
+    The one place that reads ``metadata`` from a raw object: cluster objects come from
+    the API server or from files, and a junk value must not raise.
+    """
+    found = obj.get("metadata") if type(obj) is dict or isinstance(obj, Mapping) else None
+    return found if type(found) is dict or isinstance(found, Mapping) else {}
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class ObjectRef:
     namespace: str
@@ -44,8 +54,8 @@ class ObjectRef:
 
     @classmethod
     def of(cls, obj: Obj) -> ObjectRef:
-        meta = obj.get("metadata") or {}
-        return cls(str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+        found = meta(obj)
+        return cls(str(found.get("namespace") or "default"), str(found.get("name") or ""))
 
 
 class SpecError(ValueError):
