@@ -33,11 +33,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import director_bench as bench
+from kubelvs.apply import CachedReconciler
 from kubelvs.core.model import Observed, ServiceKey
 from kubelvs.core.plan import Operation
 from kubelvs.core.plan import apply_operations as apply_in_memory
-from kubelvs.director import agent
+from kubelvs.director.app import Director
+from kubelvs.director.options import DirectorConfig
 from kubelvs.kernel.ipvs import ApplyResult
+from kubelvs.kube.status_writer import StatusWriter
+from kubelvs.state.ownership import CachedStore
 
 
 class MemoryKernel:
@@ -109,37 +113,42 @@ def main() -> int:
         print(f"created in {bench.create_all(kubeconfig, bench.objects(0, args.create, True)):.1f}s")
 
     kernel = MemoryKernel()
-    agent.IPVSClient = lambda netns=None: kernel  # type: ignore[assignment,misc]
-    agent.VipInterface = MemoryVips  # type: ignore[assignment,misc]
     if args.tracemalloc:
         tracemalloc.start(12)
-    loop_profile = cProfile.Profile() if args.cprofile else None  # kopf, handlers, desired state
+    loop_profile = cProfile.Profile() if args.cprofile else None  # informers, handlers, desired state
     sync_profile = cProfile.Profile() if args.cprofile else None  # the sync worker thread
+    baseline = rss()
+    started = time.perf_counter()
+    config_ = DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
+    # The kernel is injected through the director's seam (no IPVS on this host).
+    director = Director(
+        config_, make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), MemoryVips())
+    )
     if sync_profile:
-        sync_once = agent.Director.sync_once
+        sync_once = director.sync.sync_once
 
-        def profiled(self: agent.Director, *a: Any) -> Any:
+        def profiled(*a: Any) -> Any:
             sync_profile.enable()
             try:
-                return sync_once(self, *a)
+                return sync_once(*a)
             finally:
                 sync_profile.disable()
 
-        agent.Director.sync_once = profiled  # type: ignore[method-assign]
-    baseline = rss()
-    started = time.perf_counter()
-    config_ = agent.DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
-    director = agent.Director(config_)
-    registry = agent.build_registry(director)
-    stop = threading.Event()
+        director.sync.sync_once = profiled  # type: ignore[method-assign]
+    stopping: list[Any] = []
 
     def run() -> None:
-        import kopf
-
         config.load_kube_config(config_file=kubeconfig)
+        director_api = client.ApiClient()
         if loop_profile:
             loop_profile.enable()
-        asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True, stop_flag=stop))
+
+        async def main() -> None:
+            stop_event = asyncio.Event()
+            stopping.append((asyncio.get_running_loop(), stop_event))
+            await director.main(director_api, StatusWriter(director_api), stop_event)
+
+        asyncio.run(main())
 
     threading.Thread(target=run, daemon=True).start()
     listed = client.CustomObjectsApi(api).list_cluster_custom_object("kubelvs.io", "v1alpha1", "virtualservers")
@@ -171,7 +180,9 @@ def main() -> int:
             print(f"{stat.size / 2**20:8.2f} MB {stat.count:8d}  {stat.traceback[0]}")
         for stat in snapshot.statistics("traceback")[:4]:
             print(f"{stat.size / 2**20:8.2f} MB from", *stat.traceback.format(), sep="\n  ")
-    stop.set()
+    if stopping:
+        running_loop, stop_event = stopping[0]
+        running_loop.call_soon_threadsafe(stop_event.set)
     for name, profile in (("event loop", loop_profile), ("sync thread", sync_profile)):
         if profile:
             time.sleep(1)

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from kubelvs.core.cluster import trim_service
-from kubelvs.director import informer as informer_module
+from kubelvs.kube import informers as informer_module
 from kubelvs.kube.informers import Informer
 
 

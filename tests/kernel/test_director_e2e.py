@@ -154,6 +154,8 @@ class DirectorProcess:
                 str(RESYNC_SECONDS),
                 "--metrics-port",
                 str(METRICS_PORT),
+                "--metrics-address",
+                "127.0.0.1",  # the Node's address (the default) lives in the dir1 namespace
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -7,17 +7,15 @@ from pathlib import Path
 
 from kubelvs.core.model import AF_INET, ServiceKey
 from kubelvs.core.spec import ObjectRef
-from kubelvs.director.agent import Director, DirectorConfig
-from kubelvs.director.metrics import Metrics
-from prometheus_client import CollectorRegistry
+from kubelvs.director.view import ClusterView
 from test_incremental import versioned
 from test_spec import endpoint, eps, service, vs
 
 KEY = ServiceKey(AF_INET, 6, "192.0.2.10", 80)
 
 
-def director(tmp_path: Path) -> Director:
-    return Director(DirectorConfig(node_name="n1", state_dir=tmp_path), Metrics(CollectorRegistry()))
+def director(tmp_path: Path) -> ClusterView:
+    return ClusterView("n1")
 
 
 def test_a_virtual_server_created_after_its_service_finds_the_endpoints(tmp_path: Path) -> None:
@@ -49,3 +47,37 @@ def test_a_relist_deletes_what_vanished_meanwhile(tmp_path: Path) -> None:
     d.on_endpoint_slice("ADDED", versioned(eps("web-b", endpoint("10.0.0.2")), 5))
     d.on_endpoint_slices_relisted([versioned(eps("web-b", endpoint("10.0.0.2")), 5)])
     assert [x.address for x in d.compute_desired().services[KEY].destinations] == ["10.0.0.2"]
+
+
+def test_a_virtual_server_deleted_while_the_watch_was_down_is_removed_by_the_relist(tmp_path: Path) -> None:
+    # The old VirtualServer watch (kopf) produced no DELETED event on a re-list after 410 Gone:
+    # its rules and VIP stayed until the director restarted.
+    d = director(tmp_path)
+    d.on_virtual_server("ADDED", versioned(vs(), 3))
+    other = vs()
+    other["metadata"] = {**other["metadata"], "name": "other"}
+    d.on_virtual_server("ADDED", versioned(other, 4))
+    d.dirty.clear()
+    d.on_virtual_servers_relisted([versioned(other, 4)])
+    assert ObjectRef("ns", "web") not in d.virtual_servers
+    assert d.dirty == {ObjectRef("ns", "web")}
+
+
+def test_the_service_index_is_pruned_when_its_last_user_goes(tmp_path: Path) -> None:
+    d = director(tmp_path)
+    d.on_virtual_server("ADDED", versioned(vs(), 3))
+    assert d.refs_by_service
+    d.on_virtual_server("DELETED", versioned(vs(), 4))
+    assert not d.refs_by_service
+
+
+def test_own_node_labels_and_address_are_read_from_the_node(tmp_path: Path) -> None:
+    d = director(tmp_path)
+    node = {
+        "metadata": {"name": "n1", "labels": {"role": "lb"}, "resourceVersion": "1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.7"}]},
+    }
+    d.on_node("ADDED", node)
+    assert d.node_seen and d.node_labels == {"role": "lb"} and d.node_address == "192.0.2.7"
+    d.on_node("DELETED", node)
+    assert not d.node_seen and d.node_labels == {}

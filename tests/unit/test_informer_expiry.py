@@ -52,3 +52,40 @@ def test_gone_lists_again_and_hands_over_the_whole_list() -> None:
     assert restarts == [("services", "expired")]
     assert relisted == [[{"metadata": {"name": "a"}}]]
     assert [c.get("resource_version") for c in calls] == ["5", None, "7"]  # watch, list, watch again
+
+
+def test_gone_as_the_http_status_of_the_watch_request_lists_again() -> None:
+    # client-go's reflector relists on an HTTP 410 too; this informer used to retry the expired
+    # version forever.
+    from kubernetes.client.exceptions import ApiException
+
+    stop = threading.Event()
+    calls: list[dict[str, Any]] = []
+    restarts: list[tuple[str, str]] = []
+
+    def call(**kwargs: Any) -> Response:
+        calls.append(kwargs)
+        if kwargs.get("watch"):
+            if kwargs["resource_version"] == "5":
+                raise ApiException(status=410, reason="Gone")
+            stop.set()
+            return Response([])
+        return Response(data={"metadata": {"resourceVersion": "7"}, "items": []})
+
+    watcher = Informer(
+        "services", call, lambda o: o, lambda k, o: None, lambda items: None, lambda *r: restarts.append(r)
+    )
+    watcher.run("5", lambda callback, args: callback(*args), stop)
+    assert restarts == [("services", "expired")]
+    assert [c.get("resource_version") for c in calls] == ["5", None, "7"]
+
+
+def test_every_list_request_has_a_timeout() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def call(**kwargs: Any) -> Response:
+        seen.append(kwargs)
+        return Response(data={"metadata": {"resourceVersion": "1"}, "items": []})
+
+    Informer("nodes", call, lambda o: o, lambda k, o: None, lambda items: None, timeout=12.0).list()
+    assert seen[0]["_request_timeout"] == (10.0, 12.0)

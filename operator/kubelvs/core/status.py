@@ -2,16 +2,26 @@
 
 Directors never fight over one object: each writes only its own entry of ``status.directors``
 (server-side apply, list keyed by node). The summary (conditions, counts) is written by one
-director, chosen without an election: the first by node name among those with an entry.
+director. Which one is a policy passed to the status writer; today's, :func:`summary_writer`,
+needs no election (the first node name among the entries) and has a known flaw: the entry of a
+director that is gone for good is never removed, so a dead director whose name sorts first
+blocks the summary. The per-VIP election replaces it (the VIP's owner writes), together with
+the removal of entries of directors without a live heartbeat.
+
+What a director can know, and so what the conditions claim: ``Programmed`` is about the
+directors that *reported* for the current generation, not about every director the selector
+matches (a director that never reported is invisible here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from kubelvs.core.model import ServiceKey
 from kubelvs.core.resolve import Resolution
+from kubelvs.core.spec import ObjectRef
 
 Obj = Mapping[str, Any]
 
@@ -20,15 +30,21 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def director_entry(node: str, resolution: Resolution, errors: list[str]) -> dict[str, Any]:
-    """This director's entry, without the timestamp (compare entries to decide on a write)."""
+def director_entry(node: str, resolution: Resolution, errors: list[str], reason: str = "") -> dict[str, Any]:
+    """This director's entry, without the timestamp (compare entries to decide on a write).
+
+    ``reason``: why nothing could be programmed on this director at all (``KernelUnavailable``,
+    ``OwnershipRecordUnreadable``); per-service kernel errors come as ``errors`` alone.
+    """
     entry: dict[str, Any] = {
         "node": node,
-        "programmed": resolution.accepted and not errors,
-        "services": len(resolution.keys) if resolution.accepted else 0,
+        "programmed": resolution.accepted and not errors and not reason,
+        "services": len(resolution.keys) if resolution.accepted and not reason else 0,
     }
     if resolution.generation is not None:
         entry["observedGeneration"] = resolution.generation
+    if resolution.accepted and (errors or reason):
+        entry["reason"] = reason or "ProgrammingFailed"
     if errors:
         entry["message"] = "; ".join(errors)[:4000]
     return entry
@@ -85,11 +101,17 @@ def summary(vs: Obj, resolution: Resolution, own: Mapping[str, Any], now: str) -
     elif not current:
         prog = (False, "NoDirectors", "no director has programmed this generation yet")
     elif len(programmed) == len(current):
-        prog = (True, "Programmed", f"in the kernel of {len(programmed)} director(s)")
+        prog = (
+            True,
+            "Programmed",
+            f"in the kernel of the {len(programmed)} director(s) that reported for generation {generation}",
+        )
     else:
         failed = sorted(e["node"] for e in current if not e.get("programmed"))
         detail = "; ".join(f"{n}: {reports[n].get('message', '')}" for n in failed)
-        prog = (False, "ProgrammingFailed", f"{len(failed)} of {len(current)} director(s) failed: {detail}"[:4000])
+        reasons = {str(reports[n].get("reason") or "ProgrammingFailed") for n in failed}
+        reason = reasons.pop() if len(reasons) == 1 else "ProgrammingFailed"  # e.g. KernelUnavailable on all
+        prog = (False, reason, f"{len(failed)} of {len(current)} director(s) failed: {detail}"[:4000])
 
     if not accepted[0]:
         ready = (False, "NotAccepted", accepted[2])
@@ -134,4 +156,32 @@ def same_entry(vs: Obj, entry: Mapping[str, Any]) -> bool:
     before = entries(vs).get(entry["node"])
     if before is None:
         return False
-    return all(before.get(k) == entry.get(k) for k in ("programmed", "services", "observedGeneration", "message"))
+    return all(
+        before.get(k) == entry.get(k) for k in ("programmed", "services", "observedGeneration", "message", "reason")
+    )
+
+
+def errors_by_origin(
+    failures: Iterable[tuple[ServiceKey, str]], origins: Mapping[ServiceKey, ObjectRef]
+) -> dict[ObjectRef, list[str]]:
+    """Kernel errors (a failed operation, a foreign service in the way) per VirtualServer."""
+    errors: dict[ObjectRef, list[str]] = {}
+    for key, message in failures:
+        origin = origins.get(key)
+        if origin is not None:
+            errors.setdefault(origin, []).append(message)
+    return errors
+
+
+def merge_errors(
+    previous: Mapping[ObjectRef, list[str]],
+    found: Mapping[ObjectRef, list[str]],
+    scope: Collection[ObjectRef] | None,
+) -> dict[ObjectRef, list[str]]:
+    """The errors after a sync of ``scope`` (None: everything): a sync speaks only for what it
+    covered, so the errors of VirtualServers outside its scope stay as they were."""
+    if scope is None:
+        return dict(found)
+    merged = {ref: errors for ref, errors in previous.items() if ref not in scope}
+    merged.update({ref: errors for ref, errors in found.items() if ref in scope})
+    return merged

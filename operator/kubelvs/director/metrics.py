@@ -1,25 +1,37 @@
-"""The director's Prometheus metrics (``/metrics``).
+"""The director's Prometheus metrics (``/metrics``) and health endpoints (``/healthz``, ``/readyz``).
 
-Kernel counters are read when scraped (one dump of the owned services), labelled by the
-VirtualServer and the real server: bounded by the configuration, never per connection.
+Kernel counters are read when scraped (one dump of the kernel, reported for the services the
+desired state has), labelled by the VirtualServer and the real server: bounded by the
+configuration, never per connection.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kubelvs import __version__
 from kubelvs.apply import SyncReport
-from kubelvs.core.model import Protocol
+from kubelvs.core.desired import DesiredState
+from kubelvs.core.model import Observed, Protocol
 
-if TYPE_CHECKING:
-    from kubelvs.director.agent import Director
+Check = Callable[[], tuple[bool, str]]
 
 log = logging.getLogger("kubelvs.director.metrics")
 
@@ -53,6 +65,17 @@ class Metrics:
             ["resource", "reason"],
             registry=registry,
         )
+        self.sync_outcomes = Counter(
+            "kubelvs_sync_outcomes_total",
+            "Sync attempts by verdict (ok, retry, give_up) and reason (e.g. KernelUnavailable).",
+            ["verdict", "reason"],
+            registry=registry,
+        )
+        self.last_successful_sync = Gauge(
+            "kubelvs_last_successful_sync_timestamp_seconds",
+            "When the kernel was last brought to the desired state (Unix time); /readyz checks its age.",
+            registry=registry,
+        )
         Info("kubelvs_build", "The kubelvs version.", registry=registry).info({"version": __version__})
 
     def watch_restarted(self, resource: str, reason: str) -> None:
@@ -65,21 +88,52 @@ class Metrics:
         for failure in report.result.failed:
             self.operations.labels(failure.operation.verb.value, "error").inc()
 
-    def serve(self, port: int, director: Director) -> None:
-        self.registry.register(KernelCollector(director))
-        start_http_server(port, registry=self.registry)
+    def serve(
+        self,
+        address: str,
+        port: int,
+        alive: Check,
+        ready: Check,
+        desired: Callable[[], DesiredState | None],
+        dump: Callable[[], Observed],
+    ) -> ThreadingHTTPServer:
+        """Serve /metrics, /healthz (liveness) and /readyz (readiness) on ``address:port``."""
+        self.registry.register(KernelCollector(desired, dump))
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+                elif path in ("/healthz", "/readyz"):
+                    ok, why = (alive if path == "/healthz" else ready)()
+                    body, status, kind = f"{why}\n".encode(), 200 if ok else 503, "text/plain; charset=utf-8"
+                else:
+                    body, status, kind = b"not found\n", 404, "text/plain; charset=utf-8"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: no log line each
+                pass
+
+        server = ThreadingHTTPServer((address, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
 
 
 class KernelCollector(Collector):
     """Per virtual service and real server counters, read from the kernel at scrape time."""
 
-    def __init__(self, director: Director) -> None:
-        self.director = director
-        self.client: Any = None
+    def __init__(self, desired: Callable[[], DesiredState | None], dump: Callable[[], Observed]) -> None:
+        self.desired = desired
+        self.dump = dump
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        from kubelvs.kernel.ipvs import IPVSClient
-
         families: dict[str, Any] = {}
 
         def family(name: str, doc: str, labels: list[str], gauge: bool = False) -> Any:
@@ -88,16 +142,13 @@ class KernelCollector(Collector):
                 families[name] = cls(name, doc, labels=labels)
             return families[name]
 
-        desired = self.director.desired
+        desired = self.desired()
         if desired is None:
             return
         try:
-            if self.client is None:
-                self.client = IPVSClient(netns=self.director.config.netns)
-            observed = self.client.dump(with_counters=True)
+            observed = self.dump()
         except OSError:
             log.warning("kernel counters not read", exc_info=True)
-            self.client = None
             return
         for key, origin in desired.origins.items():
             service = observed.services.get(key)

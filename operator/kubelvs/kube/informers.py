@@ -1,11 +1,12 @@
-"""List, then watch, one kind of object cluster-wide: the lean watch of the high-volume kinds.
+"""List, then watch, one kind of object cluster-wide: the director's lean informers.
 
-kopf handles the VirtualServers. Services, EndpointSlices and Nodes are many more objects, and
-the director needs a few fields of each. Here they come in as raw JSON, without the client's
+VirtualServers, Services, EndpointSlices and Nodes come in as raw JSON, without the client's
 model classes, and each object is cut down to what ``kubelvs.core`` reads before it is kept.
 The initial listing is read in pages. The watch resumes from the last resourceVersion it saw
 (bookmarks keep that version fresh), so a restart of the stream replays nothing. When the
-version has expired (410 Gone), the informer lists again and hands over the whole new list.
+version has expired (410 Gone, as a watch event or as the HTTP status of the watch request), the
+informer lists again and hands over the whole new list, so what was deleted meanwhile is seen
+deleted. Every request has a timeout: a half-open connection ends and is retried.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+
+from kubelvs.core.cluster import trim_endpoint_slice, trim_node, trim_service, trim_virtual_server
+from kubelvs.core.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("kubelvs.kube.informers")
 
@@ -26,6 +31,7 @@ Obj = dict[str, Any]
 PAGE_SIZE = 500
 WATCH_SECONDS = 300  # the server ends each watch after this; it is then resumed
 READ_TIMEOUT = WATCH_SECONDS + 30  # no byte (not even a bookmark) for this long: the stream is dead
+LIST_TIMEOUT = 60.0  # one page of a listing
 BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 15)
 
 
@@ -33,12 +39,18 @@ class Expired(Exception):
     """The resourceVersion is too old to watch from (HTTP 410): list again."""
 
 
-def list_objects(call: Callable[..., Any], trim: Callable[[Obj], Obj]) -> tuple[list[Obj], str]:
+def list_objects(
+    call: Callable[..., Any], trim: Callable[[Obj], Obj], timeout: float = LIST_TIMEOUT
+) -> tuple[list[Obj], str]:
     """Every object, read in pages and trimmed, and the resourceVersion to watch from."""
     items: list[Obj] = []
     token: str | None = None
     while True:
-        kwargs: dict[str, Any] = {"limit": PAGE_SIZE, "_preload_content": False}
+        kwargs: dict[str, Any] = {
+            "limit": PAGE_SIZE,
+            "_preload_content": False,
+            "_request_timeout": (min(10.0, timeout), timeout),
+        }
         if token:
             kwargs["_continue"] = token
         page = json.loads(call(**kwargs).data)
@@ -57,20 +69,26 @@ class Informer:
     on_event: Callable[[str, Obj], None]  # ("ADDED" | "MODIFIED" | "DELETED", trimmed object)
     on_relist: Callable[[list[Obj]], None]  # the complete set, after a re-list
     on_restart: Callable[[str, str], None] = lambda resource, reason: None
+    timeout: float = LIST_TIMEOUT
 
     def list(self) -> tuple[list[Obj], str]:
-        return list_objects(self.call, self.trim)
+        return list_objects(self.call, self.trim, self.timeout)
 
     def watch(self, version: str, deliver: Callable[[Callable[..., None], Any], None], stop: threading.Event) -> str:
         """Stream events from ``version`` until the server ends the watch; return the newest version."""
-        response = self.call(
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-            _preload_content=False,
-            _request_timeout=(10, READ_TIMEOUT),
-        )
+        try:
+            response = self.call(
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=WATCH_SECONDS,
+                _preload_content=False,
+                _request_timeout=(10, READ_TIMEOUT),
+            )
+        except ApiException as error:
+            if error.status == 410:  # the version expired before the watch began (as client-go's reflector)
+                raise Expired(str(error.reason)) from error
+            raise
         try:
             for line in iter_resp_lines(response):
                 if stop.is_set():
@@ -126,3 +144,61 @@ class Informer:
         )
         thread.start()
         return thread
+
+
+class ViewHandlers(Protocol):
+    """What the informers feed: one handler per kind for events, one for a complete re-list."""
+
+    def on_virtual_server(self, event_type: str, obj: Obj) -> None: ...
+    def on_virtual_servers_relisted(self, listed: list[Obj]) -> None: ...
+    def on_service(self, event_type: str, obj: Obj) -> None: ...
+    def on_services_relisted(self, listed: list[Obj]) -> None: ...
+    def on_endpoint_slice(self, event_type: str, obj: Obj) -> None: ...
+    def on_endpoint_slices_relisted(self, listed: list[Obj]) -> None: ...
+    def on_node(self, event_type: str, obj: Obj) -> None: ...
+    def on_nodes_relisted(self, listed: list[Obj]) -> None: ...
+
+
+def cluster_informers(
+    api: k8s.ApiClient,
+    view: ViewHandlers,
+    on_restart: Callable[[str, str], None],
+    timeout: float = LIST_TIMEOUT,
+) -> list[Informer]:
+    """The director's four informers, VirtualServers first (so that a listing of the others
+    finds them)."""
+    core, discovery, custom = k8s.CoreV1Api(api), k8s.DiscoveryV1Api(api), k8s.CustomObjectsApi(api)
+
+    def list_virtual_servers(**kwargs: Any) -> Any:
+        return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+
+    return [
+        Informer(
+            "virtualservers",
+            list_virtual_servers,
+            trim_virtual_server,
+            view.on_virtual_server,
+            view.on_virtual_servers_relisted,
+            on_restart,
+            timeout,
+        ),
+        Informer(
+            "services",
+            core.list_service_for_all_namespaces,
+            trim_service,
+            view.on_service,
+            view.on_services_relisted,
+            on_restart,
+            timeout,
+        ),
+        Informer(
+            "endpointslices",
+            discovery.list_endpoint_slice_for_all_namespaces,
+            trim_endpoint_slice,
+            view.on_endpoint_slice,
+            view.on_endpoint_slices_relisted,
+            on_restart,
+            timeout,
+        ),
+        Informer("nodes", core.list_node, trim_node, view.on_node, view.on_nodes_relisted, on_restart, timeout),
+    ]

@@ -1,0 +1,179 @@
+"""The sync loop: coalesce events, sync what they touched, a full resync now and then.
+
+Each attempt ends in a :class:`~kubelvs.core.outcome.SyncOutcome`; what happens next (at once,
+after a backoff, or only slowly because nothing will change soon) is
+:func:`~kubelvs.core.outcome.retry_delay`'s decision, not an exception handler's. The kernel I/O
+runs in a worker thread; the view is read and marked only on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from kubelvs.apply import SyncReport
+from kubelvs.core import status as st
+from kubelvs.core.desired import DesiredState
+from kubelvs.core.outcome import OK, SyncOutcome, Verdict, retry_delay
+from kubelvs.core.spec import ObjectRef
+from kubelvs.director.metrics import Metrics
+from kubelvs.director.options import DirectorConfig
+from kubelvs.director.view import ClusterView
+
+log = logging.getLogger("kubelvs.director")
+
+
+class KernelReconciler(Protocol):
+    """What the loop needs of :class:`kubelvs.apply.CachedReconciler` (a fake in the tests)."""
+
+    def sync_cached(self, desired: DesiredState, only: set[ObjectRef] | None, full: bool) -> SyncReport: ...
+
+
+class KernelUnavailable(Exception):
+    """IPVS cannot be reached on this node (no ``ip_vs`` module, no netlink family)."""
+
+
+class SyncLoop:
+    def __init__(
+        self,
+        view: ClusterView,
+        config: DirectorConfig,
+        metrics: Metrics,
+        make_reconciler: Callable[[], KernelReconciler],
+        on_synced: Callable[[set[ObjectRef] | None], None] = lambda scope: None,
+        classify: Callable[[BaseException], SyncOutcome | None] = lambda error: None,
+    ) -> None:
+        self.view = view
+        self.config = config
+        self.metrics = metrics
+        self.make_reconciler = make_reconciler
+        self.on_synced = on_synced  # status goes out on its own task: it never delays the kernel
+        self.classify = classify  # effect-specific errors (an unreadable record) to an outcome
+        self.reconciler: KernelReconciler | None = None
+        self.wake = asyncio.Event()
+        self.last_full = 0.0
+        self.outcome: SyncOutcome = OK
+        self.failures_in_a_row = 0
+        self.last_success_monotonic: float | None = None
+        self.last_attempt_monotonic = time.monotonic()
+        self.synced_once = False
+        # For status: the latest desired state (also when the kernel could not be reached) and
+        # the kernel errors per VirtualServer of the last sync that covered it.
+        self.desired: DesiredState | None = None
+        self.errors_by_ref: dict[ObjectRef, list[str]] = {}
+
+    def mark(self) -> None:
+        self.wake.set()
+
+    # --- one attempt ----------------------------------------------------------------------
+
+    def sync_once(self, desired: DesiredState, scope: set[ObjectRef] | None, full: bool) -> SyncOutcome:
+        """In a worker thread: the kernel I/O and its outcome."""
+        started = time.perf_counter()
+        try:
+            if self.reconciler is None:
+                try:
+                    self.reconciler = self.make_reconciler()
+                except OSError as error:
+                    raise KernelUnavailable(str(error)) from error
+            report = self.reconciler.sync_cached(desired, only=scope, full=full)
+        except KernelUnavailable as error:
+            return SyncOutcome(Verdict.GIVE_UP, "KernelUnavailable", f"IPVS is not available on this node: {error}")
+        except Exception as error:
+            outcome = self.classify(error)
+            if outcome is not None:
+                return outcome
+            log.exception("sync failed")
+            return SyncOutcome(Verdict.RETRY, "SyncFailed", f"{type(error).__name__}: {error}")
+        kind = "full" if full or scope is None else "incremental"
+        self.metrics.observe_sync(kind, time.perf_counter() - started, report)
+        failures = [(f.operation.key, str(f)) for f in report.result.failed]
+        failures += [(key, f"{key} exists in the kernel and is not owned by kubelvs") for key in report.plan.conflicts]
+        self.errors_by_ref = st.merge_errors(self.errors_by_ref, st.errors_by_origin(failures, desired.origins), scope)
+        if not self.synced_once or len(report.plan) or not report.ok:
+            log.info(
+                "%s sync: %d operations %s, %d failed, %d conflicts",
+                "initial" if not self.synced_once else kind,
+                len(report.plan),
+                report.plan.counts(),
+                len(report.result.failed),
+                len(report.plan.conflicts),
+            )
+        return OK
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self, ready: asyncio.Event) -> None:
+        """Coalesce events, sync, hand the scope to status; a full resync every resync_seconds."""
+        loop = asyncio.get_running_loop()
+        await ready.wait()  # the initial listing is in: never sync from a partial view
+        delay = 0.0
+        while True:
+            due = self.last_full + self.config.resync_seconds - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # backoff after a failure: events wait too
+            elif not self.view.pending and due > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=due)
+            self.wake.clear()
+            await asyncio.sleep(self.config.coalesce_seconds)  # let a burst of events land
+            full = time.monotonic() >= self.last_full + self.config.resync_seconds or not self.outcome.ok
+            desired, scope = self.view.plan_sync(full)
+            self.desired = desired
+            outcome = await loop.run_in_executor(None, self.sync_once, desired, scope, full)
+            self.record(outcome)
+            if outcome.ok:
+                self.view.desired = desired
+                if full or scope is None:
+                    self.last_full = time.monotonic()
+            else:
+                self.view.sync_failed(scope)
+            delay = retry_delay(outcome, self.failures_in_a_row)
+            self.on_synced(scope if outcome.ok else None)
+
+    def record(self, outcome: SyncOutcome) -> None:
+        changed = outcome != self.outcome
+        self.last_attempt_monotonic = time.monotonic()
+        self.outcome = outcome
+        self.metrics.sync_outcomes.labels(outcome.verdict.value, outcome.reason or "Ok").inc()
+        if outcome.ok:
+            self.failures_in_a_row = 0
+            self.synced_once = True
+            self.last_success_monotonic = time.monotonic()
+            self.metrics.last_successful_sync.set_to_current_time()
+            if changed:
+                log.info("syncing again")
+            return
+        self.failures_in_a_row += 1
+        if changed:
+            log.error("sync: %s: %s", outcome.reason, outcome.message)
+
+    # --- health ----------------------------------------------------------------------------
+
+    def alive(self, now: float | None = None) -> tuple[bool, str]:
+        """Liveness: the loop still makes attempts (whatever their outcome: a node without IPVS
+        is not fixed by restarting the pod, so that shows as not ready, not as dead)."""
+        now = time.monotonic() if now is None else now
+        limit = self.config.health_max_sync_age_seconds or 3 * self.config.resync_seconds
+        limit = max(limit, 2 * 60.0)  # a give-up retries every minute
+        age = now - self.last_attempt_monotonic
+        if self.synced_once or self.outcome != OK:
+            return (age <= limit, f"last sync attempt {age:.0f} s ago (limit {limit:.0f} s)")
+        return True, "starting"
+
+    def health(self, now: float | None = None) -> tuple[bool, str]:
+        """Readiness: the last successful sync is recent enough."""
+        now = time.monotonic() if now is None else now
+        if not self.outcome.ok and self.outcome.verdict is Verdict.GIVE_UP:
+            return False, f"{self.outcome.reason}: {self.outcome.message}"
+        if self.last_success_monotonic is None:
+            return False, "no successful sync yet"
+        limit = self.config.health_max_sync_age_seconds or 3 * self.config.resync_seconds
+        age = now - self.last_success_monotonic
+        if age > limit:
+            return False, f"last successful sync {age:.0f} s ago (limit {limit:.0f} s): {self.outcome.message}"
+        return True, "ok"

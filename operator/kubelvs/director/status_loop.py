@@ -1,0 +1,212 @@
+"""Status of the VirtualServers a sync touched: this director's entry, the summary, Events.
+
+What to write is decided by :mod:`kubelvs.core.status` (pure); the requests are
+:class:`kubelvs.kube.status_writer.StatusWriter`'s. A write is recorded as written only when
+it landed; a failed one is retried after a backoff, and an Event goes out only after the
+summary it reports on was written. Summaries are debounced per VirtualServer (at most one write
+per ``SUMMARY_DEBOUNCE_SECONDS``): a rolling restart of a Deployment flips its endpoints many
+times a second, and each flip would otherwise be a summary write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from kubelvs.core import status as st
+from kubelvs.core.desired import DesiredState
+from kubelvs.core.outcome import SyncOutcome
+from kubelvs.core.spec import GROUP, VERSION, ObjectRef
+from kubelvs.director.metrics import Metrics
+from kubelvs.director.view import ClusterView
+from kubelvs.kube.status_writer import Written
+
+log = logging.getLogger("kubelvs.director.status")
+WRITES_IN_FLIGHT = 4
+RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
+SUMMARY_DEBOUNCE_SECONDS = 1.0
+SummaryWriterPolicy = Callable[[Mapping[str, Any], str], bool]  # (VirtualServer, this node) -> writes it?
+
+
+class Result(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"  # a request failed: retried after a backoff
+    LATER = "later"  # debounced: written when the interval has passed
+
+
+class Writer(Protocol):
+    def apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> Written: ...
+    def post_event(self, namespace: str, event: dict[str, Any]) -> bool: ...
+
+
+class SyncState(Protocol):
+    desired: DesiredState | None
+    errors_by_ref: dict[ObjectRef, list[str]]
+    outcome: SyncOutcome
+
+
+class StatusLoop:
+    def __init__(
+        self,
+        view: ClusterView,
+        sync: SyncState,
+        writer: Writer,
+        metrics: Metrics,
+        node: str,
+        now: Callable[[], str] = st.now_rfc3339,
+        is_summary_writer: SummaryWriterPolicy = st.summary_writer,  # the election's seam
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.view = view
+        self.sync = sync
+        self.writer = writer
+        self.metrics = metrics
+        self.node = node
+        self.now = now
+        self.is_summary_writer = is_summary_writer
+        self.clock = clock
+        self.written_entries: dict[ObjectRef, dict[str, Any]] = {}
+        self.written_summaries: dict[ObjectRef, tuple[float, dict[str, Any]]] = {}  # when, what
+        self.pending: set[ObjectRef] = set()
+        self.wake = asyncio.Event()
+        self.failures_in_a_row = 0
+
+    def request(self, scope: set[ObjectRef] | None) -> None:
+        """After a sync: write the status of ``scope`` (None: every VirtualServer)."""
+        desired = self.sync.desired
+        if scope is None:
+            self.pending.update(desired.resolutions if desired is not None else ())
+        else:
+            self.pending.update(scope)
+        for written in (self.written_entries, self.written_summaries):
+            for ref in [r for r in written if r not in self.view.virtual_servers]:
+                del written[ref]
+        self.wake.set()
+
+    async def run(self) -> None:
+        """A few writes in flight (a few workers, not a task per VirtualServer: start-up touches
+        all of them); what failed goes back to the queue, after a backoff."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            queue = sorted(self.pending, reverse=True)
+            self.pending = set()
+            failed: list[ObjectRef] = []
+            later: list[ObjectRef] = []
+            await asyncio.gather(*(self._worker(loop, queue, failed, later) for _ in range(WRITES_IN_FLIGHT)))
+            if failed:
+                self.failures_in_a_row += 1
+            elif not later:
+                self.failures_in_a_row = 0
+            if failed or later:
+                self.pending.update(failed)
+                self.pending.update(later)
+                delay = SUMMARY_DEBOUNCE_SECONDS
+                if failed:
+                    delay = RETRY_SECONDS[min(self.failures_in_a_row, len(RETRY_SECONDS)) - 1]
+                asyncio.get_running_loop().call_later(delay, self.wake.set)
+
+    async def _worker(
+        self, loop: asyncio.AbstractEventLoop, queue: list[ObjectRef], failed: list[ObjectRef], later: list[ObjectRef]
+    ) -> None:
+        while queue:
+            ref = queue.pop()
+            try:
+                result = await loop.run_in_executor(None, self.write_status, ref)
+            except Exception:
+                log.exception("status of %s not written", ref)
+                result = Result.FAILED
+            if result is Result.FAILED:
+                failed.append(ref)
+            elif result is Result.LATER:
+                later.append(ref)
+
+    def write_status(self, ref: ObjectRef) -> Result:
+        """In a worker thread: this director's entry, then (if it writes it) the summary, then
+        the Events of the summary's transitions."""
+        desired = self.sync.desired
+        vs = self.view.virtual_servers.get(ref)
+        if desired is None or vs is None or ref not in desired.resolutions:
+            return Result.DONE
+        resolution = desired.resolutions[ref]
+        outcome = self.sync.outcome
+        errors = list(self.sync.errors_by_ref.get(ref, []))
+        reason = ""
+        if not outcome.ok:  # nothing could be programmed here (no IPVS, an unreadable record...)
+            reason = outcome.reason
+            errors.insert(0, f"{outcome.reason}: {outcome.message}")
+        entry = st.director_entry(self.node, resolution, errors, reason)
+        manager = f"kubelvs-director-{self.node}"
+        if not resolution.selected:
+            if self.node in st.entries(vs) and self.written_entries.get(ref) != {}:
+                # No longer ours: applying an empty list drops the entry this manager owns.
+                if not self._write(ref, {"directors": []}, manager):
+                    return Result.FAILED
+                self.written_entries[ref] = {}
+            return Result.DONE
+        # This director's own entry first: the summary is derived from the entries.
+        if not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
+            if not self._write(ref, {"directors": [{**entry, "lastSyncTime": self.now()}]}, manager):
+                return Result.FAILED
+            self.written_entries[ref] = entry
+        if not self.is_summary_writer(vs, self.node):
+            return Result.DONE
+        summary = st.summary(vs, resolution, entry, self.now())
+        last = self.written_summaries.get(ref)
+        if st.same_summary(vs, summary) or (last is not None and st.same_summary({"status": last[1]}, summary)):
+            return Result.DONE  # as it is (or as we wrote it: the watch event may not be in yet)
+        if last is not None and self.clock() - last[0] < SUMMARY_DEBOUNCE_SECONDS:
+            return Result.LATER
+        if not self._write(ref, summary, "kubelvs-status"):
+            return Result.FAILED  # and no Event: it would report a change nobody can see
+        # Transitions against what we last wrote, when we wrote it: the view may lag behind.
+        before = vs if last is None else {"metadata": vs.get("metadata"), "status": last[1]}
+        self.written_summaries[ref] = (self.clock(), summary)
+        for event in events_for(before, summary, self.node, self.now()):
+            if not self.writer.post_event(str(event["metadata"]["namespace"]), event):
+                self.metrics.api_errors.inc()
+        return Result.DONE
+
+    def _write(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> bool:
+        written = self.writer.apply_status(ref, status, manager)
+        if written is Written.FAILED:
+            self.metrics.api_errors.inc()
+            return False
+        return True
+
+
+def events_for(vs: Mapping[str, Any], summary: Mapping[str, Any], node: str, now: str) -> list[dict[str, Any]]:
+    """A Kubernetes Event for each condition that changed (Warning when it went bad)."""
+    old = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
+    meta = vs.get("metadata") or {}
+    events = []
+    for condition in summary["conditions"]:
+        before = old.get(condition["type"]) or {}
+        if (before.get("status"), before.get("reason")) == (condition["status"], condition["reason"]):
+            continue
+        warning = condition["status"] == "False" and condition["reason"] != "NoDirectors"
+        events.append(
+            {
+                "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+                "involvedObject": {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "VirtualServer",
+                    "name": meta.get("name"),
+                    "namespace": meta.get("namespace"),
+                    "uid": meta.get("uid"),
+                },
+                "type": "Warning" if warning else "Normal",
+                "reason": condition["reason"],
+                "message": f"{condition['type']}={condition['status']}: {condition['message']}"[:1000],
+                "source": {"component": "kubelvs-director", "host": node},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+        )
+    return events

@@ -1,0 +1,214 @@
+"""What the director knows of the cluster, fed by watch events, and what the next sync covers.
+
+Events only update this view and mark the VirtualServers they touch; nothing here does I/O.
+The event handlers run on the event loop's thread only (the watches hand their events over to
+it), so the view needs no lock. ``plan_sync`` turns the marks into the desired state and the
+scope of the next sync: O(touched) when only marked VirtualServers changed, a full pass when a
+conflict could move.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from kubelvs.core.cluster import Cluster, service_name_of, trim_virtual_server
+from kubelvs.core.desired import DesiredState, Memo, desired_state, update_desired
+from kubelvs.core.spec import ObjectRef, meta
+
+Obj = dict[str, Any]
+
+
+class ClusterView:
+    """VirtualServers, Services, EndpointSlices and Nodes as last seen, plus the dirty marks."""
+
+    def __init__(self, node_name: str, wake: Callable[[], None] = lambda: None) -> None:
+        self.node_name = node_name
+        self.wake = wake  # called on every mark: the sync loop's wake-up
+        self.virtual_servers: dict[ObjectRef, Obj] = {}
+        self.cluster = Cluster()
+        self.node_labels: dict[str, str] = {}
+        self.node_seen = False  # our own Node object was listed (else every nodeSelector excludes us)
+        self.node_address = ""  # our own InternalIP (the metrics listener binds to it)
+        self.refs_by_service: dict[tuple[str, str], set[ObjectRef]] = defaultdict(set)
+        self.memo: Memo = {}
+        self.dirty: set[ObjectRef] = set()
+        self.everything_dirty = True
+        self.desired: DesiredState | None = None  # the desired state of the last successful sync
+
+    # --- events -------------------------------------------------------------------------
+
+    def mark(self, refs: Iterable[ObjectRef] = (), everything: bool = False) -> None:
+        self.dirty.update(refs)
+        self.everything_dirty |= everything
+        self.wake()
+
+    def on_virtual_server(self, event_type: str, obj: Obj) -> None:
+        ref = ObjectRef.of(obj)
+        before = self.virtual_servers.get(ref)
+        if event_type != "DELETED" and _unchanged(before, obj):
+            return  # a replay of what the listing already gave
+        if event_type == "DELETED":
+            self.virtual_servers.pop(ref, None)
+            self.memo.pop(ref, None)
+            self._index_service(ref, before, None)
+            self.mark([ref])
+            return
+        obj = trim_virtual_server(obj)
+        self.virtual_servers[ref] = obj
+        self._index_service(ref, before, obj)
+        if before is None or _generation(before) != _generation(obj):
+            self.mark([ref])
+
+    def _index_service(self, ref: ObjectRef, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> None:
+        old, new = _service_ref(before), _service_ref(after)
+        if old == new:
+            return
+        if old is not None:
+            users = self.refs_by_service.get((ref.namespace, old))
+            if users is not None:
+                users.discard(ref)
+                if not users:
+                    del self.refs_by_service[(ref.namespace, old)]
+        if new is not None:
+            self.refs_by_service[(ref.namespace, new)].add(ref)
+
+    def on_service(self, event_type: str, obj: Obj) -> None:
+        ref = ObjectRef.of(obj)
+        if event_type != "DELETED" and _unchanged(self.cluster.services.get((ref.namespace, ref.name)), obj):
+            return
+        if event_type == "DELETED":
+            self.cluster.remove_service(ref.namespace, ref.name)
+        else:
+            self.cluster.put_service(obj)
+        self.mark(self.refs_by_service.get((ref.namespace, ref.name), ()))
+
+    def on_endpoint_slice(self, event_type: str, obj: Obj) -> None:
+        ref = ObjectRef.of(obj)
+        service = service_name_of(obj) or ""
+        # Every slice is kept (trimmed), used or not: a VirtualServer created later for an
+        # existing Service must find its endpoints without waiting for them to change.
+        known = (self.cluster.slices.get((ref.namespace, service)) or {}).get(ref.name)
+        if event_type == "DELETED":
+            self.cluster.remove_slice(obj)
+        elif _unchanged(known, obj):
+            return
+        else:
+            self.cluster.put_slice(obj)
+        self.mark(self.refs_by_service.get((ref.namespace, service), ()))
+
+    def on_node(self, event_type: str, obj: Obj) -> None:
+        name = str(meta(obj).get("name") or "")
+        version = self.cluster.nodes_version
+        if event_type == "DELETED":
+            self.cluster.remove_node(name)
+        else:
+            self.cluster.put_node(obj)
+        if name == self.node_name:
+            self.node_seen = event_type != "DELETED"
+            addresses = self.cluster.node_addresses.get(name)
+            self.node_address = addresses.usable[0][1] if addresses is not None and addresses.usable else ""
+            labels = dict(meta(obj).get("labels") or {}) if self.node_seen else {}
+            if labels != self.node_labels:
+                self.node_labels = labels
+                self.mark(everything=True)
+                return
+        if self.cluster.nodes_version != version:
+            node_targets = [
+                ref
+                for ref, vs in self.virtual_servers.items()
+                if ((vs.get("spec") or {}).get("backends") or {}).get("target") == "Node"
+            ]
+            self.mark(node_targets)
+
+    def _relisted(
+        self, known: Iterable[Mapping[str, Any]], listed: list[Obj], on_event: Callable[[str, Obj], None]
+    ) -> None:
+        """A watch expired and its kind was listed again: what is gone was deleted meanwhile."""
+        present = {ObjectRef.of(obj) for obj in listed}
+        for obj in [o for o in known if ObjectRef.of(o) not in present]:
+            on_event("DELETED", dict(obj))
+        for obj in listed:
+            on_event("MODIFIED", obj)
+
+    def on_virtual_servers_relisted(self, listed: list[Obj]) -> None:
+        self._relisted(list(self.virtual_servers.values()), listed, self.on_virtual_server)
+
+    def on_services_relisted(self, listed: list[Obj]) -> None:
+        self._relisted(list(self.cluster.services.values()), listed, self.on_service)
+
+    def on_endpoint_slices_relisted(self, listed: list[Obj]) -> None:
+        known = [eps for by_name in self.cluster.slices.values() for eps in by_name.values()]
+        self._relisted(known, listed, self.on_endpoint_slice)
+
+    def on_nodes_relisted(self, listed: list[Obj]) -> None:
+        known = [{"metadata": {"name": name}} for name in self.cluster.node_addresses]
+        self._relisted(known, listed, self.on_node)
+
+    # --- what the next sync covers ------------------------------------------------------
+
+    def compute_desired(self) -> DesiredState:
+        return desired_state(self.virtual_servers.values(), self.cluster, self.node_labels, self.memo)
+
+    def _scope(self, desired: DesiredState) -> set[ObjectRef] | None:
+        """The VirtualServers to sync: those marked, and those whose outcome changed because of
+        another (a conflict resolved when the older one went away)."""
+        if self.everything_dirty or self.desired is None:
+            return None
+        scope = set(self.dirty)
+        before = self.desired.resolutions
+        for ref, now in desired.resolutions.items():
+            old = before.get(ref)
+            if (
+                old is None
+                or old.keys != now.keys
+                or old.selected != now.selected
+                or ((old.error and old.error.reason) != (now.error and now.error.reason))
+            ):
+                scope.add(ref)
+        scope.update(ref for ref in before if ref not in desired.resolutions)
+        return scope
+
+    def plan_sync(self, full: bool) -> tuple[DesiredState, set[ObjectRef] | None]:
+        """The desired state and the scope of the next sync (None: everything)."""
+        if not (full or self.everything_dirty) and self.desired is not None:
+            quick = update_desired(
+                self.desired, self.virtual_servers, self.dirty, self.cluster, self.node_labels, self.memo
+            )
+            if quick is not None:  # nothing but the marked VirtualServers changed
+                marked = set(self.dirty)
+                self.dirty.clear()
+                return quick, marked
+        desired = self.compute_desired()
+        scope = None if full else self._scope(desired)
+        self.dirty.clear()
+        self.everything_dirty = False
+        return desired, scope
+
+    def sync_failed(self, scope: set[ObjectRef] | None) -> None:
+        """The sync of ``scope`` did not happen: cover it again next time."""
+        self.mark(everything=True)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.dirty or self.everything_dirty)
+
+
+def _unchanged(known: Mapping[str, Any] | None, obj: Mapping[str, Any]) -> bool:
+    """The same resourceVersion: a replayed event."""
+    if known is None:
+        return False
+    version = meta(obj).get("resourceVersion")
+    return version is not None and meta(known).get("resourceVersion") == version
+
+
+def _generation(obj: Mapping[str, Any]) -> object:
+    return meta(obj).get("generation")
+
+
+def _service_ref(obj: Mapping[str, Any] | None) -> str | None:
+    ref = (((obj or {}).get("spec") or {}).get("backends") or {}).get("serviceRef")
+    if isinstance(ref, Mapping) and ref.get("name"):
+        return str(ref["name"])
+    return None

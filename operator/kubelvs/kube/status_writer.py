@@ -1,0 +1,69 @@
+"""VirtualServer status and Events: the requests, each with a timeout, and their outcome.
+
+Nothing here decides what to write (that is :mod:`kubelvs.core.status`); it only says whether
+the write landed, so that a failed write is retried and never recorded as written.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any
+
+from kubernetes import client as k8s
+
+from kubelvs.core.spec import GROUP, PLURAL, VERSION, ObjectRef
+
+log = logging.getLogger("kubelvs.kube.status")
+
+
+class Written(enum.Enum):
+    OK = "ok"
+    GONE = "gone"  # the VirtualServer was deleted meanwhile: nothing to report on
+    FAILED = "failed"  # 429, 5xx, a timeout, a refused connection: retry later
+
+
+class StatusWriter:
+    def __init__(self, api: k8s.ApiClient, timeout_seconds: float = 30.0) -> None:
+        self.custom = k8s.CustomObjectsApi(api)
+        self.core = k8s.CoreV1Api(api)
+        self.timeout = (min(10.0, timeout_seconds), timeout_seconds)  # (connect, read)
+
+    def apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> Written:
+        """Server-side apply of ``status`` as field manager ``manager``."""
+        patch = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VirtualServer",
+            "metadata": {"name": ref.name, "namespace": ref.namespace},
+            "status": status,
+        }
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                ref.namespace,
+                PLURAL,
+                ref.name,
+                patch,
+                field_manager=manager,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _request_timeout=self.timeout,
+            )
+        except k8s.ApiException as error:
+            if error.status == 404:
+                return Written.GONE
+            log.warning("status of %s not written: %s %s", ref, error.status, error.reason)
+            return Written.FAILED
+        except Exception as error:  # urllib3: timeouts, refused or reset connections
+            log.warning("status of %s not written: %s", ref, error)
+            return Written.FAILED
+        return Written.OK
+
+    def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
+        try:
+            self.core.create_namespaced_event(namespace, event, _request_timeout=self.timeout)  # type: ignore[arg-type]
+        except Exception as error:  # events are best effort
+            log.debug("event not posted: %s", error)
+            return False
+        return True

@@ -1,0 +1,114 @@
+"""The status writer's decisions with a stand-in API (the real API server cannot be made to
+answer 429/503 on demand; the writes themselves are tested against it in the kernel e2e tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubelvs.core.desired import DesiredState
+from kubelvs.core.outcome import OK, SyncOutcome, Verdict
+from kubelvs.core.resolve import Resolution
+from kubelvs.core.spec import ObjectRef
+from kubelvs.director.metrics import Metrics
+from kubelvs.director.status_loop import SUMMARY_DEBOUNCE_SECONDS, Result, StatusLoop
+from kubelvs.director.view import ClusterView
+from kubelvs.kube.status_writer import Written
+from prometheus_client import CollectorRegistry
+
+REF = ObjectRef("ns", "web")
+
+
+class FakeApi:
+    def __init__(self, answers: list[Written] | None = None) -> None:
+        self.answers = list(answers or [])
+        self.writes: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> Written:
+        answer = self.answers.pop(0) if self.answers else Written.OK
+        if answer is Written.OK:
+            self.writes.append((manager, status))
+        return answer
+
+    def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
+        self.events.append(event)
+        return True
+
+
+class Sync:
+    def __init__(self, ready_backends: int = 2) -> None:
+        self.desired = DesiredState(
+            resolutions={REF: Resolution(REF, generation=1, keys=(("k",),), ready_backends=ready_backends)}  # type: ignore[arg-type]
+        )
+        self.errors_by_ref: dict[ObjectRef, list[str]] = {}
+        self.outcome: SyncOutcome = OK
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def setup(api: FakeApi, sync: Sync | None = None) -> tuple[StatusLoop, Clock]:
+    view = ClusterView("n1")
+    view.virtual_servers[REF] = {"metadata": {"name": "web", "namespace": "ns", "generation": 1}, "status": {}}
+    clock = Clock()
+    loop = StatusLoop(view, sync or Sync(), api, Metrics(CollectorRegistry()), "n1", now=lambda: "T", clock=clock)
+    return loop, clock
+
+
+def test_a_failed_entry_write_is_not_recorded_as_written_and_is_retried() -> None:
+    api = FakeApi([Written.FAILED])
+    loop, _ = setup(api)
+    assert loop.write_status(REF) is Result.FAILED
+    assert REF not in loop.written_entries and not api.writes
+    assert loop.write_status(REF) is Result.DONE
+    assert [manager for manager, _ in api.writes] == ["kubelvs-director-n1", "kubelvs-status"]
+
+
+def test_no_event_when_the_summary_write_failed() -> None:
+    api = FakeApi([Written.OK, Written.FAILED, Written.FAILED])
+    loop, _ = setup(api)
+    assert loop.write_status(REF) is Result.FAILED
+    assert loop.write_status(REF) is Result.FAILED
+    assert not api.events  # the old code posted one per attempt while the API struggled
+    assert loop.write_status(REF) is Result.DONE
+    assert {e["reason"] for e in api.events} == {"Valid", "Programmed", "Ready"}
+    assert loop.write_status(REF) is Result.DONE  # the view still shows the old status: no repeat
+    assert len(api.events) == 3 and len(api.writes) == 2
+
+
+def test_summary_writes_are_debounced_per_virtual_server() -> None:
+    sync = Sync(ready_backends=2)
+    api = FakeApi()
+    loop, clock = setup(api, sync)
+    assert loop.write_status(REF) is Result.DONE
+    sync.desired = Sync(ready_backends=3).desired  # an endpoint flip
+    assert loop.write_status(REF) is Result.LATER
+    clock.now += SUMMARY_DEBOUNCE_SECONDS
+    assert loop.write_status(REF) is Result.DONE
+    assert [s.get("readyBackends") for m, s in api.writes if m == "kubelvs-status"] == [2, 3]
+
+
+def test_a_node_without_ipvs_reports_kernel_unavailable() -> None:
+    sync = Sync()
+    sync.outcome = SyncOutcome(Verdict.GIVE_UP, "KernelUnavailable", "no ip_vs")
+    api = FakeApi()
+    loop, _ = setup(api, sync)
+    assert loop.write_status(REF) is Result.DONE
+    entry = api.writes[0][1]["directors"][0]
+    assert entry["programmed"] is False and entry["reason"] == "KernelUnavailable"
+    programmed = next(c for c in api.writes[1][1]["conditions"] if c["type"] == "Programmed")
+    assert (programmed["status"], programmed["reason"]) == ("False", "KernelUnavailable")
+    assert "no ip_vs" in programmed["message"]
+
+
+def test_the_summary_writer_is_a_policy() -> None:
+    api = FakeApi()
+    loop, _ = setup(api)
+    loop.is_summary_writer = lambda vs, node: False
+    assert loop.write_status(REF) is Result.DONE
+    assert [manager for manager, _ in api.writes] == ["kubelvs-director-n1"]
