@@ -31,15 +31,18 @@ unit: bootstrap
 bench: bench-ipvs bench-director
 	$(PY) bench/table.py
 
+# The VM writes to this checkout's output directory, outside the checkout (which may be under
+# /tmp, where the guest cannot write): `hack/vm.py --vmout` creates and prints it (.vmout links to it).
 bench-ipvs: bootstrap
-	mkdir -p .vmout
-	$(VM) --rwdir $(CURDIR)/.vmout --timeout 3000 -- $(PY) bench/ipvs_bench.py --out .vmout/ipvs_bench.json
-	$(PY) bench/merge_results.py .vmout/ipvs_bench.json bench/results.json
+	out=$$($(VM) --vmout) && \
+	$(VM) --rwdir "$$out" --timeout 3000 -- $(PY) bench/ipvs_bench.py --out "$$out/ipvs_bench.json" && \
+	$(PY) bench/merge_results.py "$$out/ipvs_bench.json" bench/results.json
 
 bench-director: bootstrap
 	bash hack/bootstrap.sh --cluster
-	$(PY) bench/director_bench.py host --out .vmout/director_bench.json
-	$(PY) bench/merge_results.py .vmout/director_bench.json bench/results.json
+	out=$$($(VM) --vmout) && \
+	$(PY) bench/director_bench.py host --out "$$out/director_bench.json" && \
+	$(PY) bench/merge_results.py "$$out/director_bench.json" bench/results.json
 
 ## cluster: start the local control plane (etcd, kube-apiserver, kube-controller-manager); cluster-down stops it
 cluster:
@@ -50,4 +53,5 @@ cluster-down:
 	$(PY) hack/cluster/controlplane.py down
 
 clean:
+	if [ -x $(PY) ]; then rm -rf "$$($(VM) --vmout)"; fi
 	rm -rf .vmout .pytest_cache .ruff_cache .mypy_cache

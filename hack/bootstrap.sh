@@ -13,7 +13,8 @@ for arg in "$@"; do
   esac
 done
 
-packages=(qemu-system-x86 linux-image-amd64 ipvsadm busybox-static iproute2 kmod procps squashfs-tools)
+packages=(qemu-system-x86 linux-image-amd64 ipvsadm busybox-static iproute2 kmod procps squashfs-tools
+          nftables util-linux)  # nft: the VIP port filter (kubelvs.kernel.vipfilter); nsenter
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

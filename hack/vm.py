@@ -3,6 +3,7 @@
 
     python hack/vm.py [--rwdir DIR ...] [--network user] [--timeout S] [--log FILE]
                       [--env NAME=VALUE ...] [--verbose] -- CMD ARG...
+    python hack/vm.py --vmout
 
 The VM (``vng --disable-kvm``: TCG emulation, KVM hangs on this kind of machine) shares the
 host's root filesystem read-only (with a throwaway writable /tmp, /etc, /var, ...), so the
@@ -13,6 +14,12 @@ Host directories given with ``--rwdir`` (outside /tmp) are shared read-write at 
 use one for results and logs.  Guest stdout goes to our stdout, guest stderr (and, with
 --verbose, the kernel console) to our stderr.
 
+The checkout may live anywhere, /tmp included, so the VM's output directory of a checkout is
+not in it: ``python hack/vm.py --vmout`` creates and prints it,
+``$KUBELVS_CACHE/vmout/<checkout name>-<hash of its path>`` (KUBELVS_CACHE defaults to
+``${XDG_CACHE_HOME:-~/.cache}/kubelvs``; /var/tmp/kubelvs-<uid> if that is under /tmp), and
+points the checkout's ``.vmout`` symlink at it.  The kernel tests and the benchmarks write there.
+
 Stdlib only: also imported by tests/kernel/conftest.py (``run_in_vm``).
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import shlex
@@ -31,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -53,12 +61,64 @@ class VMError(RuntimeError):
     """The VM cannot be started on this machine (no vng, no suitable kernel)."""
 
 
+def under_tmp(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` (symlinks resolved) is /tmp or inside it: the guest cannot write there."""
+    resolved = Path(path).resolve()
+    return resolved == Path("/tmp") or Path("/tmp") in resolved.parents
+
+
 def _check_rwdirs(rwdirs: Sequence[str]) -> None:
     for d in rwdirs:
-        resolved = Path(d).resolve()
-        if resolved == Path("/tmp") or Path("/tmp") in resolved.parents:
+        if under_tmp(d):
             raise VMError(f"--rwdir {d}: must be outside /tmp (the guest's /tmp is a throwaway overlay)")
-        resolved.mkdir(parents=True, exist_ok=True)
+        Path(d).resolve().mkdir(parents=True, exist_ok=True)
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$KUBELVS_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/kubelvs (as hack/cluster/build.sh)."""
+    env = os.environ if environ is None else environ
+    if env.get("KUBELVS_CACHE"):
+        return Path(env["KUBELVS_CACHE"])
+    xdg = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(xdg) / "kubelvs"
+
+
+def vmout_dir(repo: str | os.PathLike[str] = REPO, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the VM writes for the checkout ``repo`` (results, logs): never under /tmp.
+
+    ``$KUBELVS_VMOUT`` when set (hack/vm.py passes it to the guest, whose HOME differs), else
+    ``<cache>/vmout/<checkout name>-<hash of its resolved path>``, unique per checkout, with
+    <cache> from ``cache_dir()`` or, when that is under /tmp, ``/var/tmp/kubelvs-<uid>``.
+    Pure apart from resolving ``repo``: nothing is created (see ``ensure_vmout``)."""
+    env = os.environ if environ is None else environ
+    if env.get("KUBELVS_VMOUT"):
+        return Path(env["KUBELVS_VMOUT"])
+    checkout = Path(repo).resolve()
+    digest = hashlib.sha256(str(checkout).encode()).hexdigest()[:10]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", checkout.name).strip("-.") or "checkout"
+    base = cache_dir(env)
+    if under_tmp(base):
+        base = Path("/var/tmp") / f"kubelvs-{os.getuid()}"
+    return base / "vmout" / f"{name}-{digest}"
+
+
+def ensure_vmout(repo: str | os.PathLike[str] = REPO) -> Path:
+    """Create ``vmout_dir(repo)`` and point ``<repo>/.vmout`` at it (a convenience for people:
+    programs use the returned path).  A real ``.vmout`` directory of an older layout is left
+    alone."""
+    out = vmout_dir(repo)
+    if under_tmp(out):
+        raise VMError(f"KUBELVS_VMOUT={out}: must be outside /tmp (the guest's /tmp is a throwaway overlay)")
+    out.mkdir(parents=True, exist_ok=True)
+    link = Path(repo) / ".vmout"
+    with contextlib.suppress(OSError):  # a read-only checkout still works, without the link
+        if link.is_symlink():
+            if Path(os.readlink(link)) != out:
+                link.unlink()
+                link.symlink_to(out)
+        elif not link.exists():
+            link.symlink_to(out)
+    return out
 
 
 def _version_key(path: str) -> list[object]:
@@ -108,6 +168,7 @@ def _guest_env(extra_env: dict[str, str] | None, network_user: bool = False) -> 
         {
             "KUBELVS_IN_VM": "1",
             "KUBELVS_REPO": str(REPO),
+            "KUBELVS_VMOUT": str(vmout_dir()),  # the guest's HOME differs: the host's answer
             "HOME": GUEST_HOME,
             "XDG_CACHE_HOME": GUEST_CACHE,
             "XDG_CONFIG_HOME": GUEST_HOME + "/.config",
@@ -131,6 +192,8 @@ def _guest_env(extra_env: dict[str, str] | None, network_user: bool = False) -> 
             ),
         }
     )
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]  # e.g. another checkout's operator/
     if network_user:
         env["KUBELVS_VM_NETWORK"] = "user"  # hack/vm-guest-init.sh configures the NIC
     if extra_env:
@@ -160,7 +223,7 @@ def python_images() -> list[tuple[Path, Path]]:
     mksquashfs = shutil.which("mksquashfs")
     if mksquashfs is None:
         return []
-    cache = Path(os.environ.get("KUBELVS_CACHE", Path.home() / ".cache" / "kubelvs")) / "vm"
+    cache = cache_dir() / "vm"
     cache.mkdir(parents=True, exist_ok=True)
     trees = [Path(sys.base_prefix).resolve()]
     in_venv = sys.prefix != sys.base_prefix
@@ -353,7 +416,12 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run a command as root inside a VM with Debian's kernel (IPVS, ipip).",
-        usage="%(prog)s [--rwdir DIR ...] [--network user] [--timeout S] -- CMD ARG...",
+        usage="%(prog)s [--rwdir DIR ...] [--network user] [--timeout S] -- CMD ARG... | %(prog)s --vmout",
+    )
+    parser.add_argument(
+        "--vmout",
+        action="store_true",
+        help="create this checkout's VM output directory (outside /tmp), link .vmout to it, print it; then exit",
     )
     parser.add_argument("--rwdir", action="append", default=[], help="host dir (outside /tmp) shared read-write")
     parser.add_argument("--network", choices=["user"], help="qemu user networking: host is 10.0.2.2")
@@ -365,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.vmout:
+        try:
+            print(ensure_vmout())
+        except (VMError, OSError) as exc:
+            print(f"hack/vm.py: {exc}", file=sys.stderr)
+            return 1
+        return 0
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("no command given (put it after --)")

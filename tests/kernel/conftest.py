@@ -4,7 +4,9 @@ On the host (no IPVS there) every collected tests/kernel item is replaced by a p
 the same node id and markers.  The first proxy that runs boots ONE VM (hack/vm.py) that runs
 pytest on all the selected kernel tests inside; each proxy then reports its test's outcome from
 that run (pass / fail with the failure text / skip / xfail).  Results, junit xml and the console
-log land in <repo>/.vmout/run-*/ (shared read-write with the guest).
+log land in the checkout's VM output directory, run-*/ (shared read-write with the guest): outside
+the checkout, which may be under /tmp, where the guest cannot write; ``python hack/vm.py --vmout``
+prints it, and <repo>/.vmout links to it.
 
 Inside the VM (KUBELVS_IN_VM=1, set by hack/vm.py) the tests run for real and this conftest
 provides the network-namespace fixtures (``topology``, ``make_topology``).
@@ -36,7 +38,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-VMOUT = REPO / ".vmout"
 DEFAULT_VM_TIMEOUT = 1500.0
 
 IN_VM = os.environ.get("KUBELVS_IN_VM") == "1"
@@ -251,8 +252,8 @@ class _VMRun:
         self.ran = False
         self.rc: int | None = None
         self.elapsed = 0.0
-        self.outdir = VMOUT
-        self.log = VMOUT / "console.log"
+        self.outdir = Path()
+        self.log = Path("console.log")
         self.results: dict[str, dict[str, Any]] = {}
         self.problem = ""
         self.cp_error = ""
@@ -277,7 +278,13 @@ class _VMRun:
         )
         timeout = float(_option(config, "vm_timeout", "KUBELVS_VM_TIMEOUT", DEFAULT_VM_TIMEOUT))
         quiet = bool(config.getoption("vm_quiet", default=False)) or os.environ.get("KUBELVS_VM_QUIET") == "1"
-        self.outdir = _new_outdir()
+        vm = _load_vm_module()
+        try:
+            vmout = vm.ensure_vmout(REPO)
+            self.outdir = _new_outdir(vmout)
+        except (vm.VMError, OSError) as exc:
+            self.problem = f"no VM output directory: {exc}"
+            return
         self.log = self.outdir / "console.log"
         results = self.outdir / "kernel-results.jsonl"
         junit = self.outdir / "kernel-junit.xml"
@@ -293,7 +300,6 @@ class _VMRun:
             *shlex.split(os.environ.get("KUBELVS_VM_PYTEST_ARGS", "")),
             *nodeids,
         ]
-        vm = _load_vm_module()
         tr = config.pluginmanager.get_plugin("terminalreporter")
         capman = config.pluginmanager.get_plugin("capturemanager")
 
@@ -324,7 +330,7 @@ class _VMRun:
             )
             self.rc = vm.run_in_vm(
                 inner,
-                [str(VMOUT)],
+                [str(vmout)],
                 timeout,
                 network_user,
                 log_path=self.log,
@@ -450,19 +456,19 @@ def _load_vm_module() -> Any:
     return mod
 
 
-def _new_outdir(keep: int = 8, min_age: float = 3 * 3600) -> Path:
-    """A fresh .vmout/run-<time>-<pid>/ (and .vmout/last -> it).  Old runs beyond the newest
+def _new_outdir(vmout: Path, keep: int = 8, min_age: float = 3 * 3600) -> Path:
+    """A fresh <vmout>/run-<time>-<pid>/ (and <vmout>/last -> it).  Old runs beyond the newest
     ``keep`` go, but only once older than ``min_age``: another session may still be writing."""
-    VMOUT.mkdir(exist_ok=True)
-    runs = sorted(p for p in VMOUT.glob("run-*") if p.is_dir())
+    vmout.mkdir(parents=True, exist_ok=True)
+    runs = sorted(p for p in vmout.glob("run-*") if p.is_dir())
     now = time.time()
     for old in runs[: max(0, len(runs) - (keep - 1))]:
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > min_age:
                 shutil.rmtree(old, ignore_errors=True)
-    out = VMOUT / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    out = vmout / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     out.mkdir()
-    last = VMOUT / "last"
+    last = vmout / "last"
     try:
         if last.is_symlink() or last.exists():
             last.unlink()
