@@ -1,11 +1,13 @@
-"""``kubelvs``: a static LVS director from manifests (plan, apply, delete, show)."""
+"""``kubelvs``: a static LVS director from manifests (plan, apply, delete, show, adopt)."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kubelvs import __version__
 from kubelvs.core.desired import DesiredState, desired_state
@@ -39,29 +41,80 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _reconciler(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    # Imported here so that `kubelvs plan` works without pyroute2's kernel access.
-    from kubelvs.apply import Reconciler
+def real_kernel(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The kernel the commands act on: (IPVS client, VIP interface). The seam tests replace."""
+    # Imported here so that `kubelvs plan` works without kernel access.
     from kubelvs.kernel.addresses import VipInterface
     from kubelvs.kernel.ipvs import IPVSClient
+
+    netns = getattr(args, "netns", None)
+    return IPVSClient(netns=netns), VipInterface(args.interface, netns=netns)
+
+
+KernelFactory = Callable[[argparse.Namespace], tuple[Any, Any]]
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir; with --netns and the default directory, one subdirectory per namespace (one
+    record per kernel state)."""
+    from kubelvs.state.ownership import DEFAULT_STATE_DIR
+
+    state_dir = Path(args.state_dir)
+    netns = getattr(args, "netns", None)
+    if netns and state_dir == DEFAULT_STATE_DIR:
+        state_dir = state_dir / f"netns-{Path(netns).name}"
+    return state_dir
+
+
+@contextlib.contextmanager
+def _reconciler(args: argparse.Namespace) -> Iterator[Any]:
+    """A Reconciler on the kernel, holding the state directory's lock for the command."""
+    from kubelvs.apply import Reconciler
+    from kubelvs.state.lock import StateLock
     from kubelvs.state.ownership import OwnershipStore
 
-    return Reconciler(IPVSClient(), OwnershipStore(Path(args.state_dir)), VipInterface(args.interface))
+    state_dir = _state_dir(args)
+    with StateLock(state_dir):
+        client, vips = args.kernel(args)
+        try:
+            yield Reconciler(client, OwnershipStore(state_dir, netns=getattr(args, "netns", None)), vips)
+        finally:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     manifests, desired = _desired(args.filename)
     failed = _report_errors(manifests, desired)
-    reconciler = _reconciler(args)
-    report = reconciler.sync(desired, keep=[e.ref for e in desired.errors])
+    with _reconciler(args) as reconciler:
+        report = reconciler.sync(desired)  # refused VirtualServers keep what they had (kept_origins)
     return _print_report(report) or (1 if failed else 0)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     manifests = load(args.filename)
-    reconciler = _reconciler(args)
-    report = reconciler.sync(DesiredState(), only=list(manifests.sources))
+    with _reconciler(args) as reconciler:
+        report = reconciler.sync(DesiredState(), only=list(manifests.sources))
     return _print_report(report)
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from kubelvs.apply import adopt
+
+    with _reconciler(args) as reconciler:
+        adopted = adopt(reconciler.client, reconciler.vips, reconciler.store)
+    for address in adopted.addresses:
+        print(f"adopted VIP {address}")
+    for key in adopted.services:
+        print(f"adopted {key}")
+    for address in adopted.skipped_addresses:
+        print(f"not adopted: VIP {address} on {args.interface} has no kubelvs mark (IFA_PROTO)")
+    print(
+        f"{len(adopted.addresses)} VIPs and {len(adopted.services)} services adopted into "
+        f"{reconciler.store.path}; the next apply fills in their VirtualServers"
+    )
+    return 0
 
 
 def _print_report(report) -> int:  # type: ignore[no-untyped-def]
@@ -82,12 +135,16 @@ def _print_report(report) -> int:  # type: ignore[no-untyped-def]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from kubelvs.kernel.ipvs import IPVSClient
     from kubelvs.state.ownership import OwnershipStore
 
-    owned = OwnershipStore(Path(args.state_dir)).load()
-    with IPVSClient() as client:
+    owned = OwnershipStore(_state_dir(args), netns=getattr(args, "netns", None)).load()
+    client, _ = args.kernel(args)
+    try:
         observed = client.dump(with_counters=True)
+    finally:
+        close = getattr(client, "close", None)
+        if close is not None:
+            close()
     rows: list[tuple[object, ...]] = [("RULE", "CONNS", "INPKTS", "OUTPKTS", "INBYTES", "OUTBYTES", "ACTIVE", "INACT")]
     for key in sorted(k for k in owned.services if k in observed.services):
         service = observed.services[key]
@@ -124,24 +181,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_director(args: argparse.Namespace) -> int:
-    import logging
+def _director_arguments(parser: argparse.ArgumentParser) -> None:
+    # The director's own options live with it; kubelvs.director.options imports nothing heavy, so
+    # `kubelvs plan` does not load the kubernetes client.
+    from kubelvs.director.options import add_arguments
 
-    from kubelvs.director.agent import DirectorConfig, run
+    add_arguments(parser)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.node_name:
-        print("error: --node-name (or NODE_NAME) is required", file=sys.stderr)
-        return 2
-    config = DirectorConfig(
-        node_name=args.node_name,
-        state_dir=Path(args.state_dir),
-        interface=args.interface,
-        netns=args.netns,
-        resync_seconds=args.resync_seconds,
-        metrics_port=args.metrics_port,
-    )
-    return run(config)
+
+def _run_director(args: argparse.Namespace) -> int:
+    from kubelvs.director.app import main as director_main
+
+    return director_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,30 +222,51 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--interface", default="kubelvs0", help="dummy interface that holds the VIPs")
         return sub
 
+    def with_netns(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "--netns",
+            help="act on this named network namespace (default state directory: a subdirectory per namespace)",
+        )
+        return sub
+
     with_files("plan", "print the IPVS rules the manifests yield (ipvsadm -Sn format)").set_defaults(func=cmd_plan)
-    with_state(with_files("apply", "program IPVS from the manifests")).set_defaults(func=cmd_apply)
-    with_state(with_files("delete", "remove what the manifests' VirtualServers programmed")).set_defaults(
+    with_netns(with_state(with_files("apply", "program IPVS from the manifests"))).set_defaults(func=cmd_apply)
+    with_netns(with_state(with_files("delete", "remove what the manifests' VirtualServers programmed"))).set_defaults(
         func=cmd_delete
     )
-    with_state(commands.add_parser("show", help="the services kubelvs owns, with live counters")).set_defaults(
-        func=cmd_show
-    )
+    with_netns(
+        with_state(commands.add_parser("show", help="the services kubelvs owns, with live counters"))
+    ).set_defaults(func=cmd_show)
+    with_netns(
+        with_state(
+            commands.add_parser(
+                "adopt",
+                help="rebuild the ownership record from the kernel: kubelvs-marked VIPs on the interface and "
+                "the IPVS services on them",
+            )
+        )
+    ).set_defaults(func=cmd_adopt)
     director = with_state(commands.add_parser("director", help="run the director agent (in-cluster)"))
-    director.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)")
-    director.add_argument("--netns", help="program IPVS in this named network namespace (tests)")
-    director.add_argument("--resync-seconds", type=float, default=30.0, help="full resync period")
-    director.add_argument("--metrics-port", type=int, default=9344, help="Prometheus /metrics port (0: off)")
-    director.set_defaults(func=cmd_director)
+    director.set_defaults(func=_run_director)
+    _director_arguments(director)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, kernel: KernelFactory | None = None) -> int:
+    """Run one command. ``kernel``: what ``apply``, ``delete``, ``adopt`` and ``show`` act on
+    (default :func:`real_kernel`)."""
+    from kubelvs.state.ownership import OwnershipError
+
     args = build_parser().parse_args(argv)
+    args.kernel = kernel or real_kernel
     try:
         return int(args.func(args))
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OwnershipError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

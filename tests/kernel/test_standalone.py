@@ -39,7 +39,7 @@ class Director:
 
     def kubelvs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [KUBELVS, *args]
-        if args[0] in ("apply", "delete", "show"):
+        if args[0] in ("apply", "delete", "show", "adopt"):
             command += ["--state-dir", str(self.state_dir)]
         result = self.topo.exec(self.name, command, check=False, timeout=240)
         if check and result.returncode:
@@ -248,6 +248,56 @@ def test_show_lists_owned_services_with_counters(topo: Topology, director: Direc
     first = next(line for line in shown.splitlines() if line.startswith("-A"))
     assert "(kt/web)" in first
     assert int(first.split()[-5]) >= 3  # CONNS: connections counted by the kernel
+
+
+def test_adopt_rebuilds_a_lost_record_from_tagged_vips(topo: Topology, director: Director) -> None:
+    from kubelvs.kernel.addresses import ADDRESS_PROTO, VipInterface
+
+    rs = rs_ips(topo)
+    foreign_vip = topo.vip4(9)
+    topo.ipvsadm("dir1", "-A", "-t", f"{foreign_vip}:80", "-s", "wlc")
+    a = virtual_server("a", topo.vip4(0), backends=addresses(*rs))
+    b = virtual_server("b", topo.vip4(1), backends=addresses(*rs))
+    director.apply(a, b)
+    # Somebody's address on kubelvs0, added without kubelvs's mark.
+    untagged = topo.vip4(8)
+    topo.exec("dir1", ["ip", "addr", "add", f"{untagged}/32", "dev", "kubelvs0"])
+    tags = VipInterface("kubelvs0", netns=topo.ns("dir1")).tagged()  # read through setns
+    assert tags[topo.vip4(0)] == ADDRESS_PROTO and tags[topo.vip4(1)] == ADDRESS_PROTO
+    assert tags[untagged] == 0
+    detail = topo.exec("dir1", ["ip", "-d", "addr", "show", "dev", "kubelvs0"]).stdout
+    print(detail)
+    rules = director.rules()
+
+    (director.state_dir / "owned.json").unlink()
+    adopted = director.kubelvs("adopt").stdout
+    assert f"adopted VIP {topo.vip4(0)}" in adopted and f"adopted VIP {topo.vip4(1)}" in adopted
+    assert f"adopted TCP {topo.vip4(0)}:80" in adopted
+    assert f"not adopted: VIP {untagged}" in adopted and foreign_vip not in adopted
+    output = director.apply(a, b)
+    assert output.startswith("0 operations (no changes)"), output
+    assert "removed" not in output
+    assert director.rules() == rules
+    # The next apply with fewer objects removes what kubelvs made, and nothing foreign.
+    director.apply(a)
+    assert f"-A -t {foreign_vip}:80 -s wlc" in director.rules()
+    assert untagged in director.addresses() and topo.vip4(1) not in director.addresses()
+
+
+def test_a_second_kubelvs_on_the_state_directory_is_refused(topo: Topology, director: Director) -> None:
+    import fcntl
+
+    director.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(director.state_dir / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = director.kubelvs(
+            "apply",
+            "-f",
+            director.write(virtual_server("a", topo.vip4(0), backends=addresses(*rs_ips(topo)))),
+            check=False,
+        )
+    assert result.returncode == 3 and "another kubelvs" in result.stderr
+    assert director.rules() == []
 
 
 # --- real traffic ---------------------------------------------------------------------------

@@ -7,7 +7,18 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubelvs.core.model import AF_INET, Destination, Method, ServiceKey, VirtualService
-from kubelvs.core.plan import Verb, apply_operations, owned_after, plan
+from kubelvs.core.plan import (
+    AddressPlan,
+    Verb,
+    apply_operations,
+    kept_origins,
+    owned_after,
+    plan,
+    plan_addresses,
+    with_kept,
+)
+from kubelvs.core.resolve import Resolution
+from kubelvs.core.spec import ObjectRef, SpecError
 
 KEY = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
 
@@ -129,3 +140,57 @@ def test_plan_reaches_desired_and_spares_foreign(desired, observed, owned_fracti
     for key in now_owned:
         assert key in desired  # nothing owned is left over
     assert len(plan(desired, after, now_owned)) == 0  # re-planning gives an empty plan
+
+
+# --- VIP planning ------------------------------------------------------------------------------
+
+vips = st.sampled_from([f"192.0.2.{i}" for i in range(1, 9)])
+vip_maps = st.dictionaries(vips, st.just(AF_INET), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(wanted=vip_maps, present=st.sets(vips), owned=vip_maps, still_used=st.sets(vips), scoped=st.booleans())
+def test_plan_addresses_reaches_wanted_and_removes_only_its_own(wanted, present, owned, still_used, scoped) -> None:
+    owned = {a: f for a, f in owned.items() if a in present or a in wanted}  # what kubelvs added earlier
+    scope = set(wanted) | set(list(owned)[:2]) if scoped else None
+    result = plan_addresses(wanted, present, owned, still_used, scope)
+    removed = {a for a, _ in result.remove}
+    added = {a for a, _ in result.add}
+    assert removed <= set(owned)  # never an address kubelvs does not own
+    assert not removed & (set(wanted) | still_used)
+    assert scope is None or removed <= scope
+    assert not added & present  # what is there already is never "added" (nor owned by it)
+    after = (present | added) - removed
+    now_owned = {a: f for a, f in {**owned, **dict(result.add)}.items() if a not in removed}
+    assert set(wanted) <= after  # reaches the wanted set
+    for address in present - set(owned):
+        assert address in after  # a foreign address stays
+    assert not plan_addresses(wanted, after, now_owned, still_used, scope)  # second plan is empty
+
+
+def test_plan_addresses_forgets_an_owned_address_gone_from_the_interface() -> None:
+    result = plan_addresses({}, set(), {"192.0.2.1": AF_INET})
+    assert result == AddressPlan((), (("192.0.2.1", AF_INET),))
+
+
+# --- the keep rule -----------------------------------------------------------------------------
+
+
+def test_kept_origins_are_every_refused_virtual_server_in_scope() -> None:
+    a, b, c = ObjectRef("ns", "a"), ObjectRef("ns", "b"), ObjectRef("ns", "c")
+    resolutions = {
+        a: Resolution(a, keys=(KEY,)),
+        b: Resolution(b, error=SpecError(b, "spec.vip", "taken", reason="VIPConflict")),
+        c: Resolution(c, error=SpecError(c, "spec.scheduler", "bad")),
+    }
+    assert kept_origins(resolutions) == [b, c]
+    assert kept_origins(resolutions, [a, b, ObjectRef("ns", "deleted")]) == [b]
+
+
+def test_with_kept_never_overrides_a_claimed_key() -> None:
+    other = ServiceKey(AF_INET, 6, "192.0.2.1", 81)
+    winner = _svc(KEY, "wrr")
+    kernel = {KEY: _svc(KEY, "rr"), other: _svc(other, "sh")}
+    services = with_kept({KEY: winner}, {KEY}, [KEY, other], kernel)
+    assert services == {KEY: winner, other: kernel[other]}
+    assert with_kept({}, set(), [ServiceKey(AF_INET, 6, "192.0.2.9", 1)], kernel) == {}

@@ -8,10 +8,12 @@ desired state names the same key (that is reported as a conflict instead).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Container, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
 from kubelvs.core.model import Destination, DestKey, IPVSState, ServiceKey, VirtualService
+from kubelvs.core.resolve import Resolution
+from kubelvs.core.spec import ObjectRef
 
 
 class Verb(enum.Enum):
@@ -76,7 +78,9 @@ def plan(
     for key in sorted(keys):
         want = desired.get(key)
         have = observed.get(key)
-        if have is not None and key not in owned:
+        # Values this version cannot represent (Method.UNKNOWN, ...): left alone like a foreign
+        # service, never encoded back.
+        if have is not None and (key not in owned or have.has_unknown_values):
             if want is not None:
                 result.conflicts.append(key)
             continue
@@ -150,3 +154,74 @@ def owned_after(owned: Set[ServiceKey], operations: Iterable[Operation]) -> set[
         elif op.verb is Verb.DELETE_SERVICE:
             result.discard(op.key)
     return result
+
+
+# --- VIPs: which addresses to make local, which to remove -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddressPlan:
+    add: tuple[tuple[str, int], ...] = ()  # (address, family), to make local (then record)
+    remove: tuple[tuple[str, int], ...] = ()  # owned addresses to remove (kernel first, record after)
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.remove)
+
+
+def plan_addresses(
+    wanted: Mapping[str, int],
+    present: Set[str],
+    owned: Mapping[str, int],
+    still_used: Set[str] = frozenset(),
+    scope: Set[str] | None = None,
+) -> AddressPlan:
+    """The VIP changes that make ``wanted`` local and drop what kubelvs owns and no longer needs.
+
+    ``present``: the addresses on the interface now. An address already present is not added (and,
+    when not ``owned``, stays somebody else's). ``still_used``: addresses not to remove although
+    not ``wanted`` (a service kubelvs still owns, a VIP another VirtualServer keeps). ``scope``:
+    only these addresses may be removed (an incremental sync). Only ``owned`` addresses are ever
+    removed; an owned address that is gone from the interface is still "removed" (a no-op in the
+    kernel) so that the record forgets it.
+    """
+    add = tuple(sorted((a, f) for a, f in wanted.items() if a and a not in present))
+    remove = tuple(
+        sorted(
+            (a, f)
+            for a, f in owned.items()
+            if a not in wanted and a not in still_used and (scope is None or a in scope)
+        )
+    )
+    return AddressPlan(add, remove)
+
+
+# --- which refused VirtualServers keep their rules ------------------------------------------
+
+
+def kept_origins(
+    resolutions: Mapping[ObjectRef, Resolution], scope: Iterable[ObjectRef] | None = None
+) -> list[ObjectRef]:
+    """The VirtualServers whose rules stay as they are: every refused one (an invalid spec, a VIP
+    conflict, a port mismatch: a refusal never loses what was programmed), among ``scope`` (all
+    when None). The CLI and the director use this one rule; :func:`with_kept` applies it."""
+    refs = resolutions if scope is None else scope
+    return sorted(
+        (ref for ref in refs if (found := resolutions.get(ref)) is not None and found.error is not None),
+        key=str,
+    )
+
+
+def with_kept(
+    desired: Mapping[ServiceKey, VirtualService],
+    claimed: Container[ServiceKey],
+    kept_keys: Iterable[ServiceKey],
+    observed: Mapping[ServiceKey, VirtualService],
+) -> dict[ServiceKey, VirtualService]:
+    """``desired`` plus the services a kept VirtualServer owns, as the kernel has them, except
+    the keys ``claimed`` by an accepted VirtualServer (a VIPConflict loser never overrides the
+    winner's service)."""
+    services = dict(desired)
+    for key in kept_keys:
+        if key not in claimed and key not in services and key in observed:
+            services[key] = observed[key]
+    return services

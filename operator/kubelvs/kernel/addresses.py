@@ -9,6 +9,11 @@ The requests are the ones pyroute2's ``IPRoute`` sends for ``link_lookup``, ``li
 :mod:`kubelvs.kernel.codec` on a plain rtnetlink socket: creating an ``IPRoute`` (and importing
 pyroute2) costs far more than the few requests a sync makes. Within :meth:`VipInterface.session`
 one socket serves every call, and the interface's addresses are read once.
+
+Every address kubelvs adds carries a kernel-native owner mark: ``IFA_PROTO`` (Linux 6.1+) set to
+:data:`ADDRESS_PROTO`; ``ip -d addr show dev kubelvs0`` shows it as ``proto 107``, and
+:meth:`VipInterface.tagged` reads it back (``kubelvs adopt`` trusts only tagged addresses where the
+kernel keeps the tag). Older kernels ignore the attribute.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
 from collections.abc import Callable, Iterator
 
 from kubelvs.core.model import AF_INET
@@ -28,6 +34,28 @@ NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
+IFA_PROTO = 11  # rtnetlink address attribute (u8), Linux 6.1+
+ADDRESS_PROTO = 107  # kubelvs's IFA_PROTO value (0-3 are the kernel's own: unspec, lo, ra, ll)
+_IFADDRMSG_SIZE = 8
+_NLA = struct.Struct("=HH")
+
+
+def supports_address_proto(release: str | None = None) -> bool:
+    """Whether this kernel keeps IFA_PROTO (6.1 and later): then an untagged address is not ours."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(part) for part in release.split("-", 1)[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 1)
+
+
+def _with_proto(request: bytes, proto: int) -> bytes:
+    """``request`` (one rtnetlink message) with an IFA_PROTO attribute appended."""
+    attr = _NLA.pack(_NLA.size + 1, IFA_PROTO) + bytes([proto]) + b"\0\0\0"  # padded to 4 bytes
+    data = bytearray(request + attr)
+    struct.pack_into("=I", data, 0, len(data))
+    return bytes(data)
 
 
 class _Rtnl:
@@ -43,9 +71,10 @@ class _Rtnl:
             self.sock.close()
             raise
         self.seq = 0
-        # Per session: the interface's index and its addresses, read at the first need.
+        # Per session: the interface's index and its addresses (-> IFA_PROTO, 0 if none), read at
+        # the first need.
         self.index: int | None = None
-        self.present: set[str] | None = None
+        self.present: dict[str, int] | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -122,30 +151,36 @@ class VipInterface:
         index = next(codec.decode_link_index(payload) for kind, payload in answers if kind == codec.RTM_NEWLINK)
         rtnl.request(codec.set_link_up_request, index)
         rtnl.index = index
-        rtnl.present = set()
+        rtnl.present = {}
         return index
 
     @staticmethod
-    def _present(rtnl: _Rtnl, index: int) -> set[str]:
+    def _present(rtnl: _Rtnl, index: int) -> dict[str, int]:
         if rtnl.present is None:
-            present = set()
+            present: dict[str, int] = {}
             for kind, payload in rtnl.request(codec.get_addresses_request):
                 if kind == codec.RTM_NEWADDR:
                     owner, address = codec.decode_address(payload)
                     if owner == index and address is not None:
-                        present.add(address)
+                        proto = codec.parse_attrs(payload[_IFADDRMSG_SIZE:]).get(IFA_PROTO)
+                        present[address] = proto[0] if proto is not None and len(proto) else 0
             rtnl.present = present
         return rtnl.present
 
     def addresses(self) -> set[str]:
+        return set(self.tagged())
+
+    def tagged(self) -> dict[str, int]:
+        """The addresses on the interface -> their IFA_PROTO (0: none, or a kernel before 6.1)."""
         with self._rtnl() as rtnl:
             index = self._index(rtnl, create=False)
             if index is None:
-                return set()
-            return set(self._present(rtnl, index))
+                return {}
+            return dict(self._present(rtnl, index))
 
     def add(self, address: str, family: int) -> bool:
-        """Make ``address`` local; return False if it already was on this interface."""
+        """Make ``address`` local (tagged with :data:`ADDRESS_PROTO`); return False if it already
+        was on this interface (then it is not kubelvs's)."""
         with self._rtnl() as rtnl:
             index = self._index(rtnl, create=True)
             assert index is not None
@@ -154,8 +189,19 @@ class VipInterface:
                 return False
             prefix = 32 if family == AF_INET else 128
             flags = 0 if family == AF_INET else IFA_F_NODAD
-            rtnl.request(codec.address_request, True, index, address, family, prefix, flags)
-            present.add(address)
+
+            def build(seq: int) -> bytes:
+                request = codec.address_request(True, index, address, family, prefix, flags, seq)
+                return _with_proto(request, ADDRESS_PROTO)
+
+            try:
+                rtnl.request(build)
+            except OSError as error:
+                if error.errno != errno.EEXIST:
+                    raise
+                present[address] = 0
+                return False  # added by somebody else since the interface was read
+            present[address] = ADDRESS_PROTO
             return True
 
     def remove(self, address: str, family: int) -> None:
@@ -166,5 +212,9 @@ class VipInterface:
             prefix = 32 if family == AF_INET else 128
             present = self._present(rtnl, index)
             if address in present:
-                rtnl.request(codec.address_request, False, index, address, family, prefix, 0)
-                present.discard(address)
+                try:
+                    rtnl.request(codec.address_request, False, index, address, family, prefix, 0)
+                except OSError as error:
+                    if error.errno != errno.EADDRNOTAVAIL:
+                        raise  # EADDRNOTAVAIL: gone already
+                present.pop(address, None)
