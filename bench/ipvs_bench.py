@@ -16,11 +16,17 @@ Scenarios, for N in 1,000 and 10,000 TCP services x 10 DR real servers:
   and the metrics read it, and without, as a sync reads it); best of DUMP_REPEATS runs each;
 - one real server's weight changed with N services present: `kubelvs apply` (dump, plan, one
   operation) and the applier alone, vs `ipvsadm -e` for the same edit.
+
+With --dump-decoders, only the dumps instead: the table programmed by the applier, then the
+fast (shape-learning) dump decoder against the plain decode_service/decode_dest path, each with
+and without counters, the fast one also with the garbage collector left running, and
+`ipvsadm -Sn`; best of DUMP_REPEATS each, all alternating in one run (the "dump_decoder" key).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
@@ -34,6 +40,7 @@ import yaml
 from kubelvs.core.model import AF_INET, Destination, ServiceKey, VirtualService
 from kubelvs.core.plan import plan
 from kubelvs.core.rules import format_rules
+from kubelvs.kernel import ipvs
 from kubelvs.kernel.ipvs import IPVSClient
 
 KUBELVS = str(Path(sys.executable).with_name("kubelvs"))
@@ -249,11 +256,91 @@ def scenario(n: int, workdir: Path) -> dict[str, Any]:
     return result
 
 
+def dump_decoders(n: int, repeats: int = DUMP_REPEATS, gc_cases: bool = True) -> dict[str, Any]:
+    """The fast dump decoder against the plain one (and the garbage collector's share)."""
+    print(f"--- dump decoders: {n} services x {REAL_SERVERS} real servers", flush=True)
+    state = desired(n)
+    expected = sorted(format_rules(state).splitlines())
+    fresh_netns()
+    runs: dict[str, list[float]] = {}
+    with IPVSClient(netns=NETNS) as client:
+        assert client.apply(plan(state, {}, set())).ok
+
+        def gc_running(fn: Any) -> Any:
+            def call() -> Any:
+                paused = ipvs._paused_gc
+                ipvs._paused_gc = contextlib.nullcontext  # type: ignore[assignment]
+                try:
+                    return fn()
+                finally:
+                    ipvs._paused_gc = paused
+
+            return call
+
+        cases: dict[str, Any] = {
+            "fast_with_counters": lambda: client.dump(with_counters=True),
+            "plain_with_counters": lambda: client.dump(with_counters=True, fast=False),
+            "fast_without_counters": lambda: client.dump(with_counters=False),
+            "plain_without_counters": lambda: client.dump(with_counters=False, fast=False),
+        }
+        if gc_cases:
+            cases["fast_without_counters_gc_running"] = gc_running(lambda: client.dump(with_counters=False))
+            cases["plain_without_counters_gc_running"] = gc_running(
+                lambda: client.dump(with_counters=False, fast=False)
+            )
+        for repeat in range(repeats):
+            elapsed, saved = in_netns("ipvsadm", "-Sn")
+            assert sorted(saved.splitlines()) == expected
+            runs.setdefault("ipvsadm_save", []).append(elapsed)
+            observed = []
+            for name, fn in cases.items():
+                elapsed, got = timed(fn)
+                runs.setdefault(name, []).append(elapsed)
+                observed.append(got)
+                print(f"  run {repeat + 1}: {name} {elapsed:.2f}s", flush=True)
+            assert all(o.services == state for o in observed)
+            assert observed[0].dest_counters == observed[1].dest_counters
+            assert observed[0].service_counters == observed[1].service_counters
+    subprocess.run(["ip", "netns", "del", NETNS], check=False)
+    result: dict[str, Any] = {"services": n, "real_servers_per_service": REAL_SERVERS}
+    for name, values in runs.items():
+        result[f"{name}_runs_s"] = values
+        result[f"{name}_s"] = min(values)
+    for kind in ("with_counters", "without_counters"):
+        result[f"speedup_fast_vs_plain_{kind}"] = result[f"plain_{kind}_s"] / result[f"fast_{kind}_s"]
+    if gc_cases:
+        result["slowdown_gc_running_fast"] = (
+            result["fast_without_counters_gc_running_s"] / result["fast_without_counters_s"]
+        )
+        result["slowdown_gc_running_plain"] = (
+            result["plain_without_counters_gc_running_s"] / result["plain_without_counters_s"]
+        )
+    for name, value in result.items():
+        if not name.endswith("runs_s"):
+            print(f"  {name}: {value if isinstance(value, int) else round(value, 3)}", flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--dump-decoders", action="store_true", help="only compare the dump decoders")
+    parser.add_argument("--repeats", type=int, default=DUMP_REPEATS, help="--dump-decoders: runs of each")
+    parser.add_argument("--no-gc-cases", action="store_true", help="--dump-decoders: skip the collector's cases")
     args = parser.parse_args()
+    if args.dump_decoders:
+        report: dict[str, Any] = {
+            "dump_decoder": {
+                "environment": f"VM: {platform.release()}, qemu TCG (software emulation), 2 vCPUs",
+                "scenarios": [],
+            }
+        }
+        for n in args.sizes.split(","):
+            report["dump_decoder"]["scenarios"].append(dump_decoders(int(n), args.repeats, not args.no_gc_cases))
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # after each size
+        print(f"wrote {args.out}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="kubelvs-bench-") as tmp:
         start = cli_start(Path(tmp))
         scenarios = [scenario(int(n), Path(tmp)) for n in args.sizes.split(",")]

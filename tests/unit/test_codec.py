@@ -21,7 +21,7 @@ from kubelvs.core.model import (
     VirtualService,
 )
 from kubelvs.core.plan import Operation, Verb
-from kubelvs.kernel import codec
+from kubelvs.kernel import codec, fastdump
 from kubelvs.kernel.ipvs import IPVSClient, _encode, encode
 from kubelvs.kernel.messages import IPVSMessage
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, ctrlmsg
@@ -392,7 +392,7 @@ def _kernel_service(service: VirtualService, counters: list[int]) -> bytes:
     return codec.message(FAMILY_ID, codec.CMD_NEW_SERVICE, _nla(codec.CMD_ATTR_SERVICE, attrs), 9, codec.NLM_F_MULTI)
 
 
-def _decode_all(decoder: codec.DestDecoder, data: bytes, family: int) -> list[object]:
+def _decode_all(decoder: fastdump.DestDecoder, data: bytes, family: int) -> list[object]:
     """Decode every message of a buffer as IPVSClient.dump does: fast path, else generic."""
     view = memoryview(data)
     out = []
@@ -420,7 +420,7 @@ DEST_CASES = [
 
 def test_fast_dest_decoder_matches_generic_and_pyroute2() -> None:
     for with_counters in (True, False):
-        decoder = codec.DestDecoder(with_counters)
+        decoder = fastdump.DestDecoder(with_counters)
         for _round in range(2):  # the first message of a shape teaches the layout, the rest use it
             for family, dest, counters, conns in DEST_CASES:
                 data = _kernel_dest(dest, dest.family or family, counters, conns)
@@ -446,7 +446,7 @@ def test_fast_dest_decoder_matches_generic_and_pyroute2() -> None:
 
 
 def test_fast_dest_decoder_learns_each_shape() -> None:
-    decoder = codec.DestDecoder(True)
+    decoder = fastdump.DestDecoder(True)
     first = _kernel_dest(DR, AF_INET, [1] * 10, (0, 0, 0))
     assert decoder.decode(memoryview(first), 0, len(first), AF_INET) is not None
     # Same length, two attributes swapped: the layout must not apply.
@@ -465,7 +465,7 @@ def test_fast_dest_decoder_learns_each_shape() -> None:
     assert fast[0] == DR
     assert len(decoder._shapes[len(first)]) == 2
     # Beyond MAX_SHAPES shapes of one length, the generic decoder takes the rest.
-    full = codec.DestDecoder(True)
+    full = fastdump.DestDecoder(True)
     full.MAX_SHAPES = 1
     assert full.decode(memoryview(first), 0, len(first), AF_INET) is not None
     assert full.decode(memoryview(other), 0, len(other), AF_INET) is None
@@ -491,7 +491,7 @@ def test_fast_dest_decoder_learns_each_shape() -> None:
     assert fast[1] == DestCounters()
     # Several messages back to back, of two shapes, as one receive buffer holds them.
     buffer = first + data + first
-    decoded = _decode_all(codec.DestDecoder(True), buffer, AF_INET)
+    decoded = _decode_all(fastdump.DestDecoder(True), buffer, AF_INET)
     assert [d[0] for d in decoded] == [DR, DR, DR]  # type: ignore[index]
 
 
@@ -506,7 +506,7 @@ SERVICE_CASES = [
 
 def test_fast_service_decoder_matches_generic() -> None:
     for with_counters in (True, False):
-        decoder = codec.ServiceDecoder(with_counters)
+        decoder = fastdump.ServiceDecoder(with_counters)
         for _round in range(2):
             for service, counters in SERVICE_CASES:
                 data = _kernel_service(service, counters)
@@ -527,17 +527,17 @@ def test_fast_service_decoder_matches_generic() -> None:
 
 def test_fast_service_decoder_leaves_fwmark_services_to_the_generic_decoder() -> None:
     data = _kernel_service(V6_FWMARK, [0] * 10)
-    assert codec.ServiceDecoder(True).decode(memoryview(data), 0, len(data)) is None
+    assert fastdump.ServiceDecoder(True).decode(memoryview(data), 0, len(data)) is None
     assert codec.decode_service(memoryview(data)[20:])[0] == V6_FWMARK
 
 
 def test_fast_constructors_equal_the_dataclasses() -> None:
     args = ("10.0.0.1", 80, 5, Method.TUN, 1, 2, TunnelType.GUE, 6080, TunnelChecksum.CSUM, AF_INET6)
-    made = codec._make_destination(*args)
+    made = fastdump._make_destination(*args)
     assert made == Destination(*args[:9], family=AF_INET6)
     assert hash(made) == hash(Destination(*args[:9], family=AF_INET6))
-    assert codec._make_counters(*range(10)) == Counters(*range(10))
-    assert codec._make_dest_counters(Counters(), 1, 2, 3) == DestCounters(Counters(), 1, 2, 3)
+    assert fastdump._make_counters(*range(10)) == Counters(*range(10))
+    assert fastdump._make_dest_counters(Counters(), 1, 2, 3) == DestCounters(Counters(), 1, 2, 3)
     with pytest.raises(AttributeError):
         made.weight = 1  # type: ignore[misc]
 
@@ -664,6 +664,7 @@ class FakeKernel:
         self.requests: list[tuple[int, int, bytes]] = []  # (flags, seq, message)
         self.sends: list[int] = []
         self.queue: list[bytes] = []
+        self.send_buffer = 4 << 20
 
     def send(self, data: bytes) -> int:
         self.sends.append(len(data))
@@ -682,15 +683,15 @@ class FakeKernel:
         buffer[: len(data)] = data
         return len(data)
 
+    def getsockopt(self, level: int, option: int) -> int:
+        return self.send_buffer if option == socket.SO_SNDBUF else 8 << 20
+
 
 def _client(kernel: FakeKernel, batch_size: int, max_send: int = 1 << 20) -> IPVSClient:
-    client = IPVSClient.__new__(IPVSClient)
-    client.sock = kernel  # type: ignore[assignment]
-    client.family_id = FAMILY_ID
-    client.batch_size = batch_size
-    client.max_send = max_send
+    kernel.send_buffer = max_send + 1024  # IPVSClient keeps 1 KiB of SO_SNDBUF spare
+    client = IPVSClient(batch_size=batch_size, sock=kernel, family_id=FAMILY_ID)  # type: ignore[arg-type]
+    assert (client.batch_size, client.max_send) == (batch_size, max_send)
     client._seq = 0x7FFFFFFF - 5  # batches must stay consecutive across the wrap
-    client._buffer = bytearray(1 << 16)
     return client
 
 
@@ -754,7 +755,7 @@ def test_decode_run_takes_same_shaped_messages_at_once() -> None:
     ):
         buffer = memoryview(b"".join(messages))
         for with_counters in (True, False):
-            decoder = codec.DestDecoder(with_counters)
+            decoder = fastdump.DestDecoder(with_counters)
             key = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
             dests: list[Destination] = []
             counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] | None = [] if with_counters else None

@@ -29,10 +29,11 @@ class Method(enum.IntEnum):
     LOCAL = 1  # IP_VS_CONN_F_LOCALNODE (never desired, may be observed)
     TUN = 2  # IP_VS_CONN_F_TUNNEL
     DR = 3  # IP_VS_CONN_F_DROUTE
+    UNKNOWN = -1  # a code this version does not know, read from a foreign entry: never encoded
 
     @property
     def ipvsadm_flag(self) -> str:
-        return {Method.NAT: "-m", Method.LOCAL: "-g", Method.TUN: "-i", Method.DR: "-g"}[self]
+        return {Method.NAT: "-m", Method.LOCAL: "-g", Method.TUN: "-i", Method.DR: "-g"}.get(self, "-?")
 
 
 class TunnelType(enum.IntEnum):
@@ -41,6 +42,7 @@ class TunnelType(enum.IntEnum):
     IPIP = 0
     GUE = 1
     GRE = 2
+    UNKNOWN = -1  # read from a foreign entry, never encoded (see Method.UNKNOWN)
 
 
 class TunnelChecksum(enum.IntEnum):
@@ -50,6 +52,7 @@ class TunnelChecksum(enum.IntEnum):
     NOCSUM = 0
     CSUM = 1
     REMCSUM = 2
+    UNKNOWN = -1  # read from a foreign entry, never encoded (see Method.UNKNOWN)
 
 
 # Scheduler flags as the kernel numbers them (IP_VS_SVC_F_SCHED1..3). Their meaning
@@ -79,7 +82,11 @@ class ServiceKey(NamedTuple):
     def __str__(self) -> str:
         if self.fwmark:
             return f"fwmark {self.fwmark}"
-        return f"{Protocol(self.protocol).name} {format_hostport(self.address, self.port)}"
+        protocol = Protocol(self.protocol).name if self.protocol in _PROTOCOLS else f"protocol {self.protocol}"
+        return f"{protocol} {format_hostport(self.address, self.port)}"
+
+
+_PROTOCOLS = frozenset(Protocol)
 
 
 class DestKey(NamedTuple):
@@ -144,6 +151,25 @@ class VirtualService:
     def dest_map(self) -> dict[DestKey, Destination]:
         return {d.key: d for d in self.destinations}
 
+    @property
+    def has_unknown_values(self) -> bool:
+        """True when the kernel reported something this version cannot represent (an unknown
+        address family, forwarding method, tunnel type or checksum mode): such a service can
+        only be foreign, and must never be encoded back."""
+        if self.key.family not in _FAMILIES:
+            return True
+        method, tunnel, checksum, families = _UNKNOWN_METHOD, _UNKNOWN_TUNNEL, _UNKNOWN_CHECKSUM, _DEST_FAMILIES
+        for d in self.destinations:  # a plain loop: the planner asks this of every owned service
+            if d.method is method or d.tunnel_type is tunnel or d.tunnel_checksum is checksum:
+                return True
+            if d.family not in families:
+                return True
+        return False
+
+
+_FAMILIES = frozenset((AF_INET, AF_INET6))
+_DEST_FAMILIES = frozenset((0, AF_INET, AF_INET6))
+_UNKNOWN_METHOD, _UNKNOWN_TUNNEL, _UNKNOWN_CHECKSUM = Method.UNKNOWN, TunnelType.UNKNOWN, TunnelChecksum.UNKNOWN
 
 IPVSState = dict[ServiceKey, VirtualService]
 
@@ -187,6 +213,19 @@ def normalize_address(text: str) -> tuple[int, str]:
     return (AF_INET if addr.version == 4 else AF_INET6), str(addr)
 
 
+def address_text(packed: bytes) -> str:
+    """The canonical text of a packed address (4 or 16 bytes): what :func:`normalize_address`
+    gives for it, so that keys read from the kernel equal the keys the specs produce."""
+    return str(ipaddress.ip_address(packed))
+
+
+# IPv6 ranges where C's inet_ntop writes a dotted quad ("::ffff:10.0.0.1", "::10.0.0.1") but
+# ipaddress does not ("::ffff:a00:1", "::a00:1"): the IPv4-mapped ::ffff:0:0/96 and the
+# IPv4-compatible ::/96. Outside them the two give the same text, so a decoder may use the
+# faster inet_ntop there and address_text() for addresses with these 12-byte prefixes.
+NTOP_DIFFERS_PREFIXES = frozenset((bytes(10) + b"\xff\xff", bytes(12)))
+
+
 def format_hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
@@ -194,5 +233,8 @@ def format_hostport(address: str, port: int) -> str:
 @functools.lru_cache(maxsize=1 << 16)
 def _addr_sort(address: str) -> tuple[int, int]:
     # Memoised: the same real servers recur in many services and in every dump.
-    addr = ipaddress.ip_address(address)
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:  # "?..." : an address of an unknown family, read from a foreign entry
+        return 0, 0
     return addr.version, int(addr)

@@ -4,19 +4,23 @@ the VIPs need).
 pyroute2's request objects cost ~150 us per message to encode, which makes programming 10,000
 services take minutes; packing the same bytes with ``struct`` costs ~2 us, and ~0.5 us with
 :class:`RequestEncoder`, which packs a real server's whole request with one precompiled
-``struct.Struct`` and encodes each service's key once. Dumps are decoded the same way: the first
-message of a shape (see :class:`_Layout`) is parsed attribute by attribute, every later message
-of that shape is unpacked with one ``struct`` call, and falls back to the generic parser when
-its attribute headers differ in any way.
+``struct.Struct`` and encodes each service's key once. The attributes sent are declared once,
+in the attribute tables (``DEST_TABLE``, ...): the generic encoders walk them and the fast
+encoder's struct formats are derived from them.
+
+Dumps are decoded by :func:`decode_service` and :func:`decode_dest` (and, faster, by
+``kubelvs.kernel.fastdump``). Codes this version does not know (a forwarding method, tunnel
+type or checksum mode, an address family) decode to the model's ``UNKNOWN`` sentinels, never
+to an exception: one odd foreign entry must not fail every dump. Addresses decode to the
+canonical text of :func:`kubelvs.core.model.address_text`.
 
 The layout follows pyroute2's ``ipvsmsg`` definitions (see ``kubelvs.kernel.messages``), and
-``tests/unit/test_codec.py`` checks every encoder and decoder here against pyroute2's own
-encoding and decoding of the same message.
+``tests/unit/test_codec*.py`` check the encoders and decoders here against pyroute2's own
+encoding and decoding of the same messages, and against each other over random messages.
 """
 
 from __future__ import annotations
 
-import operator
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -25,18 +29,19 @@ from typing import Any
 from kubelvs.core.model import (
     AF_INET,
     AF_INET6,
+    NTOP_DIFFERS_PREFIXES,
     SVC_F_HASHED,
     SVC_F_PERSISTENT,
     Counters,
     DestCounters,
     Destination,
-    DestKey,
     Method,
     ServiceKey,
     TunnelChecksum,
     TunnelType,
     VirtualService,
 )
+from kubelvs.core.model import address_text as model_address_text
 
 # Netlink and generic netlink framing (linux/netlink.h, linux/genetlink.h).
 NLMSG_ERROR = 2
@@ -45,12 +50,16 @@ NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
-NLM_F_ACK_TLVS = 0x200
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
+NLM_F_CAPPED = 0x100  # in an NLMSG_ERROR's header: the request's payload was left out
+NLM_F_ACK_TLVS = 0x200  # in an NLMSG_ERROR's header: extended-ack TLVs follow
 NLA_F_NESTED = 0x8000
 NLMSGERR_ATTR_MSG = 1
 GENL_VERSION = 1
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
 
 # The generic-netlink controller (linux/genetlink.h).
 GENL_ID_CTRL = 0x10
@@ -81,12 +90,12 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
 _BE16 = struct.Struct(">H")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 
 _htons = socket.htons
-_ntohs = socket.ntohs
 _pton = socket.inet_pton
 _ntop = socket.inet_ntop
 
@@ -103,46 +112,110 @@ def _netmask(service: VirtualService) -> bytes:
     return _U32.pack(prefix)  # IPv6: the prefix length, host order (as ipvsadm sends it)
 
 
+# --- the attribute tables ---------------------------------------------------------------------
+#
+# Every attribute the encoders send, in the order they send it: (attribute id, kernel type,
+# field of the model object). The generic encoders below walk these tables and the fast encoder's
+# struct formats are derived from them, so an attribute is added in one place (plus, for the fast
+# encoder, its value in RequestEncoder.dest's pack call, which passes each attribute's length, id
+# and value in table order; the tests check the two byte for byte, and against pyroute2).
+#
+# Kernel types, as linux/ip_vs.h and ip_vs_ctl.c's policies read them:
+#   u8, u16, u32 (host order); be16 (network order); addr (struct in_addr / in6_addr, 4 or 16
+#   bytes); string (NUL-terminated); flags (struct ip_vs_flags: the flags, then the mask of the
+#   flags to set); netmask (IPv4: a be32 mask; IPv6: the prefix length as a u32).
+
+Attr = tuple[int, str, str]
+
+SERVICE_KEY_TABLE: tuple[Attr, ...] = (
+    (SVC_AF, "u16", "family"),
+    (SVC_PROTOCOL, "u16", "protocol"),
+    (SVC_ADDR, "addr", "address"),
+    (SVC_PORT, "be16", "port"),
+)
+FWMARK_KEY_TABLE: tuple[Attr, ...] = (
+    (SVC_AF, "u16", "family"),
+    (SVC_FWMARK, "u32", "fwmark"),
+)
+SERVICE_SETTINGS_TABLE: tuple[Attr, ...] = (  # after the key: the rest of a full service entry
+    (SVC_SCHED_NAME, "string", "scheduler"),
+    (SVC_FLAGS, "flags", "sched_flags"),
+    (SVC_TIMEOUT, "u32", "persistence_timeout"),
+    (SVC_NETMASK, "netmask", "netmask"),
+)
+DEST_KEY_TABLE: tuple[Attr, ...] = (  # what identifies a real server (deletes)
+    (DEST_ADDR, "addr", "address"),
+    (DEST_PORT, "be16", "port"),
+    (DEST_ADDR_FAMILY, "u16", "family"),
+)
+DEST_TABLE: tuple[Attr, ...] = (  # the full entry that NEW_DEST and SET_DEST require
+    (DEST_ADDR, "addr", "address"),
+    (DEST_PORT, "be16", "port"),
+    (DEST_FWD_METHOD, "u32", "method"),
+    (DEST_WEIGHT, "u32", "weight"),
+    (DEST_U_THRESH, "u32", "upper_threshold"),
+    (DEST_L_THRESH, "u32", "lower_threshold"),
+    (DEST_ADDR_FAMILY, "u16", "family"),
+    (DEST_TUN_TYPE, "u8", "tunnel_type"),
+    (DEST_TUN_PORT, "be16", "tunnel_port"),
+    (DEST_TUN_FLAGS, "u16", "tunnel_checksum"),
+)
+
+_FLAGS_PAIR = struct.Struct("=II")
+# kernel type: (its payload from the field's value, its struct format in the fast encoder:
+# payload and padding to 4 bytes, "{}" the address size; None: not in a fast-encoded table).
+_KERNEL_TYPES: dict[str, tuple[Callable[[Any], bytes], str | None]] = {
+    "u8": (lambda value: bytes((value,)), "B3x"),
+    "u16": (_U16.pack, "H2x"),
+    "be16": (_BE16.pack, "H2x"),  # the fast encoder packs htons(value) as a native u16
+    "u32": (_U32.pack, "I"),
+    "addr": (bytes, "{}s"),  # the value: the packed address
+    "string": (lambda value: value.encode() + b"\0", None),
+    "flags": (lambda value: _FLAGS_PAIR.pack(value, 0xFFFFFFFF), None),
+    "netmask": (bytes, None),  # the value: packed by _netmask
+}
+
+
+def encode_attrs(table: tuple[Attr, ...], obj: object, values: dict[str, Any]) -> bytes:
+    """The attributes of ``table``, each with ``values[field]`` if given, else ``obj.field``."""
+    out = []
+    for kind, kernel_type, name in table:
+        value = values[name] if name in values else getattr(obj, name)
+        out.append(_attr(kind, _KERNEL_TYPES[kernel_type][0](value)))
+    return b"".join(out)
+
+
+def struct_format(table: tuple[Attr, ...], addr_size: int) -> str:
+    """The ``struct`` format of ``table``'s attributes (each: length and id, then its payload)."""
+    formats = []
+    for _kind, kernel_type, _name in table:
+        payload = _KERNEL_TYPES[kernel_type][1]
+        if payload is None:
+            raise ValueError(f"{kernel_type}: not a fixed-size type")
+        formats.append("HH" + payload.format(addr_size))
+    return "".join(formats)
+
+
 def service_key_attrs(key: ServiceKey) -> bytes:
-    body = _attr(SVC_AF, _U16.pack(key.family))
     if key.fwmark:
-        return body + _attr(SVC_FWMARK, _U32.pack(key.fwmark))
-    return (
-        body
-        + _attr(SVC_PROTOCOL, _U16.pack(key.protocol))
-        + _attr(SVC_ADDR, socket.inet_pton(key.family, key.address))
-        + _attr(SVC_PORT, _BE16.pack(key.port))
-    )
+        return encode_attrs(FWMARK_KEY_TABLE, key, {})
+    return encode_attrs(SERVICE_KEY_TABLE, key, {"address": _pton(key.family, key.address)})
+
+
+def service_settings_attrs(service: VirtualService) -> bytes:
+    flags = service.sched_flags | (SVC_F_PERSISTENT if service.persistence_timeout else 0)
+    return encode_attrs(SERVICE_SETTINGS_TABLE, service, {"sched_flags": flags, "netmask": _netmask(service)})
 
 
 def service_attrs(service: VirtualService) -> bytes:
     """The full service entry that NEW_SERVICE and SET_SERVICE require."""
-    flags = service.sched_flags | (SVC_F_PERSISTENT if service.persistence_timeout else 0)
-    return (
-        service_key_attrs(service.key)
-        + _attr(SVC_SCHED_NAME, service.scheduler.encode() + b"\0")
-        + _attr(SVC_FLAGS, struct.pack("=II", flags, 0xFFFFFFFF))
-        + _attr(SVC_TIMEOUT, _U32.pack(service.persistence_timeout))
-        + _attr(SVC_NETMASK, _netmask(service))
-    )
+    return service_key_attrs(service.key) + service_settings_attrs(service)
 
 
 def dest_attrs(dest: Destination, service_family: int, full: bool = True) -> bytes:
     family = dest.family or service_family
-    body = _attr(DEST_ADDR, socket.inet_pton(family, dest.address)) + _attr(DEST_PORT, _BE16.pack(dest.port))
-    if not full:
-        return body + _attr(DEST_ADDR_FAMILY, _U16.pack(family))
-    return (
-        body
-        + _attr(DEST_FWD_METHOD, _U32.pack(int(dest.method)))
-        + _attr(DEST_WEIGHT, _U32.pack(dest.weight))
-        + _attr(DEST_U_THRESH, _U32.pack(dest.upper_threshold))
-        + _attr(DEST_L_THRESH, _U32.pack(dest.lower_threshold))
-        + _attr(DEST_ADDR_FAMILY, _U16.pack(family))
-        + _attr(DEST_TUN_TYPE, bytes([int(dest.tunnel_type)]))
-        + _attr(DEST_TUN_PORT, _BE16.pack(dest.tunnel_port))
-        + _attr(DEST_TUN_FLAGS, _U16.pack(int(dest.tunnel_checksum)))
-    )
+    values = {"address": _pton(family, dest.address), "family": family}
+    return encode_attrs(DEST_TABLE if full else DEST_KEY_TABLE, dest, values)
 
 
 def message(family_id: int, cmd: int, attrs: bytes, seq: int, flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
@@ -155,15 +228,9 @@ def nested(kind: int, payload: bytes) -> bytes:
 
 # --- fast request encoding --------------------------------------------------------------------
 
-# The nested service key (CMD_ATTR_SERVICE with AF, PROTOCOL, ADDR, PORT) in one pack; the port
-# is big-endian on the wire, packed as the native u16 of its byte-swapped value.
-_SERVICE_KEY = {
-    4: struct.Struct("=HHHHH2xHHH2xHH4sHHH2x"),
-    16: struct.Struct("=HHHHH2xHHH2xHH16sHHH2x"),
-}
-# A real server's attributes, in dest_attrs' order: the full entry, and the key (deletes).
-_DEST_FULL = "HHHH{}sHHH2xHHIHHIHHIHHIHHH2xHHB3xHHH2xHHH2x"
-_DEST_KEY = "HHHH{}sHHH2xHHH2x"
+# The nested service key (CMD_ATTR_SERVICE with AF, PROTOCOL, ADDR, PORT) in one pack, by
+# address size; be16 values are packed as the native u16 of their byte-swapped value.
+_SERVICE_KEY = {size: struct.Struct("=HH" + struct_format(SERVICE_KEY_TABLE, size)) for size in (4, 16)}
 
 
 def encode_service_key(key: ServiceKey) -> bytes:
@@ -202,6 +269,7 @@ class RequestEncoder:
         self._keys: dict[ServiceKey, bytes] = {}
         self._last: tuple[object, bytes] = (None, b"")
         self._structs: dict[tuple[int, int, bool], tuple[struct.Struct, int]] = {}
+        self._settings: dict[tuple[int, str, int, int, int], bytes] = {}
 
     def service_key(self, service: VirtualService) -> bytes:
         """The nested service key attribute of ``service`` (cached: a plan's real-server
@@ -217,11 +285,25 @@ class RequestEncoder:
         return encoded
 
     def service(self, cmd: int, service: VirtualService, full: bool, seq: int, flags: int) -> bytes:
-        attrs = nested(CMD_ATTR_SERVICE, service_attrs(service)) if full else self.service_key(service)
+        if not full:
+            return message(self.family_id, cmd, self.service_key(service), seq, flags)
+        # The settings' attributes, cached: the services of a plan share a few combinations.
+        settings_key = (
+            service.key.family,
+            service.scheduler,
+            service.sched_flags,
+            service.persistence_timeout,
+            service.netmask,
+        )
+        settings = self._settings.get(settings_key)
+        if settings is None:
+            settings = self._settings[settings_key] = service_settings_attrs(service)
+        attrs = nested(CMD_ATTR_SERVICE, self.service_key(service)[4:] + settings)
         return message(self.family_id, cmd, attrs, seq, flags)
 
     def _struct(self, key_size: int, addr_size: int, full: bool) -> tuple[struct.Struct, int]:
-        st = struct.Struct(_HEADER.format + f"{key_size}s" + (_DEST_FULL if full else _DEST_KEY).format(addr_size))
+        attrs = struct_format(DEST_TABLE if full else DEST_KEY_TABLE, addr_size)
+        st = struct.Struct(f"{_HEADER.format}{key_size}sHH{attrs}")  # CMD_ATTR_DEST's header, then its attrs
         entry = self._structs[key_size, addr_size, full] = (st, st.size - _HEADER.size - key_size)
         return entry
 
@@ -336,24 +418,64 @@ def parse_attrs(payload: memoryview | bytes) -> dict[int, memoryview]:
     return attrs
 
 
-def parse_error(payload: memoryview) -> tuple[int, str]:
-    """(errno, extended-ack message) of an NLMSG_ERROR payload; errno 0 is a plain ack."""
-    (error,) = struct.unpack_from("=i", payload, 0)
-    message = ""
-    # struct nlmsgerr: the error, then the request's nlmsghdr (capped: header only), then TLVs.
-    (orig_len,) = _U32.unpack_from(payload, 4)
-    tlv_start = 4 + 16
-    if len(payload) > tlv_start:
-        attrs = parse_attrs(payload[tlv_start:]) if orig_len else {}
-        raw = attrs.get(NLMSGERR_ATTR_MSG)
-        if raw is not None:
-            message = bytes(raw).rstrip(b"\0").decode(errors="replace")
+def parse_error(payload: memoryview | bytes, flags: int | None = None) -> tuple[int, str]:
+    """(errno, extended-ack message) of an NLMSG_ERROR payload; errno 0 is a plain ack.
+
+    ``flags`` are the NLMSG_ERROR's own header flags: NLM_F_CAPPED says the request is echoed
+    as its header only (NETLINK_CAP_ACK), otherwise whole; NLM_F_ACK_TLVS says extended-ack
+    attributes follow it. None (for callers that do not pass them yet) assumes a socket with
+    NETLINK_CAP_ACK set, and TLVs if there are bytes after the echoed header."""
+    (error,) = _I32.unpack_from(payload, 0)
+    if flags is None:
+        flags = NLM_F_CAPPED | NLM_F_ACK_TLVS
+    if not flags & NLM_F_ACK_TLVS:
+        return -error, ""
+    # struct nlmsgerr: the error, then the request (capped: its nlmsghdr only), then TLVs.
+    if flags & NLM_F_CAPPED:
+        tlv_start = 4 + _NLMSGHDR.size
+    else:
+        (orig_len,) = _U32.unpack_from(payload, 4)
+        tlv_start = 4 + ((max(orig_len, _NLMSGHDR.size) + 3) & ~3)
+    raw = parse_attrs(payload[tlv_start:]).get(NLMSGERR_ATTR_MSG) if len(payload) > tlv_start else None
+    message = bytes(raw).rstrip(b"\0").decode(errors="replace") if raw is not None else ""
     return -error, message
 
 
-def _address(family: int, raw: memoryview) -> str:
-    size = 4 if family == AF_INET else 16
-    return socket.inet_ntop(family, bytes(raw[:size]))
+def address_text(family: int, raw: memoryview | bytes) -> str:
+    """The canonical text (:func:`kubelvs.core.model.address_text`) of a kernel address
+    attribute, with inet_ntop wherever that gives the same text (all but two /96 ranges).
+
+    An address family other than IPv4 and IPv6 (never reported by today's kernels) gives
+    ``"?"`` and the raw bytes in hex: a key nothing desired can equal."""
+    if family == AF_INET:
+        return _ntop(AF_INET, bytes(raw[:4]))
+    if family == AF_INET6:
+        packed = bytes(raw[:16])
+        if packed[:12] in NTOP_DIFFERS_PREFIXES:
+            return model_address_text(packed)
+        return _ntop(AF_INET6, packed)
+    return "?" + bytes(raw).hex()
+
+
+def netmask_prefix(family: int, netmask: int) -> int:
+    """The prefix length of SVC_NETMASK read as a native u32 (IPv4: a big-endian mask, whose
+    bit count is its prefix length; IPv6: the prefix length), 0 for the whole address."""
+    prefix = netmask.bit_count() if family == AF_INET else netmask
+    return 0 if prefix == (32 if family == AF_INET else 128) else prefix
+
+
+# Codes the kernel may report that this version does not know decode to the enums' UNKNOWN.
+METHODS = tuple(Method(v) if v in Method._value2member_map_ else Method.UNKNOWN for v in range(8))
+_TUNNEL_TYPES = {int(t): t for t in TunnelType if t is not TunnelType.UNKNOWN}
+_CHECKSUMS = {int(c): c for c in TunnelChecksum if c is not TunnelChecksum.UNKNOWN}
+
+
+def tunnel_type(value: int) -> TunnelType:
+    return _TUNNEL_TYPES.get(value, TunnelType.UNKNOWN)
+
+
+def tunnel_checksum(value: int) -> TunnelChecksum:
+    return _CHECKSUMS.get(value, TunnelChecksum.UNKNOWN)
 
 
 def _counters(raw: memoryview | None, wide: bool) -> Counters:
@@ -382,17 +504,12 @@ def decode_service(genl_payload: memoryview) -> tuple[VirtualService, Counters]:
         key = ServiceKey(
             family,
             _U16.unpack_from(svc[SVC_PROTOCOL])[0],
-            _address(family, svc[SVC_ADDR]),
+            address_text(family, svc[SVC_ADDR]),
             _BE16.unpack_from(svc[SVC_PORT])[0],
         )
     flags, _mask = struct.unpack_from("=II", svc[SVC_FLAGS])
     timeout = _U32.unpack_from(svc[SVC_TIMEOUT])[0] if flags & SVC_F_PERSISTENT else 0
-    if family == AF_INET:
-        netmask = bin(struct.unpack_from(">I", svc[SVC_NETMASK])[0]).count("1")
-    else:
-        netmask = _U32.unpack_from(svc[SVC_NETMASK])[0]
-    if netmask == (32 if family == AF_INET else 128):
-        netmask = 0  # the whole address: the model's default
+    netmask = netmask_prefix(family, _U32.unpack_from(svc[SVC_NETMASK])[0])
     service = VirtualService(
         key,
         bytes(svc[SVC_SCHED_NAME]).rstrip(b"\0").decode(),
@@ -409,18 +526,18 @@ def decode_dest(genl_payload: memoryview, service_family: int) -> tuple[Destinat
     family_raw = dest.get(DEST_ADDR_FAMILY)
     family = _U16.unpack_from(family_raw)[0] if family_raw is not None else service_family
     u32 = lambda kind: _U32.unpack_from(dest[kind])[0] if kind in dest else 0  # noqa: E731
-    method = Method(u32(DEST_FWD_METHOD) & 0x7)
+    method = METHODS[u32(DEST_FWD_METHOD) & 0x7]
     tunnel = method is Method.TUN
     destination = Destination(
-        _address(family, dest[DEST_ADDR]),
+        address_text(family, dest[DEST_ADDR]),
         _BE16.unpack_from(dest[DEST_PORT])[0],
         u32(DEST_WEIGHT),
         method,
         u32(DEST_U_THRESH),
         u32(DEST_L_THRESH),
-        TunnelType(dest[DEST_TUN_TYPE][0]) if tunnel and DEST_TUN_TYPE in dest else TunnelType.IPIP,
+        tunnel_type(dest[DEST_TUN_TYPE][0]) if tunnel and DEST_TUN_TYPE in dest else TunnelType.IPIP,
         _BE16.unpack_from(dest[DEST_TUN_PORT])[0] if tunnel and DEST_TUN_PORT in dest else 0,
-        TunnelChecksum(_U16.unpack_from(dest[DEST_TUN_FLAGS])[0])
+        tunnel_checksum(_U16.unpack_from(dest[DEST_TUN_FLAGS])[0])
         if tunnel and DEST_TUN_FLAGS in dest
         else TunnelChecksum.NONE,
         family=0 if family == service_family else family,
@@ -433,416 +550,6 @@ def decode_dest(genl_payload: memoryview, service_family: int) -> tuple[Destinat
         u32(DEST_PERSIST_CONNS),
     )
     return destination, counters
-
-
-# --- fast dump decoding -----------------------------------------------------------------------
-
-_TOP, _SVC, _DEST, _STATS = 0, 1, 2, 3
-_NESTED_CONTEXT = {
-    (_TOP, CMD_ATTR_SERVICE): _SVC,
-    (_TOP, CMD_ATTR_DEST): _DEST,
-    (_SVC, SVC_STATS): _STATS,
-    (_SVC, SVC_STATS64): _STATS,
-    (_DEST, DEST_STATS): _STATS,
-    (_DEST, DEST_STATS64): _STATS,
-}
-_RAW_ATTRS = {(_SVC, SVC_ADDR), (_SVC, SVC_SCHED_NAME), (_SVC, SVC_PE_NAME), (_DEST, DEST_ADDR)}
-_PAIR_ATTRS = {(_SVC, SVC_FLAGS)}  # struct ip_vs_flags: two u32
-_NUMBER_FORMATS = {1: "B", 2: "H", 4: "I", 8: "Q"}
-_ZERO = 0  # the first unpacked value: the genlmsghdr's reserved field, 0 in every matching message
-
-Path = tuple[int, ...]
-
-
-class _Layout:
-    """What one dump message looks like, so that later messages of the same shape are decoded
-    with a few C calls instead of an attribute-by-attribute walk.
-
-    A message has the shape when its bytes, masked to every header field (the message length,
-    type and command, the genlmsghdr's version and reserved field, and every attribute's length
-    and type) equal the sample's: then every attribute sits at the sample's offset with the
-    sample's size. :meth:`unpacker` compiles a ``struct.Struct`` reading just the wanted
-    attributes of such a message (big-endian ones, the ports, come out byte-swapped).
-    """
-
-    def __init__(self, data: memoryview) -> None:
-        length, _kind, _flags, _seq, _pid, _cmd, _version, reserved = _HEADER.unpack_from(data, 0)
-        if reserved != 0 or length != len(data):
-            raise ValueError("not a layout sample")
-        self.length = length
-        # (path, offset of the payload, payload size, context) of every non-nested attribute.
-        self.attrs: dict[Path, tuple[int, int, int]] = {}
-        self.nests: set[Path] = set()
-        headers = [(0, 4), (4, 2), (16, 4)]  # nlmsg_len, nlmsg_type; cmd, version, reserved
-        self._walk(data, _HEADER.size, length, _TOP, (), headers)
-        mask = bytearray(length)
-        for start, size in headers:
-            mask[start : start + size] = b"\xff" * size
-        self.mask = int.from_bytes(mask, "little")
-        self.expected = int.from_bytes(data, "little") & self.mask
-
-    def _walk(
-        self, data: memoryview, offset: int, end: int, context: int, path: Path, headers: list[tuple[int, int]]
-    ) -> None:
-        while offset + 4 <= end:
-            length, raw_kind = _NLA.unpack_from(data, offset)
-            if length < 4 or offset + length > end:
-                raise ValueError("truncated attribute")
-            headers.append((offset, 4))
-            kind = raw_kind & 0x3FFF
-            sub = _NESTED_CONTEXT.get((context, kind))
-            if sub is not None:
-                self.nests.add((*path, kind))
-                self._walk(data, offset + 4, offset + length, sub, (*path, kind), headers)
-            elif length > 4:
-                self.attrs[(*path, kind)] = (offset + 4, length - 4, context)
-            offset += (length + 3) & ~3
-
-    def unpacker(self, paths: list[Path]) -> tuple[struct.Struct, dict[Path, int]]:
-        """A struct reading the genlmsghdr's reserved field (index 0, always 0) and then the
-        attributes at ``paths`` that the message has; where each is in the unpacked tuple."""
-        present = sorted((self.attrs[path][0], path) for path in set(paths) if path in self.attrs)
-        formats = ["18xH"]
-        position = 20
-        index: dict[Path, int] = {}
-        count = 1
-        for offset, path in present:
-            _offset, size, context = self.attrs[path]
-            if offset > position:
-                formats.append(f"{offset - position}x")
-            index[path] = count
-            if (context, path[-1]) in _PAIR_ATTRS and size == 8:
-                formats.append("II")
-                count += 2
-            elif (context, path[-1]) in _RAW_ATTRS or size not in _NUMBER_FORMATS:
-                formats.append(f"{size}s")
-                count += 1
-            else:
-                formats.append(_NUMBER_FORMATS[size])
-                count += 1
-            position = offset + size
-        return struct.Struct("=" + "".join(formats)), index
-
-    def stats_paths(self, top: int, stats: int, stats64: int) -> list[Path]:
-        """The ten counters' paths, in the 64-bit nest when there is one (as decode_* read them)."""
-        nest = stats64 if (top, stats64) in self.nests else stats
-        return [(top, nest, kind) for kind in range(1, STATS_FIELDS + 1)]
-
-
-def _fast_constructor(cls: type) -> Callable[..., Any]:
-    """A constructor for a frozen slots dataclass without ``__post_init__`` that fills the slots
-    directly (half the cost of the generated ``__init__``, which goes through
-    ``object.__setattr__`` once per field). Positional arguments, all of them, in field order."""
-    fields = getattr(cls, "__dataclass_fields__", {})
-    slots = getattr(cls, "__slots__", ())
-    if hasattr(cls, "__post_init__") or tuple(fields) != tuple(slots):
-        return cls
-    setters = [getattr(cls, name).__set__ for name in slots]
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    namespace.update({f"_s{i}": setter for i, setter in enumerate(setters)})
-    args = ", ".join(f"a{i}" for i in range(len(setters)))
-    body = "; ".join(f"_s{i}(o, a{i})" for i in range(len(setters)))
-    exec(f"def make({args}):\n    o = _new(_cls); {body}; return o", namespace)
-    return namespace["make"]  # type: ignore[no-any-return]
-
-
-_make_destination = _fast_constructor(Destination)
-_make_counters = _fast_constructor(Counters)
-_make_dest_counters = _fast_constructor(DestCounters)
-_METHODS = tuple(Method(value) if value in Method._value2member_map_ else None for value in range(8))
-_from_bytes = int.from_bytes
-
-
-class _Shape:
-    """One learnt message shape: its check, its struct (the message's full length) and what the
-    decoder compiled from its layout (None: the fast path cannot decode it)."""
-
-    __slots__ = ("_expected_bytes", "_mask_bytes", "_runs", "compiled", "expected", "length", "mask", "struct")
-
-    def __init__(self, layout: _Layout, st: struct.Struct | None, compiled: tuple[Any, ...] | None) -> None:
-        self.length = layout.length
-        self.mask = layout.mask
-        self.expected = layout.expected
-        self.struct = st
-        self.compiled = compiled
-        self._mask_bytes = layout.mask.to_bytes(layout.length, "little")
-        self._expected_bytes = layout.expected.to_bytes(layout.length, "little")
-        self._runs: dict[int, tuple[int, int]] = {}
-
-    def run(self, count: int) -> tuple[int, int]:
-        """The mask and expected value of ``count`` messages of this shape back to back."""
-        found = self._runs.get(count)
-        if found is None:
-            found = self._runs[count] = (
-                _from_bytes(self._mask_bytes * count, "little"),
-                _from_bytes(self._expected_bytes * count, "little"),
-            )
-        return found
-
-
-class _Decoder:
-    """Messages of a dump, by shape: each shape's layout is learnt from its first message."""
-
-    MAX_SHAPES = 16  # per message length (scheduler names of one length, say)
-
-    def __init__(self, with_counters: bool) -> None:
-        self.with_counters = with_counters
-        self._shapes: dict[int, list[_Shape]] = {}
-
-    def _compile(self, layout: _Layout) -> tuple[struct.Struct, tuple[Any, ...]] | None:
-        """(a struct of the message's full length, what ``decode`` needs) for a layout, or None
-        when the fast path cannot decode messages of that shape."""
-        raise NotImplementedError
-
-    def _shape(self, view: memoryview, offset: int, length: int) -> _Shape | None:
-        """The usable shape of the message at ``offset`` (learnt if new), or None: generic."""
-        shapes = self._shapes.get(length)
-        if shapes is None:
-            shapes = self._shapes[length] = []
-        masked = _from_bytes(view[offset : offset + length], "little")
-        for shape in shapes:
-            if masked & shape.mask == shape.expected:
-                return shape if shape.compiled is not None else None
-        if len(shapes) >= self.MAX_SHAPES:
-            return None
-        try:
-            layout = _Layout(view[offset : offset + length])
-        except (ValueError, struct.error):
-            return None
-        found = self._compile(layout)
-        shape = _Shape(layout, *(found if found is not None else (None, None)))
-        shapes.append(shape)
-        return shape if shape.compiled is not None else None
-
-    def _run(self, view: memoryview, offset: int, length: int, end: int) -> tuple[_Shape, int] | None:
-        """The shape of the message at ``offset`` and how many messages from there (up to
-        ``end``) have it, back to back: all checked with one masked compare."""
-        shape = self._shape(view, offset, length)
-        if shape is None:
-            return None
-        count = (end - offset) // length if length & 3 == 0 else 1
-        if count > 1:
-            mask, expected = shape.run(count)
-            if _from_bytes(view[offset : offset + count * length], "little") & mask != expected:
-                count = 1
-        return shape, count
-
-
-def _full_length(st: struct.Struct, length: int) -> struct.Struct:
-    return struct.Struct(st.format + f"{length - st.size}x") if st.size < length else st
-
-
-_DEST_FIELDS = (
-    DEST_ADDR,
-    DEST_PORT,
-    DEST_WEIGHT,
-    DEST_FWD_METHOD,
-    DEST_U_THRESH,
-    DEST_L_THRESH,
-    DEST_ADDR_FAMILY,
-    DEST_ACTIVE_CONNS,
-    DEST_INACT_CONNS,
-    DEST_PERSIST_CONNS,
-)
-_DEST_TUNNEL = (DEST_TUN_TYPE, DEST_TUN_PORT, DEST_TUN_FLAGS)
-_IPIP, _NO_CHECKSUM, _TUN = TunnelType.IPIP, TunnelChecksum.NONE, Method.TUN
-_new_tuple = tuple.__new__  # DestKey(address, port) without NamedTuple's Python-level __new__
-
-
-class DestDecoder(_Decoder):
-    """Decodes the messages of GET_DEST dumps: a few C calls per message of a known shape, and a
-    whole receive buffer of same-shaped messages checked at once and unpacked by iter_unpack.
-
-    What it gives for a message equals what :func:`decode_dest` gives (with None for counters
-    when they are not wanted); messages it cannot decode are left to decode_dest.
-    """
-
-    def __init__(self, with_counters: bool) -> None:
-        super().__init__(with_counters)
-        self._addresses: dict[tuple[int, bytes], str] = {}
-
-    def _compile(self, layout: _Layout) -> tuple[struct.Struct, tuple[Any, ...]] | None:
-        top = CMD_ATTR_DEST
-        if (top, DEST_ADDR) not in layout.attrs or (top, DEST_PORT) not in layout.attrs:
-            return None
-        fields = [(top, kind) for kind in _DEST_FIELDS]
-        tunnel = [(top, kind) for kind in _DEST_TUNNEL]
-        stats = layout.stats_paths(top, DEST_STATS, DEST_STATS64) if self.with_counters else []
-        st, index = layout.unpacker(fields + tunnel + stats)
-        has_family = (top, DEST_ADDR_FAMILY) in index
-        return _full_length(st, layout.length), (
-            operator.itemgetter(*(index.get(path, _ZERO) for path in fields)),
-            has_family,
-            operator.itemgetter(*(index.get(path, _ZERO) for path in tunnel)),
-            operator.itemgetter(*(index.get(path, _ZERO) for path in stats)) if stats else None,
-        )
-
-    def decode(
-        self, view: memoryview, offset: int, length: int, service_family: int
-    ) -> tuple[Destination, DestCounters | None] | None:
-        """One message, or None: not a shape the fast path decodes (use :func:`decode_dest`)."""
-        dests: list[Destination] = []
-        counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] = []
-        key = ServiceKey(service_family, 0, "", 0)
-        wanted = counters if self.with_counters else None
-        if self.decode_run(view, offset, length, offset + length, key, dests, wanted) == offset:
-            return None
-        return dests[0], counters[0][1] if counters else None
-
-    def decode_run(
-        self,
-        view: memoryview,
-        offset: int,
-        length: int,
-        end: int,
-        key: ServiceKey,
-        dests: list[Destination],
-        counters: list[tuple[tuple[ServiceKey, DestKey], DestCounters]] | None,
-    ) -> int:
-        """Decode the message at ``offset`` (``length`` bytes) and the ones of the same shape
-        right after it (up to ``end``), real servers of the service ``key``: append each to
-        ``dests`` and, when ``counters`` is a list, ``((key, dest.key), its counters)`` to it.
-        Return the offset after them, or ``offset`` itself when the fast path does not decode
-        that message (nothing appended)."""
-        found = self._run(view, offset, length, end)
-        if found is None:
-            return offset
-        shape, count = found
-        assert shape.struct is not None and shape.compiled is not None
-        fields, has_family, tunnel, getter = shape.compiled
-        if counters is not None and getter is None:
-            return offset  # learnt without counters: not for this call
-        service_family = key.family
-        addresses = self._addresses
-        append = dests.append
-        add_counters = counters.append if counters is not None else None
-        stop = offset + count * length
-        at = offset
-        for values in shape.struct.iter_unpack(view[offset:stop]):
-            raw, port, weight, method, upper, lower, family, active, inactive, persistent = fields(values)
-            if not has_family:
-                family = service_family
-            address = addresses.get((family, raw))
-            if address is None:
-                if family == AF_INET:
-                    address = _ntop(AF_INET, raw[:4])
-                elif family == AF_INET6:
-                    address = _ntop(AF_INET6, raw[:16])
-                if address is not None:
-                    addresses[family, raw] = address
-            method = _METHODS[method & 7]
-            if address is None or method is None:
-                dest, dest_counters = decode_dest(view[at + 20 : at + length], service_family)  # raises as it would
-                append(dest)
-                if add_counters is not None:
-                    add_counters(((key, _new_tuple(DestKey, (dest.address, dest.port))), dest_counters))
-                at += length
-                continue
-            port = _ntohs(port)
-            if method is _TUN:
-                tunnel_type, tunnel_port, checksum = tunnel(values)
-                dest = _make_destination(
-                    address,
-                    port,
-                    weight,
-                    method,
-                    upper,
-                    lower,
-                    TunnelType(tunnel_type),
-                    _ntohs(tunnel_port),
-                    TunnelChecksum(checksum),
-                    0 if family == service_family else family,
-                )
-            else:
-                dest = _make_destination(
-                    address,
-                    port,
-                    weight,
-                    method,
-                    upper,
-                    lower,
-                    _IPIP,
-                    0,
-                    _NO_CHECKSUM,
-                    0 if family == service_family else family,
-                )
-            append(dest)
-            if add_counters is not None:
-                add_counters(
-                    (
-                        (key, _new_tuple(DestKey, (address, port))),
-                        _make_dest_counters(_make_counters(*getter(values)), active, inactive, persistent),
-                    )
-                )
-            at += length
-        return stop
-
-
-ServiceSettings = tuple[ServiceKey, str, int, int, int, Counters | None]
-_SERVICE_FIELDS = (SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_SCHED_NAME, SVC_FLAGS, SVC_NETMASK, SVC_TIMEOUT)
-
-
-class ServiceDecoder(_Decoder):
-    """Decodes the messages of a GET_SERVICE dump, like :class:`DestDecoder` for real servers
-    (fwmark services are left to :func:`decode_service`)."""
-
-    def __init__(self, with_counters: bool) -> None:
-        super().__init__(with_counters)
-        self._names: dict[bytes, str] = {}
-
-    def _compile(self, layout: _Layout) -> tuple[struct.Struct, tuple[Any, ...]] | None:
-        top = CMD_ATTR_SERVICE
-        fields = [(top, kind) for kind in _SERVICE_FIELDS]
-        if any(path not in layout.attrs for path in fields) or (top, SVC_FWMARK) in layout.attrs:
-            return None
-        stats = layout.stats_paths(top, SVC_STATS, SVC_STATS64) if self.with_counters else []
-        st, index = layout.unpacker(fields + stats)
-        return _full_length(st, layout.length), (
-            operator.itemgetter(*(index[path] for path in fields)),
-            operator.itemgetter(*(index.get(path, _ZERO) for path in stats)) if stats else None,
-        )
-
-    def decode(self, view: memoryview, offset: int, length: int) -> tuple[VirtualService, Counters | None] | None:
-        """One message, as :func:`decode_service` gives it (None for counters when they are not
-        wanted), or None: not a shape the fast path decodes."""
-        found = self.decode_settings(view, offset, length)
-        if found is None:
-            return None
-        return VirtualService(*found[:5]), found[5]
-
-    def decode_settings(self, view: memoryview, offset: int, length: int) -> ServiceSettings | None:
-        """What :meth:`decode` gives, as the VirtualService's fields (key, scheduler, flags,
-        persistence timeout, netmask) and the counters: for a caller that builds the
-        VirtualService itself, with its real servers."""
-        shape = self._shape(view, offset, length)
-        if shape is None:
-            return None
-        assert shape.struct is not None and shape.compiled is not None
-        values = shape.struct.unpack_from(view, offset)
-        fields, counters = shape.compiled
-        family, protocol, raw, port, sched, flags, netmask, timeout = fields(values)
-        if family == AF_INET:
-            address = _ntop(AF_INET, raw[:4])
-            netmask = bin(netmask).count("1")  # be32 mask: its bit count is its prefix length
-            if netmask == 32:
-                netmask = 0
-        elif family == AF_INET6:
-            address = _ntop(AF_INET6, raw[:16])
-            if netmask == 128:
-                netmask = 0
-        else:
-            return None
-        name = self._names.get(sched)
-        if name is None:
-            name = self._names[sched] = sched.rstrip(b"\0").decode()
-        return (
-            ServiceKey(family, protocol, address, _ntohs(port)),
-            name,
-            flags & ~(SVC_F_PERSISTENT | SVC_F_HASHED),
-            timeout if flags & SVC_F_PERSISTENT else 0,
-            netmask,
-            _make_counters(*counters(values)) if counters is not None else None,
-        )
 
 
 # --- generic netlink controller ---------------------------------------------------------------
@@ -916,4 +623,4 @@ def decode_address(payload: memoryview) -> tuple[int, str | None]:
     raw = parse_attrs(payload[_IFADDRMSG.size :]).get(IFA_ADDRESS)
     if raw is None or family not in (AF_INET, AF_INET6):
         return index, None
-    return index, _ntop(family, bytes(raw))
+    return index, address_text(family, raw)
