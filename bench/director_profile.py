@@ -27,62 +27,19 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the in-memory kernel
 import director_bench as bench
+from fakes import FakeIPVS, FakeVips
 from kubelvs.apply import CachedReconciler
-from kubelvs.core.model import Observed, ServiceKey
-from kubelvs.core.plan import Operation
-from kubelvs.core.plan import apply_operations as apply_in_memory
+from kubelvs.core.model import ServiceKey
 from kubelvs.director.app import Director
 from kubelvs.director.options import DirectorConfig
-from kubelvs.kernel.ipvs import ApplyResult
 from kubelvs.kube.status_writer import StatusWriter
 from kubelvs.state.ownership import CachedStore
-
-
-class MemoryKernel:
-    """Stands in for IPVSClient: the IPVS table as a dict (no IPVS on this host)."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.services: dict[ServiceKey, Any] = {}
-        self.lock = threading.Lock()
-
-    def dump(self, with_counters: bool = True) -> Observed:
-        with self.lock:
-            return Observed(services=dict(self.services))
-
-    def apply(self, operations: Iterable[Operation]) -> ApplyResult:
-        ops = list(operations)
-        with self.lock:
-            self.services = apply_in_memory(self.services, ops)
-        return ApplyResult(succeeded=ops)
-
-    def count_services(self) -> int:
-        return len(self.services)
-
-
-class MemoryVips:
-    """Stands in for VipInterface."""
-
-    def __init__(self, name: str = "", netns: str | None = None) -> None:
-        self.present: set[str] = set()
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[MemoryVips]:
-        yield self
-
-    def add(self, address: str, family: int) -> bool:
-        if address in self.present:
-            return False
-        self.present.add(address)
-        return True
-
-    def remove(self, address: str, family: int) -> None:
-        self.present.discard(address)
 
 
 def rss() -> dict[str, float]:
@@ -112,7 +69,7 @@ def main() -> int:
             client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
         print(f"created in {bench.create_all(kubeconfig, bench.objects(0, args.create, True)):.1f}s")
 
-    kernel = MemoryKernel()
+    kernel = FakeIPVS()
     if args.tracemalloc:
         tracemalloc.start(12)
     loop_profile = cProfile.Profile() if args.cprofile else None  # informers, handlers, desired state
@@ -122,7 +79,7 @@ def main() -> int:
     config_ = DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
     # The kernel is injected through the director's seam (no IPVS on this host).
     director = Director(
-        config_, make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), MemoryVips())
+        config_, make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), FakeVips())
     )
     if sync_profile:
         sync_once = director.sync.sync_once

@@ -10,7 +10,9 @@ then records, in an order that survives a kill at any point:
 2. record the intent to create (services, VIPs) and save durably;
 3. add VIPs (before their services), apply the IPVS plan;
 4. confirm or drop each intent from the kernel's answers;
-5. remove VIPs no longer needed (after their services): kernel first, record after.
+5. remove VIPs no longer needed (after their services): kernel first, record after;
+6. filter the VIPs kubelvs owns to the ports of their IPVS services (a port filter, when given:
+   with the VIP local, every host listener would otherwise answer on it, kubernetes#72236).
 
 Errors of the record itself are :class:`~kubelvs.state.ownership.OwnershipError` (raised by
 ``store.load``); kernel errors are ``OSError`` (``IPVSError``). Either leaves the record
@@ -71,17 +73,28 @@ class SyncReport:
     vips_removed: list[str] = field(default_factory=list)
     observed: Observed | None = None  # the kernel state the plan was made against
     settled: bool = False  # intents of an interrupted earlier sync were settled first
+    filter_error: str = ""  # the VIP port filter could not be applied (the IPVS rules are in place)
 
     @property
     def ok(self) -> bool:
         return self.result.ok and not self.plan.conflicts
 
 
+class PortFilter(Protocol):
+    """What :class:`Reconciler` needs of :class:`kubelvs.kernel.vipfilter.VipPortFilter`."""
+
+    def sync(self, allowed: Mapping[str, Collection[tuple[int, int]]]) -> None: ...
+
+
 class Reconciler:
-    def __init__(self, client: Kernel, store: OwnershipStore, vips: Vips) -> None:
+    def __init__(
+        self, client: Kernel, store: OwnershipStore, vips: Vips, port_filter: PortFilter | None = None
+    ) -> None:
         self.client = client
         self.store = store
         self.vips = vips
+        self.port_filter = port_filter
+        self.filtered: dict[str, set[tuple[int, int]]] | None = None  # as last given to the filter
         self.local_vips: set[str] = set()  # VIPs seen local; a full sync reads the interface again
 
     def sync(
@@ -157,7 +170,35 @@ class Reconciler:
                 raise
         if changed:  # (a JSON rendering of the whole record costs O(owned): not on every event)
             self.store.save(owned)
+        self._filter_ports(owned, report, full=keys is None)
         return report
+
+    def _filter_ports(self, owned: Ownership, report: SyncReport, full: bool) -> None:
+        """Let each VIP kubelvs owns answer only on the ports of its IPVS services (kubelvs's,
+        kept or foreign alike: the filter must never cut a service off). A filter error is
+        reported, not raised: the IPVS rules are in place, only the exposure is not narrowed."""
+        if self.port_filter is None or report.observed is None:
+            return
+        present = set(report.observed.services)
+        for op in report.result.succeeded:
+            if op.verb is Verb.ADD_SERVICE:
+                present.add(op.key)
+            elif op.verb is Verb.DELETE_SERVICE:
+                present.discard(op.key)
+        allowed: dict[str, set[tuple[int, int]]] = {address: set() for address in owned.addresses}
+        for key in present:
+            ports = allowed.get(key.address)
+            if ports is not None:
+                ports.add((key.protocol, key.port))
+        if allowed == self.filtered and not full:  # a full sync re-applies (a flushed ruleset comes back)
+            return
+        try:
+            self.port_filter.sync(allowed)
+        except (OSError, RuntimeError) as error:  # no nft binary, or nft refused
+            report.filter_error = f"VIP port filter not applied: {error}"
+            self.filtered = None
+        else:
+            self.filtered = allowed
 
     def _present(self, wanted: Mapping[str, int], full: bool) -> set[str]:
         """The addresses on the interface: read in a full sync, or when a wanted one is not known."""
@@ -239,8 +280,10 @@ class CachedReconciler(Reconciler):
     e.g. ENOBUFS) drops the whole cache.
     """
 
-    def __init__(self, client: Kernel, store: OwnershipStore, vips: Vips) -> None:
-        super().__init__(client, store, vips)
+    def __init__(
+        self, client: Kernel, store: OwnershipStore, vips: Vips, port_filter: PortFilter | None = None
+    ) -> None:
+        super().__init__(client, store, vips, port_filter)
         self.observed: Observed | None = None
         self.unknown: set[ServiceKey] = set()  # keys whose cached state may be wrong
 

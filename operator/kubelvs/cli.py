@@ -41,17 +41,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def real_kernel(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The kernel the commands act on: (IPVS client, VIP interface). The seam tests replace."""
+def real_kernel(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The kernel the commands act on: (IPVS client, VIP interface[, VIP port filter]). The seam
+    tests replace (a fake returns the first two: no filter)."""
     # Imported here so that `kubelvs plan` works without kernel access.
     from kubelvs.kernel.addresses import VipInterface
     from kubelvs.kernel.ipvs import IPVSClient
+    from kubelvs.kernel.vipfilter import VipPortFilter
 
     netns = getattr(args, "netns", None)
-    return IPVSClient(netns=netns), VipInterface(args.interface, netns=netns)
+    port_filter = None if getattr(args, "no_port_filter", False) else VipPortFilter(netns)
+    return IPVSClient(netns=netns), VipInterface(args.interface, netns=netns), port_filter
 
 
-KernelFactory = Callable[[argparse.Namespace], tuple[Any, Any]]
+KernelFactory = Callable[[argparse.Namespace], tuple[Any, ...]]
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -75,9 +78,10 @@ def _reconciler(args: argparse.Namespace) -> Iterator[Any]:
 
     state_dir = _state_dir(args)
     with StateLock(state_dir):
-        client, vips = args.kernel(args)
+        client, vips, *rest = args.kernel(args)
+        port_filter = rest[0] if rest else None
         try:
-            yield Reconciler(client, OwnershipStore(state_dir, netns=getattr(args, "netns", None)), vips)
+            yield Reconciler(client, OwnershipStore(state_dir, netns=getattr(args, "netns", None)), vips, port_filter)
         finally:
             close = getattr(client, "close", None)
             if close is not None:
@@ -127,6 +131,8 @@ def _print_report(report) -> int:  # type: ignore[no-untyped-def]
         print(f"VIP {address} removed")
     for key in report.plan.conflicts:
         print(f"error: {key} exists in the kernel and is not owned by kubelvs; left untouched", file=sys.stderr)
+    if report.filter_error:
+        print(f"warning: {report.filter_error}", file=sys.stderr)
     for failure in report.result.failed:
         print(f"error: {failure}", file=sys.stderr)
     for op in report.result.skipped:
@@ -220,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="where kubelvs records what it owns (default: %(default)s)",
         )
         sub.add_argument("--interface", default="kubelvs0", help="dummy interface that holds the VIPs")
+        sub.add_argument(
+            "--no-port-filter",
+            action="store_true",
+            help="do not narrow the VIPs to their service ports (nftables table inet kubelvs)",
+        )
         return sub
 
     def with_netns(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from kubelvs.core.model import AF_INET, ServiceKey, VirtualService
 from kubelvs.core.outcome import BACKOFF_MAX_SECONDS, OK, SyncOutcome, Verdict, retry_delay
 from kubelvs.core.plan import Operation, Plan, Verb
 from kubelvs.core.spec import ObjectRef
-from kubelvs.director.loop import SyncLoop
+from kubelvs.director.loop import KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.options import DirectorConfig
 from kubelvs.director.view import ClusterView
@@ -54,7 +54,7 @@ def failed(key: ServiceKey) -> SyncReport:
 
 def test_a_node_without_ipvs_gives_up_visibly_and_is_not_ready(tmp_path: Path) -> None:
     def no_ipvs() -> FakeReconciler:
-        raise FileNotFoundError(errno.ENOENT, "generic netlink family IPVS not found")
+        raise KernelUnavailable("[Errno 2] generic netlink family IPVS not found")
 
     sync = loop(tmp_path, no_ipvs)
     outcome = sync.sync_once(desired(), None, True)
@@ -91,17 +91,17 @@ def test_an_incremental_sync_keeps_the_errors_of_virtual_servers_outside_its_sco
 
 
 def test_classified_errors_give_up_with_their_reason(tmp_path: Path) -> None:
-    class OwnershipError(Exception):
-        pass
+    from kubelvs.state.ownership import OwnershipError
 
-    reconciler = FakeReconciler(OwnershipError("/run/kubelvs/owned.json: not JSON"))
+    reconciler = FakeReconciler(OwnershipError(Path("/run/kubelvs/owned.json"), "not JSON"))
     config = DirectorConfig(node_name="n1", state_dir=tmp_path)
     from kubelvs.director.app import classify_error
 
     metrics = Metrics(CollectorRegistry())
     sync = SyncLoop(ClusterView("n1"), config, metrics, lambda: reconciler, classify=classify_error)
     outcome = sync.sync_once(desired(), None, True)
-    assert outcome == SyncOutcome(Verdict.GIVE_UP, "OwnershipRecordUnreadable", "/run/kubelvs/owned.json: not JSON")
+    assert outcome.verdict is Verdict.GIVE_UP and outcome.reason == "OwnershipRecordUnreadable"
+    assert "/run/kubelvs/owned.json" in outcome.message and "not JSON" in outcome.message
 
 
 @pytest.mark.parametrize(("failures", "delay"), [(0, 0.0), (1, 1.0), (2, 2.0), (6, 32.0), (7, 60.0), (50, 60.0)])

@@ -19,7 +19,7 @@ from kubelvs.core.model import (
     format_hostport,
 )
 
-_PROTOCOL_OPTION = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
+_PROTOCOL_OPTION: dict[int, str] = {Protocol.TCP: "-t", Protocol.UDP: "-u", Protocol.SCTP: "--sctp-service"}
 _CHECKSUM_OPTION = {
     TunnelChecksum.NOCSUM: "--tun-nocsum",
     TunnelChecksum.CSUM: "--tun-csum",
@@ -30,7 +30,8 @@ _CHECKSUM_OPTION = {
 def service_option(key: ServiceKey) -> str:
     if key.fwmark:
         return f"-f {key.fwmark}"
-    return f"{_PROTOCOL_OPTION[Protocol(key.protocol)]} {format_hostport(key.address, key.port)}"
+    option = _PROTOCOL_OPTION.get(key.protocol) or f"--protocol-{key.protocol}"  # unknown to ipvsadm too
+    return f"{option} {format_hostport(key.address, key.port)}"
 
 
 def service_rule(service: VirtualService) -> str:

@@ -26,37 +26,74 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kubelvs.apply import CachedReconciler
+from kubelvs.apply import CachedReconciler, adopt
 from kubelvs.core.model import Observed
 from kubelvs.core.outcome import SyncOutcome, Verdict
-from kubelvs.director.loop import KernelReconciler, SyncLoop
+from kubelvs.director.loop import KernelReconciler, KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.options import DirectorConfig, config_from
 from kubelvs.director.status_loop import StatusLoop, Writer
 from kubelvs.director.view import ClusterView
 from kubelvs.kernel.addresses import VipInterface
 from kubelvs.kernel.ipvs import IPVSClient
+from kubelvs.kernel.vipfilter import VipPortFilter
 from kubelvs.kube import client as kube
 from kubelvs.kube.informers import BACKOFF_SECONDS, Informer, cluster_informers
 from kubelvs.kube.status_writer import StatusWriter
-from kubelvs.state.ownership import CachedStore
+from kubelvs.state.lock import StateLock
+from kubelvs.state.ownership import CachedStore, OwnershipError
 
 log = logging.getLogger("kubelvs.director")
 
 
-def kernel_reconciler(config: DirectorConfig) -> CachedReconciler:
-    """The real kernel: IPVS, the VIP interface, the ownership record (the default seam)."""
-    return CachedReconciler(
-        IPVSClient(netns=config.netns),
-        CachedStore(config.state_dir),
-        VipInterface(config.interface, netns=config.netns),
-    )
+class KernelSeam:
+    """The real kernel behind the sync loop: the state directory's lock (held for the process's
+    life), the ownership record, IPVS, the VIP interface and the VIP port filter."""
+
+    def __init__(self, config: DirectorConfig) -> None:
+        self.config = config
+        self.lock: StateLock | None = None
+
+    def __call__(self) -> CachedReconciler:
+        config = self.config
+        if self.lock is None:
+            self.lock = StateLock(config.state_dir).acquire()  # StateLockedError: another kubelvs runs here
+        store = CachedStore(config.state_dir, netns=config.netns)
+        try:
+            client = IPVSClient(netns=config.netns)
+        except OSError as error:  # no ip_vs module, or a kernel built without IPVS
+            raise KernelUnavailable(str(error)) from error
+        vips = VipInterface(config.interface, netns=config.netns)
+        self.adopt_if_lost(client, vips, store)
+        port_filter = VipPortFilter(config.netns) if config.port_filter else None
+        return CachedReconciler(client, store, vips, port_filter)
+
+    @staticmethod
+    def adopt_if_lost(client: IPVSClient, vips: VipInterface, store: CachedStore) -> None:
+        """A lost record (a new /run, a changed --state-dir) while the interface still carries
+        addresses with kubelvs's mark: rebuild it from them before the first sync, so that what
+        this director made is not taken for foreign state. An unreadable record is not touched
+        (``OwnershipError``: reported, and left for a person to look at)."""
+        owned = store.load()
+        if owned.services or owned.addresses or owned.has_pending:
+            return
+        with vips.session():
+            if not vips.tagged():
+                return
+            adopted = adopt(client, vips, store)
+        log.warning(
+            "ownership record %s was missing: adopted %d VIPs and %d services marked as kubelvs's (%s)",
+            store.path,
+            len(adopted.addresses),
+            len(adopted.services),
+            ", ".join(adopted.addresses) or "-",
+        )
 
 
 def classify_error(error: BaseException) -> SyncOutcome | None:
     """Errors of the effect layers that no retry will fix soon."""
-    if type(error).__name__ == "OwnershipError":
-        return SyncOutcome(Verdict.GIVE_UP, "OwnershipRecordUnreadable", str(error))
+    if isinstance(error, OwnershipError):
+        return SyncOutcome(Verdict.GIVE_UP, error.reason, str(error))
     return None
 
 
@@ -75,7 +112,7 @@ class Director:
             self.view,
             config,
             self.metrics,
-            make_reconciler or (lambda: kernel_reconciler(config)),
+            make_reconciler or KernelSeam(config),
             on_synced=self._synced,
             classify=classify_error,
         )

@@ -76,10 +76,7 @@ class SyncLoop:
         started = time.perf_counter()
         try:
             if self.reconciler is None:
-                try:
-                    self.reconciler = self.make_reconciler()
-                except OSError as error:
-                    raise KernelUnavailable(str(error)) from error
+                self.reconciler = self.make_reconciler()  # raises KernelUnavailable without IPVS
             report = self.reconciler.sync_cached(desired, only=scope, full=full)
         except KernelUnavailable as error:
             return SyncOutcome(Verdict.GIVE_UP, "KernelUnavailable", f"IPVS is not available on this node: {error}")
@@ -89,6 +86,8 @@ class SyncLoop:
                 return outcome
             log.exception("sync failed")
             return SyncOutcome(Verdict.RETRY, "SyncFailed", f"{type(error).__name__}: {error}")
+        if report.filter_error:
+            log.warning("%s", report.filter_error)
         kind = "full" if full or scope is None else "incremental"
         self.metrics.observe_sync(kind, time.perf_counter() - started, report)
         failures = [(f.operation.key, str(f)) for f in report.result.failed]
@@ -125,15 +124,21 @@ class SyncLoop:
             desired, scope = self.view.plan_sync(full)
             self.desired = desired
             outcome = await loop.run_in_executor(None, self.sync_once, desired, scope, full)
+            before = self.outcome
             self.record(outcome)
             if outcome.ok:
                 self.view.desired = desired
                 if full or scope is None:
                     self.last_full = time.monotonic()
+                # After a give-up every VirtualServer showed it: all of them are reported again.
+                self.on_synced(scope if before.ok else None)
             else:
                 self.view.sync_failed(scope)
+                if outcome.verdict is Verdict.GIVE_UP and outcome != before:
+                    self.on_synced(None)  # on every VirtualServer: nothing is programmed here
+                # A transient failure (RETRY) writes no status: it is retried within seconds,
+                # and reporting it would be a write per VirtualServer each time.
             delay = retry_delay(outcome, self.failures_in_a_row)
-            self.on_synced(scope if outcome.ok else None)
 
     def record(self, outcome: SyncOutcome) -> None:
         changed = outcome != self.outcome

@@ -155,7 +155,8 @@ class KernelCollector(Collector):
             counters = observed.service_counters.get(key)
             if service is None or counters is None or key not in desired.services:
                 continue
-            labels = [origin.namespace, origin.name, key.address, str(key.port), Protocol(key.protocol).name]
+            protocol = Protocol(key.protocol).name if key.protocol in Protocol._value2member_map_ else str(key.protocol)
+            labels = [origin.namespace, origin.name, key.address, str(key.port), protocol]
             for name, doc, value in (
                 ("kubelvs_service_connections", "Connections scheduled by the virtual service.", counters.connections),
                 ("kubelvs_service_packets_in", "Packets in, client to real server.", counters.packets_in),

@@ -21,6 +21,7 @@ class DirectorConfig:
     metrics_address: str = ""  # "": the node's InternalIP (from the Node object), never 0.0.0.0 by default
     api_timeout_seconds: float = 30.0  # every list, patch and event request (a half-open connection ends)
     health_max_sync_age_seconds: float = 0.0  # 0: 3 x resync_seconds
+    port_filter: bool = True  # narrow each VIP to its service ports (nftables table inet kubelvs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,4 +49,5 @@ def config_from(args: argparse.Namespace) -> DirectorConfig:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         api_timeout_seconds=args.api_timeout,
+        port_filter=not getattr(args, "no_port_filter", False),
     )

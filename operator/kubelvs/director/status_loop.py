@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from kubelvs.core import status as st
 from kubelvs.core.desired import DesiredState
-from kubelvs.core.outcome import SyncOutcome
+from kubelvs.core.outcome import SyncOutcome, Verdict
 from kubelvs.core.spec import GROUP, VERSION, ObjectRef
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.view import ClusterView
@@ -137,7 +137,7 @@ class StatusLoop:
         outcome = self.sync.outcome
         errors = list(self.sync.errors_by_ref.get(ref, []))
         reason = ""
-        if not outcome.ok:  # nothing could be programmed here (no IPVS, an unreadable record...)
+        if outcome.verdict is Verdict.GIVE_UP:  # nothing can be programmed here (no IPVS, an unreadable record)
             reason = outcome.reason
             errors.insert(0, f"{outcome.reason}: {outcome.message}")
         entry = st.director_entry(self.node, resolution, errors, reason)
