@@ -302,3 +302,44 @@ def test_adopt_rebuilds_a_lost_record(tmp_path: Path) -> None:
     assert len(report.plan) == 0 and not report.vips_removed and not report.plan.conflicts
     assert store(tmp_path).load().services == before.services  # origins filled in by the sync
     assert ipvs.services[FOREIGN_KEY] == FOREIGN and FOREIGN_VIP in vips.present
+
+
+# --- the VIP port filter ---------------------------------------------------------------------
+
+
+class RecordingFilter:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[dict[str, set[tuple[int, int]]]] = []
+        self.fail = fail
+
+    def sync(self, allowed: Any) -> None:
+        self.calls.append({vip: set(ports) for vip, ports in allowed.items()})
+        if self.fail:
+            raise RuntimeError("nft: No such file or directory")
+
+
+def test_the_port_filter_allows_exactly_the_service_ports_of_owned_vips(tmp_path: Path) -> None:
+    ipvs, vips = kernel_with_foreign()
+    # A foreign service on a VIP kubelvs owns must stay reachable: the filter allows it too.
+    foreign_on_ours = ServiceKey(AF_INET, 17, "192.0.2.1", 53)
+    ipvs.services[foreign_on_ours] = VirtualService(foreign_on_ours, "rr")
+    port_filter = RecordingFilter()
+    reconciler = Reconciler(ipvs, store(tmp_path), vips, port_filter)
+    desired = desired_state([static_vs("a", "192.0.2.1", 80, 81), static_vs("b", "192.0.2.2", 80)])
+    reconciler.sync(desired)
+    # The foreign VIP (not kubelvs's address) is not filtered at all.
+    assert port_filter.calls == [{"192.0.2.1": {(6, 80), (6, 81), (17, 53)}, "192.0.2.2": {(6, 80)}}]
+    reconciler.sync(desired, only=[ObjectRef("ns", "b")])  # incremental, nothing changed: no call
+    assert len(port_filter.calls) == 1
+    reconciler.sync(desired)  # a full sync applies again (repairs a flushed ruleset)
+    assert len(port_filter.calls) == 2
+    reconciler.sync(DesiredState())  # everything removed: the VIPs go, and so does the filter
+    assert port_filter.calls[-1] == {}
+
+
+def test_a_port_filter_failure_is_reported_not_raised(tmp_path: Path) -> None:
+    ipvs, vips = kernel_with_foreign()
+    reconciler = Reconciler(ipvs, store(tmp_path), vips, RecordingFilter(fail=True))
+    report = reconciler.sync(desired_state([static_vs("a", "192.0.2.1", 80)]))
+    assert report.ok and "nft" in report.filter_error
+    assert ServiceKey(AF_INET, 6, "192.0.2.1", 80) in ipvs.services  # the rules are in place regardless
