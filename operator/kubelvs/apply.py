@@ -196,9 +196,8 @@ class Reconciler:
             self.port_filter.sync(allowed)
         except (OSError, RuntimeError) as error:  # no nft binary, or nft refused
             report.filter_error = f"VIP port filter not applied: {error}"
-            self.filtered = None
-        else:
-            self.filtered = allowed
+        # Also after a failure: the next full sync tries again, not every event.
+        self.filtered = allowed
 
     def _present(self, wanted: Mapping[str, int], full: bool) -> set[str]:
         """The addresses on the interface: read in a full sync, or when a wanted one is not known."""
