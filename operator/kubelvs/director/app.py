@@ -121,7 +121,6 @@ class Director:
         self.ready = asyncio.Event()
         self.tasks: list[asyncio.Task[Any]] = []
         self.fatal: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _wake(self) -> None:
         self.sync.mark()
@@ -223,9 +222,12 @@ class Director:
         try:
             self.spawn(self.sync.run(self.ready), "sync")
             self.spawn(self.status.run(), "status")
+            if self.config.metrics_address:  # known now: health answers while the API is still away
+                self.serve_metrics()
             lister = self.spawn(self.list_and_watch(informers, watches_stop), "list")
             await lister
-            self.serve_metrics()
+            if not self.config.metrics_address:  # the Node's address: known after the listing
+                self.serve_metrics()
             await stop.wait()
         finally:
             watches_stop.set()
