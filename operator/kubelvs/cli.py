@@ -144,7 +144,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from kubelvs.state.ownership import OwnershipStore
 
     owned = OwnershipStore(_state_dir(args), netns=getattr(args, "netns", None)).load()
-    client, _ = args.kernel(args)
+    client, *_ = args.kernel(args)  # (IPVS client, VIP interface[, port filter])
     try:
         observed = client.dump(with_counters=True)
     finally:

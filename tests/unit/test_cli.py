@@ -17,15 +17,26 @@ from kubelvs.state.lock import StateLock
 FOREIGN = ServiceKey(AF_INET, 6, "198.51.100.7", 443)
 
 
+class PortFilter:
+    def __init__(self) -> None:
+        self.allowed: dict[str, set[tuple[int, int]]] | None = None
+
+    def sync(self, allowed: Any) -> None:
+        self.allowed = {vip: set(ports) for vip, ports in allowed.items()}
+
+
 class Kernel:
+    """The same shape as cli.real_kernel: (IPVS client, VIP interface, VIP port filter)."""
+
     def __init__(self) -> None:
         self.ipvs = FakeIPVS(services={FOREIGN: VirtualService(FOREIGN, "wlc")})
         self.vips = FakeVips(present={"198.51.100.7": 0})
+        self.port_filter = PortFilter()
         self.calls: list[argparse.Namespace] = []
 
-    def __call__(self, args: argparse.Namespace) -> tuple[Any, Any]:
+    def __call__(self, args: argparse.Namespace) -> tuple[Any, Any, Any]:
         self.calls.append(args)
-        return self.ipvs, self.vips
+        return self.ipvs, self.vips, self.port_filter
 
 
 def vs(name: str, vip: str, port: int = 80, scheduler: str = "rr") -> dict[str, Any]:
@@ -68,6 +79,7 @@ def test_apply_then_a_smaller_apply_then_delete(run: Any) -> None:
     kernel = run.kernel
     code, out, _ = run("apply", vs("a", "192.0.2.1"), vs("b", "192.0.2.2"))
     assert code == 0 and "6 operations" in out and "VIP 192.0.2.1 made local" in out
+    assert kernel.port_filter.allowed == {"192.0.2.1": {(6, 80)}, "192.0.2.2": {(6, 80)}}
     assert len(kernel.ipvs.services) == 3
     code, out, _ = run("apply", vs("a", "192.0.2.1"), vs("b", "192.0.2.2"))
     assert code == 0 and "0 operations (no changes)" in out
