@@ -64,7 +64,11 @@ class KernelSeam:
         except OSError as error:  # no ip_vs module, or a kernel built without IPVS
             raise KernelUnavailable(str(error)) from error
         vips = VipInterface(config.interface, netns=config.netns)
-        self.adopt_if_lost(client, vips, store)
+        try:
+            self.adopt_if_lost(client, vips, store)  # OwnershipError: an unreadable record
+        except BaseException:
+            client.close()  # retried every minute: no socket left behind each time
+            raise
         port_filter = VipPortFilter(config.netns) if config.port_filter else None
         return CachedReconciler(client, store, vips, port_filter)
 
