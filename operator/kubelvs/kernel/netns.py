@@ -1,7 +1,7 @@
 """Netlink sockets in a named network namespace, without forking.
 
 pyroute2's ``create_socket(netns=...)`` forks a helper process to open the socket. In a process
-whose event loop handles signals (kopf), the forked child inherits the loop's signal wake-up
+whose event loop handles signals (the director's asyncio loop), the forked child inherits the loop's signal wake-up
 socket, and the SIGTERM that ends the helper reaches the parent's loop as if it were its own:
 the operator stops. ``setns`` changes the namespace of the calling thread only, so opening the
 socket between two ``setns`` calls is enough, and a socket keeps the namespace it was made in.
