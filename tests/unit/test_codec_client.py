@@ -220,3 +220,11 @@ def test_overlapping_dumps_resume_the_collector_once_both_are_done() -> None:
         assert not gc.isenabled()  # disabled by someone else before: left so
     finally:
         gc.enable()
+
+
+def test_destinations_reads_one_service_and_nothing_for_a_deleted_one() -> None:
+    kernel = DumpingKernel([S1, S2], gone={S2.key: errno.ENOENT})
+    client = IPVSClient(sock=kernel, family_id=FAMILY_ID)  # type: ignore[arg-type]
+    assert client.destinations(S1.key) == list(S1.destinations)
+    assert client.destinations(S2.key) == []
+    assert not kernel.queue

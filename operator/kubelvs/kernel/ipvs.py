@@ -272,6 +272,19 @@ class IPVSClient:
         self._dump(self._get_services_request(seq), seq, on_service)
         return count
 
+    def destinations(self, key: ServiceKey) -> list[Destination]:
+        """The real servers of one virtual service (a dump of that service only: the director
+        benchmark polls one rule per change, where a full dump would be the measurement)."""
+        found: list[Destination] = []
+
+        def on_dest(view: memoryview, offset: int, length: int, end: int) -> int:
+            found.append(codec.decode_dest(view[offset + 20 : offset + length], key.family)[0])
+            return offset + ((length + 3) & ~3)
+
+        seq = self._next_seq()
+        self._dump(codec.RequestEncoder(self.family_id).get_dests(key, seq), seq, on_dest, gone_ok=True)
+        return found
+
     def dump(self, with_counters: bool = True, *, fast: bool = True) -> Observed:
         """Every virtual service in the kernel with its real servers (and counters).
 
