@@ -186,15 +186,20 @@ class Reconciler:
             elif op.verb is Verb.DELETE_SERVICE:
                 present.discard(op.key)
         allowed: dict[str, set[tuple[int, int]]] = {address: set() for address in owned.addresses}
+        every_port: set[str] = set()
         for key in present:
             ports = allowed.get(key.address)
             if ports is not None:
                 ports.add((key.protocol, key.port))
+                if key.port == 0:  # a service of every port (ipvsadm -A -t VIP:0 -p): nothing to narrow
+                    every_port.add(key.address)
+        for address in every_port:
+            del allowed[address]
         if allowed == self.filtered and not full:  # a full sync re-applies (a flushed ruleset comes back)
             return
         try:
             self.port_filter.sync(allowed)
-        except (OSError, RuntimeError) as error:  # no nft binary, or nft refused
+        except (OSError, RuntimeError, ValueError) as error:  # no nft binary, nft refused, a value it cannot take
             report.filter_error = f"VIP port filter not applied: {error}"
         # Also after a failure: the next full sync tries again, not every event.
         self.filtered = allowed
@@ -227,18 +232,24 @@ class Reconciler:
         if changed:
             self.store.save(owned)  # durable before the kernel is touched
 
+        refused = False
         for address, family in add:
             if self.vips.add(address, family):
                 if owned.pending_addresses.pop(address, None) is not None:
                     owned.addresses[address] = family
                 report.vips_added.append(address)
             else:
-                owned.pending_addresses.pop(address, None)  # it was there already: not ours
+                refused |= owned.pending_addresses.pop(address, None) is not None  # there already: not ours
             self.local_vips.add(address)
+        if refused:
+            self.store.save(owned)  # at once: a kill now must not settle the intent as ours
 
         report.result = self.client.apply(report.plan)
         assert report.observed is not None
-        return self._record(owned, desired, report.result, report.observed, services, keys) or changed
+        changed = self._record(owned, desired, report.result, report.observed, services, keys) or changed
+        if any(f.operation.verb is Verb.ADD_SERVICE for f in report.result.failed):
+            self.store.save(owned)  # likewise for a refused service (EEXIST: somebody else's)
+        return changed
 
     @staticmethod
     def _record(

@@ -343,3 +343,26 @@ def test_a_port_filter_failure_is_reported_not_raised(tmp_path: Path) -> None:
     report = reconciler.sync(desired_state([static_vs("a", "192.0.2.1", 80)]))
     assert report.ok and "nft" in report.filter_error
     assert ServiceKey(AF_INET, 6, "192.0.2.1", 80) in ipvs.services  # the rules are in place regardless
+
+
+def test_a_vip_with_an_every_port_service_is_not_narrowed(tmp_path: Path) -> None:
+    # ipvsadm -A -t VIP:0 -p: a persistent service of every port; the filter would cut it off
+    # (and nft refuses port 0: that used to fail every sync).
+    ipvs, vips = kernel_with_foreign()
+    every_port = ServiceKey(AF_INET, 6, "192.0.2.2", 0)
+    ipvs.services[every_port] = VirtualService(every_port, "rr", persistence_timeout=300)
+    port_filter = RecordingFilter()
+    reconciler = Reconciler(ipvs, store(tmp_path), vips, port_filter)
+    report = reconciler.sync(desired_state([static_vs("a", "192.0.2.1", 80), static_vs("b", "192.0.2.2", 80)]))
+    assert report.ok and not report.filter_error
+    assert port_filter.calls == [{"192.0.2.1": {(6, 80)}}]
+
+
+def test_a_value_the_filter_refuses_is_reported_not_raised(tmp_path: Path) -> None:
+    class Refusing(RecordingFilter):
+        def sync(self, allowed: Any) -> None:
+            raise ValueError("port 70000 out of range")
+
+    ipvs, vips = kernel_with_foreign()
+    report = Reconciler(ipvs, store(tmp_path), vips, Refusing()).sync(desired_state([static_vs("a", "192.0.2.1", 80)]))
+    assert report.ok and "70000" in report.filter_error

@@ -81,3 +81,15 @@ def test_own_node_labels_and_address_are_read_from_the_node(tmp_path: Path) -> N
     assert d.node_seen and d.node_labels == {"role": "lb"} and d.node_address == "192.0.2.7"
     d.on_node("DELETED", node)
     assert not d.node_seen and d.node_labels == {}
+
+
+def test_a_new_object_under_the_same_name_is_marked(tmp_path: Path) -> None:
+    d = director(tmp_path)
+    first = versioned(vs(), 3)
+    first["metadata"]["uid"] = "uid-1"
+    d.on_virtual_server("ADDED", first)
+    d.dirty.clear()
+    again = versioned(vs(), 9)  # same generation, a new object (relisted after a watch gap)
+    again["metadata"]["uid"] = "uid-2"
+    d.on_virtual_servers_relisted([again])
+    assert d.dirty == {ObjectRef("ns", "web")}

@@ -43,3 +43,23 @@ def test_health_endpoints_report_the_checks_and_metrics_include_the_sync_gauge()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_ipv6_address_is_served_too() -> None:
+    # An IPv6 node's status.hostIP: a plain ThreadingHTTPServer is IPv4 only and would crash.
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        import pytest
+
+        pytest.skip("no IPv6 loopback here")
+    metrics = Metrics(CollectorRegistry())
+    server = metrics.serve("::1", 0, lambda: (True, "ok"), lambda: (True, "ok"), lambda: None, lambda: Observed())
+    try:
+        assert get(f"http://[::1]:{server.server_address[1]}/healthz") == (200, "ok\n")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -112,3 +112,30 @@ def test_the_summary_writer_is_a_policy() -> None:
     loop.is_summary_writer = lambda vs, node: False
     assert loop.write_status(REF) is Result.DONE
     assert [manager for manager, _ in api.writes] == ["kubelvs-director-n1"]
+
+
+def test_a_virtual_server_deleted_and_created_again_gets_its_status_written_again() -> None:
+    api = FakeApi()
+    loop, _ = setup(api)
+    loop.view.virtual_servers[REF]["metadata"]["uid"] = "uid-1"
+    assert loop.write_status(REF) is Result.DONE
+    writes = len(api.writes)
+    # The same name, a new object (kubectl replace --force; or deleted and created while the
+    # watch was down): nothing of its status is written yet.
+    loop.view.virtual_servers[REF] = {
+        "metadata": {"name": "web", "namespace": "ns", "generation": 1, "uid": "uid-2"},
+        "status": {},
+    }
+    assert loop.write_status(REF) is Result.DONE
+    assert [m for m, _ in api.writes[writes:]] == ["kubelvs-director-n1", "kubelvs-status"]
+
+
+def test_what_was_written_for_a_deleted_virtual_server_is_forgotten_by_the_writer() -> None:
+    api = FakeApi()
+    loop, _ = setup(api)
+    assert loop.write_status(REF) is Result.DONE
+    del loop.view.virtual_servers[REF]
+    loop.request({REF})  # on the event loop's thread: touches nothing the writer threads write
+    assert REF in loop.written_entries
+    assert loop.write_status(REF) is Result.DONE
+    assert REF not in loop.written_entries and REF not in loop.written_summaries

@@ -204,15 +204,17 @@ class Director:
         dump = self.kernel_dump
         if dump is None:
             holder: list[IPVSClient] = []
+            scrape = threading.Lock()  # one IPVS socket, and scrapes come in threads of their own
 
             def dump() -> Observed:
-                if not holder:
-                    holder.append(IPVSClient(netns=self.config.netns))
-                try:
-                    return holder[0].dump(with_counters=True)
-                except OSError:
-                    holder.clear()
-                    raise
+                with scrape:
+                    if not holder:
+                        holder.append(IPVSClient(netns=self.config.netns))
+                    try:
+                        return holder[0].dump(with_counters=True)
+                    except OSError:
+                        holder.pop().close()
+                        raise
 
         self.metrics.serve(
             address, self.config.metrics_port, self.alive, self.ready_check, lambda: self.sync.desired, dump
@@ -229,10 +231,12 @@ class Director:
             if self.config.metrics_address:  # known now: health answers while the API is still away
                 self.serve_metrics()
             lister = self.spawn(self.list_and_watch(informers, watches_stop), "list")
-            await lister
-            if not self.config.metrics_address:  # the Node's address: known after the listing
-                self.serve_metrics()
-            await stop.wait()
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({lister, stopping}, return_when=asyncio.FIRST_COMPLETED)  # SIGTERM while listing
+            if not stop.is_set():
+                if not self.config.metrics_address:  # the Node's address: known after the listing
+                    self.serve_metrics()
+                await stopping
         finally:
             watches_stop.set()
             for task in self.tasks:

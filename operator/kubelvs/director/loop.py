@@ -122,8 +122,9 @@ class SyncLoop:
             await asyncio.sleep(self.config.coalesce_seconds)  # let a burst of events land
             full = time.monotonic() >= self.last_full + self.config.resync_seconds or not self.outcome.ok
             desired, scope = self.view.plan_sync(full)
-            self.desired = desired
             outcome = await loop.run_in_executor(None, self.sync_once, desired, scope, full)
+            # Status reads this: only now, so it never reports a generation before its sync ran.
+            self.desired = desired
             before = self.outcome
             self.record(outcome)
             if outcome.ok:

@@ -8,6 +8,7 @@ configuration, never per connection.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,7 +121,10 @@ class Metrics:
             def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: no log line each
                 pass
 
-        server = ThreadingHTTPServer((address, port), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in address else socket.AF_INET  # an IPv6 node's hostIP
+
+        server = Server((address, port), Handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from kubelvs.core import status as st
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import SyncOutcome, Verdict
-from kubelvs.core.spec import GROUP, VERSION, ObjectRef
+from kubelvs.core.spec import GROUP, VERSION, ObjectRef, meta
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.view import ClusterView
 from kubelvs.kube.status_writer import Written
@@ -69,8 +69,11 @@ class StatusLoop:
         self.now = now
         self.is_summary_writer = is_summary_writer
         self.clock = clock
-        self.written_entries: dict[ObjectRef, dict[str, Any]] = {}
-        self.written_summaries: dict[ObjectRef, tuple[float, dict[str, Any]]] = {}  # when, what
+        # What this director wrote, per VirtualServer *object* (keyed by name, checked by uid: one
+        # deleted and created again under the same name is a new object). Touched only by the
+        # writer threads, never by request() on the event loop's thread.
+        self.written_entries: dict[ObjectRef, tuple[str, dict[str, Any]]] = {}  # uid, entry
+        self.written_summaries: dict[ObjectRef, tuple[str, float, dict[str, Any]]] = {}  # uid, when, what
         self.pending: set[ObjectRef] = set()
         self.wake = asyncio.Event()
         self.failures_in_a_row = 0
@@ -82,9 +85,6 @@ class StatusLoop:
             self.pending.update(desired.resolutions if desired is not None else ())
         else:
             self.pending.update(scope)
-        for written in (self.written_entries, self.written_summaries):
-            for ref in [r for r in written if r not in self.view.virtual_servers]:
-                del written[ref]
         self.wake.set()
 
     async def run(self) -> None:
@@ -131,8 +131,18 @@ class StatusLoop:
         the Events of the summary's transitions."""
         desired = self.sync.desired
         vs = self.view.virtual_servers.get(ref)
-        if desired is None or vs is None or ref not in desired.resolutions:
+        if vs is None:  # deleted: forget what was written for it
+            self.written_entries.pop(ref, None)
+            self.written_summaries.pop(ref, None)
             return Result.DONE
+        if desired is None or ref not in desired.resolutions:
+            return Result.DONE
+        uid = str(meta(vs).get("uid") or "")
+        written_entry = self.written_entries.get(ref)
+        if written_entry is not None and written_entry[0] != uid:
+            written_entry = None
+            self.written_summaries.pop(ref, None)
+        last_entry = written_entry[1] if written_entry is not None else None
         resolution = desired.resolutions[ref]
         outcome = self.sync.outcome
         errors = list(self.sync.errors_by_ref.get(ref, []))
@@ -143,30 +153,32 @@ class StatusLoop:
         entry = st.director_entry(self.node, resolution, errors, reason)
         manager = f"kubelvs-director-{self.node}"
         if not resolution.selected:
-            if self.node in st.entries(vs) and self.written_entries.get(ref) != {}:
+            if self.node in st.entries(vs) and last_entry != {}:
                 # No longer ours: applying an empty list drops the entry this manager owns.
                 if not self._write(ref, {"directors": []}, manager):
                     return Result.FAILED
-                self.written_entries[ref] = {}
+                self.written_entries[ref] = (uid, {})
             return Result.DONE
         # This director's own entry first: the summary is derived from the entries.
-        if not st.same_entry(vs, entry) and self.written_entries.get(ref) != entry:
+        if not st.same_entry(vs, entry) and last_entry != entry:
             if not self._write(ref, {"directors": [{**entry, "lastSyncTime": self.now()}]}, manager):
                 return Result.FAILED
-            self.written_entries[ref] = entry
+            self.written_entries[ref] = (uid, entry)
         if not self.is_summary_writer(vs, self.node):
             return Result.DONE
         summary = st.summary(vs, resolution, entry, self.now())
         last = self.written_summaries.get(ref)
-        if st.same_summary(vs, summary) or (last is not None and st.same_summary({"status": last[1]}, summary)):
+        if last is not None and last[0] != uid:
+            last = None
+        if st.same_summary(vs, summary) or (last is not None and st.same_summary({"status": last[2]}, summary)):
             return Result.DONE  # as it is (or as we wrote it: the watch event may not be in yet)
-        if last is not None and self.clock() - last[0] < SUMMARY_DEBOUNCE_SECONDS:
+        if last is not None and self.clock() - last[1] < SUMMARY_DEBOUNCE_SECONDS:
             return Result.LATER
         if not self._write(ref, summary, "kubelvs-status"):
             return Result.FAILED  # and no Event: it would report a change nobody can see
         # Transitions against what we last wrote, when we wrote it: the view may lag behind.
-        before = vs if last is None else {"metadata": vs.get("metadata"), "status": last[1]}
-        self.written_summaries[ref] = (self.clock(), summary)
+        before = vs if last is None else {"metadata": vs.get("metadata"), "status": last[2]}
+        self.written_summaries[ref] = (uid, self.clock(), summary)
         for event in events_for(before, summary, self.node, self.now()):
             if not self.writer.post_event(str(event["metadata"]["namespace"]), event):
                 self.metrics.api_errors.inc()

@@ -58,8 +58,8 @@ class ClusterView:
         obj = trim_virtual_server(obj)
         self.virtual_servers[ref] = obj
         self._index_service(ref, before, obj)
-        if before is None or _generation(before) != _generation(obj):
-            self.mark([ref])
+        if before is None or _generation(before) != _generation(obj) or _uid(before) != _uid(obj):
+            self.mark([ref])  # a new spec, or a new object under the same name (deleted and created again)
 
     def _index_service(self, ref: ObjectRef, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> None:
         old, new = _service_ref(before), _service_ref(after)
@@ -205,6 +205,10 @@ def _unchanged(known: Mapping[str, Any] | None, obj: Mapping[str, Any]) -> bool:
 
 def _generation(obj: Mapping[str, Any]) -> object:
     return meta(obj).get("generation")
+
+
+def _uid(obj: Mapping[str, Any]) -> object:
+    return meta(obj).get("uid")
 
 
 def _service_ref(obj: Mapping[str, Any] | None) -> str | None:
