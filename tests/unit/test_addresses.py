@@ -1,4 +1,4 @@
-"""VipInterface (pyroute2 over a socket opened with setns) against the host kernel, in a throwaway
+"""VipInterface (rtnetlink over a socket opened with setns) against the host kernel, in a throwaway
 network namespace of each test's own. Needs root and network namespaces; skipped otherwise."""
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from kubelvs.kernel import codec, fastdump
 from kubelvs.kernel.ipvs import IPVSClient, _encode, encode
 from kubelvs.kernel.messages import IPVSMessage
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, ctrlmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 FAMILY_ID = 0x1F
 
@@ -567,6 +569,89 @@ def test_family_id_decoded_as_pyroute2_encodes_it() -> None:
     assert codec.decode_family_id(payload[4:]) == 0x25
 
 
+def _ifinfmsg(kind: int, nl_flags: int, seq: int, attrs: list[tuple[str, object]], **fields: int) -> bytes:
+    msg = ifinfmsg()
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = nl_flags
+    msg["header"]["sequence_number"] = seq
+    for name, value in fields.items():
+        msg[name] = value
+    msg["attrs"] = attrs
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_link_requests_match_pyroute2() -> None:
+    ack = NLM_F_REQUEST | NLM_F_ACK
+    assert codec.get_link_request("kubelvs0", 4) == _ifinfmsg(codec.RTM_GETLINK, ack, 4, [("IFLA_IFNAME", "kubelvs0")])
+    create = ack | codec.NLM_F_CREATE | codec.NLM_F_EXCL
+    expected = _ifinfmsg(
+        codec.RTM_NEWLINK,
+        create,
+        5,
+        [("IFLA_IFNAME", "kubelvs0"), ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "dummy")]})],
+    )
+    assert codec.new_link_request("kubelvs0", "dummy", 5) == expected
+    assert codec.set_link_up_request(7, 6) == _ifinfmsg(codec.RTM_NEWLINK, ack, 6, [], index=7, flags=1, change=1)
+
+
+def test_link_index_decoded_as_pyroute2_encodes_it() -> None:
+    data = _ifinfmsg(codec.RTM_NEWLINK, 0, 4, [("IFLA_IFNAME", "kubelvs0"), ("IFLA_MTU", 1500)], index=12)
+    [(kind, _flags, _seq, payload)] = list(codec.iter_messages(data))
+    assert kind == codec.RTM_NEWLINK
+    assert codec.decode_link_index(payload) == 12
+
+
+def _ifaddrmsg(kind: int, nl_flags: int, seq: int, attrs: list[tuple[str, object]], **fields: int) -> bytes:
+    msg = ifaddrmsg()
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = nl_flags
+    msg["header"]["sequence_number"] = seq
+    for name, value in fields.items():
+        msg[name] = value
+    msg["attrs"] = attrs
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_address_requests_match_pyroute2() -> None:
+    # As pyroute2's IPRoute.addr() sends them (captured with strace): IPv4 with IFA_LOCAL too,
+    # IPv6's flags as IFA_FLAGS.
+    create = NLM_F_REQUEST | NLM_F_ACK | codec.NLM_F_CREATE | codec.NLM_F_EXCL
+    v4 = {"family": AF_INET, "prefixlen": 32, "index": 3}
+    v6 = {"family": AF_INET6, "prefixlen": 128, "index": 3}
+    assert codec.address_request(True, 3, "192.0.2.10", AF_INET, 32, 0, 8) == _ifaddrmsg(
+        codec.RTM_NEWADDR, create, 8, [("IFA_ADDRESS", "192.0.2.10"), ("IFA_LOCAL", "192.0.2.10")], **v4
+    )
+    assert codec.address_request(True, 3, "2001:db8::10", AF_INET6, 128, 2, 9) == _ifaddrmsg(
+        codec.RTM_NEWADDR, create, 9, [("IFA_ADDRESS", "2001:db8::10"), ("IFA_FLAGS", 2)], **v6
+    )
+    ack = NLM_F_REQUEST | NLM_F_ACK
+    assert codec.address_request(False, 3, "192.0.2.10", AF_INET, 32, 0, 10) == _ifaddrmsg(
+        codec.RTM_DELADDR, ack, 10, [("IFA_ADDRESS", "192.0.2.10"), ("IFA_LOCAL", "192.0.2.10")], **v4
+    )
+    assert codec.address_request(False, 3, "2001:db8::10", AF_INET6, 128, 2, 11) == _ifaddrmsg(
+        codec.RTM_DELADDR, ack, 11, [("IFA_ADDRESS", "2001:db8::10")], **v6
+    )
+    assert codec.get_addresses_request(12) == _ifaddrmsg(codec.RTM_GETADDR, NLM_F_REQUEST | codec.NLM_F_DUMP, 12, [])
+
+
+@pytest.mark.parametrize(("family", "address"), [(AF_INET, "192.0.2.10"), (AF_INET6, "2001:db8::10")])
+def test_address_decoded_as_pyroute2_encodes_it(family: int, address: str) -> None:
+    data = _ifaddrmsg(
+        codec.RTM_NEWADDR,
+        codec.NLM_F_MULTI,
+        4,
+        [("IFA_ADDRESS", address), ("IFA_LABEL", "kubelvs0"), ("IFA_FLAGS", 0x80)],
+        family=family,
+        prefixlen=32,
+        index=6,
+    )
+    [(kind, _flags, _seq, payload)] = list(codec.iter_messages(data))
+    assert kind == codec.RTM_NEWADDR
+    assert codec.decode_address(payload) == (6, address)
+
+
 # --- batching: one acknowledgement per batch, errors mapped to their operations ------------------
 
 
@@ -687,3 +772,21 @@ def test_decode_run_takes_same_shaped_messages_at_once() -> None:
             assert dests == [dest for dest, _ in expected]
             if counters is not None:
                 assert counters == [((key, DestKey(d.address, d.port)), c) for d, c in expected]
+
+
+def test_the_owner_mark_is_appended_as_pyroute2_encodes_ifa_proto() -> None:
+    # kernel/addresses.py appends IFA_PROTO to the hand-written request (the hot path at a cold
+    # start with 10,000 VIPs); the bytes must be pyroute2's.
+    from kubelvs.kernel.addresses import ADDRESS_PROTO, _with_proto
+
+    create = NLM_F_REQUEST | NLM_F_ACK | codec.NLM_F_CREATE | codec.NLM_F_EXCL
+    request = _with_proto(codec.address_request(True, 3, "192.0.2.10", AF_INET, 32, 0, 8), ADDRESS_PROTO)
+    assert request == _ifaddrmsg(
+        codec.RTM_NEWADDR,
+        create,
+        8,
+        [("IFA_ADDRESS", "192.0.2.10"), ("IFA_LOCAL", "192.0.2.10"), ("IFA_PROTO", ADDRESS_PROTO)],
+        family=AF_INET,
+        prefixlen=32,
+        index=3,
+    )
