@@ -134,7 +134,7 @@ class SyncLoop:
                 # After a give-up every VirtualServer showed it: all of them are reported again.
                 self.on_synced(scope if before.ok else None)
             else:
-                self.view.sync_failed(scope)
+                self.view.sync_failed()
                 if outcome.verdict is Verdict.GIVE_UP and outcome != before:
                     self.on_synced(None)  # on every VirtualServer: nothing is programmed here
                 # A transient failure (RETRY) writes no status: it is retried within seconds,

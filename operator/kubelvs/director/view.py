@@ -186,8 +186,8 @@ class ClusterView:
         self.everything_dirty = False
         return desired, scope
 
-    def sync_failed(self, scope: set[ObjectRef] | None) -> None:
-        """The sync of ``scope`` did not happen: cover it again next time."""
+    def sync_failed(self) -> None:
+        """A sync did not happen: the next one covers everything (what it did is unknown)."""
         self.mark(everything=True)
 
     @property

@@ -5,8 +5,6 @@ from __future__ import annotations
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-ApiClient = k8s.ApiClient
-
 
 def load_config() -> None:
     try:
