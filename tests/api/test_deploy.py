@@ -45,6 +45,19 @@ def test_daemonset_is_accepted_with_only_net_capabilities(installed, kubectl) ->
         ("create", "events"),
     ],
 )
+@pytest.mark.parametrize("verb", ["get", "list", "watch", "create", "update", "delete"])
+def test_director_may_run_the_election_in_its_namespace(installed, kubectl, verb: str) -> None:  # type: ignore[no-untyped-def]
+    lease = "leases.coordination.k8s.io"
+    result = kubectl("auth", "can-i", verb, lease, "--as", SA, "-n", "kubelvs-system", check=False)
+    assert result.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("verb", ["patch", "update"])
+def test_director_leases_only_in_its_namespace(installed, kubectl, verb: str) -> None:  # type: ignore[no-untyped-def]
+    result = kubectl("auth", "can-i", verb, "leases.coordination.k8s.io", "--as", SA, "-n", "kube-system", check=False)
+    assert result.stdout.strip() == "no"
+
+
 def test_director_may_do_what_it_needs(installed, kubectl, verb: str, resource: str) -> None:  # type: ignore[no-untyped-def]
     assert can(kubectl, verb, resource)
 

@@ -790,3 +790,56 @@ def test_the_owner_mark_is_appended_as_pyroute2_encodes_ifa_proto() -> None:
         prefixlen=32,
         index=3,
     )
+
+
+def test_link_dump_request_matches_pyroute2() -> None:
+    dump = NLM_F_REQUEST | codec.NLM_F_DUMP
+    assert codec.get_links_request(13) == _ifinfmsg(codec.RTM_GETLINK, dump, 13, [])
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_lifetime_address_requests_match_pyroute2(replace: bool) -> None:
+    # kernel/claims.py: a claim created exclusively, or refreshed (NLM_F_REPLACE), with its
+    # lifetime in IFA_CACHEINFO and the owner mark in IFA_PROTO.
+    flags = NLM_F_REQUEST | NLM_F_ACK | codec.NLM_F_CREATE | (codec.NLM_F_REPLACE if replace else codec.NLM_F_EXCL)
+    assert codec.NLM_F_REPLACE == 0x100
+    v4 = codec.lifetime_address_request(replace, 3, "192.0.2.10", AF_INET, 32, 0, 5, 5, 107, 8)
+    assert v4 == _ifaddrmsg(
+        codec.RTM_NEWADDR,
+        flags,
+        8,
+        [
+            ("IFA_ADDRESS", "192.0.2.10"),
+            ("IFA_LOCAL", "192.0.2.10"),
+            ("IFA_CACHEINFO", {"ifa_preferred": 5, "ifa_valid": 5, "cstamp": 0, "tstamp": 0}),
+            ("IFA_PROTO", 107),
+        ],
+        family=AF_INET,
+        prefixlen=32,
+        index=3,
+    )
+    v6 = codec.lifetime_address_request(replace, 4, "2001:db8::10", AF_INET6, 128, 2, 7, 0, 107, 9)
+    assert v6 == _ifaddrmsg(
+        codec.RTM_NEWADDR,
+        flags,
+        9,
+        [
+            ("IFA_ADDRESS", "2001:db8::10"),
+            ("IFA_FLAGS", 2),
+            ("IFA_CACHEINFO", {"ifa_preferred": 0, "ifa_valid": 7, "cstamp": 0, "tstamp": 0}),
+            ("IFA_PROTO", 107),
+        ],
+        family=AF_INET6,
+        prefixlen=128,
+        index=4,
+    )
+
+
+def test_lifetime_address_request_is_decoded_by_pyroute2() -> None:
+    data = codec.lifetime_address_request(False, 3, "192.0.2.10", AF_INET, 32, 0, 30, 20, 107, 8)
+    msg = ifaddrmsg(data)
+    msg.decode()
+    assert msg["header"]["length"] == len(data)
+    assert msg.get_attr("IFA_CACHEINFO")["ifa_valid"] == 30
+    assert msg.get_attr("IFA_CACHEINFO")["ifa_preferred"] == 20
+    assert msg.get_attr("IFA_PROTO") == 107

@@ -16,12 +16,13 @@ matches (a director that never reported is invisible here).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from kubelvs.core.model import ServiceKey
 from kubelvs.core.resolve import Resolution
-from kubelvs.core.spec import ObjectRef
+from kubelvs.core.spec import GROUP, VERSION, ObjectRef
 
 Obj = Mapping[str, Any]
 
@@ -55,7 +56,8 @@ def entries(vs: Obj) -> dict[str, Mapping[str, Any]]:
 
 
 def summary_writer(vs: Obj, node: str) -> bool:
-    """True when this director writes the VirtualServer's summary status."""
+    """True when this director writes the VirtualServer's summary status (without the election:
+    with it, the VIP's owner writes, see ``kubelvs.director.election``)."""
     return node <= min(entries(vs), default=node)
 
 
@@ -83,8 +85,22 @@ def _condition(
     return condition
 
 
-def summary(vs: Obj, resolution: Resolution, own: Mapping[str, Any], now: str) -> dict[str, Any]:
-    """The status summary from every director's entry (this director's ``own`` one being fresh)."""
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """The election's view of a VirtualServer's VIP, for its ``Announced`` condition and ``owner``."""
+
+    owner: str  # "" when no live director holds it
+    ok: bool
+    reason: str
+    message: str
+
+
+def summary(
+    vs: Obj, resolution: Resolution, own: Mapping[str, Any], now: str, announcement: Announcement | None = None
+) -> dict[str, Any]:
+    """The status summary from every director's entry (this director's ``own`` one being fresh).
+
+    ``announcement``: with the election on, the VIP's owner and the ``Announced`` condition."""
     reports = dict(entries(vs))
     reports[own["node"]] = own
     generation = resolution.generation
@@ -124,7 +140,7 @@ def summary(vs: Obj, resolution: Resolution, own: Mapping[str, Any], now: str) -
     else:
         ready = (True, "Ready", f"{resolution.ready_backends} ready backend(s)")
 
-    return {
+    result: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": [
             _condition(previous, "Accepted", *accepted, generation, now),
@@ -135,12 +151,42 @@ def summary(vs: Obj, resolution: Resolution, own: Mapping[str, Any], now: str) -
         "drainingBackends": resolution.draining_backends,
         "programmedDirectors": len(programmed),
     }
+    if announcement is not None:
+        if not accepted[0]:
+            announced = (False, "NotAccepted", accepted[2])
+        else:
+            announced = (announcement.ok, announcement.reason, announcement.message)
+        result["conditions"].append(_condition(previous, "Announced", *announced, generation, now))
+        result["owner"] = announcement.owner
+    return result
+
+
+def event(vs: Obj, kind: str, reason: str, message: str, node: str, now: str) -> dict[str, Any]:
+    """A Kubernetes Event about a VirtualServer (``kind``: Normal or Warning)."""
+    meta = vs.get("metadata") or {}
+    return {
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "VirtualServer",
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1000],
+        "source": {"component": "kubelvs-director", "host": node},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 def same_summary(vs: Obj, new: Mapping[str, Any]) -> bool:
     """Whether writing ``new`` would change nothing a user can see (timestamps aside)."""
     status = vs.get("status") or {}
-    for key in ("observedGeneration", "readyBackends", "drainingBackends", "programmedDirectors"):
+    for key in ("observedGeneration", "readyBackends", "drainingBackends", "programmedDirectors", "owner"):
         if status.get(key) != new.get(key):
             return False
     old = {c.get("type"): c for c in status.get("conditions") or []}

@@ -27,18 +27,25 @@ from collections.abc import Callable
 from typing import Any
 
 from kubelvs.apply import CachedReconciler, adopt
+from kubelvs.core import election as el
+from kubelvs.core import status as st
 from kubelvs.core.model import Observed
 from kubelvs.core.outcome import SyncOutcome, Verdict
+from kubelvs.core.spec import ObjectRef
+from kubelvs.director.election import Election, ElectionConfig, VipNet
 from kubelvs.director.loop import KernelReconciler, KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.options import DirectorConfig, config_from
 from kubelvs.director.status_loop import StatusLoop, Writer
 from kubelvs.director.view import ClusterView
+from kubelvs.director.vipnet import KernelVipNet
 from kubelvs.kernel.addresses import VipInterface
+from kubelvs.kernel.claims import ArpGuard
 from kubelvs.kernel.ipvs import IPVSClient
 from kubelvs.kernel.vipfilter import VipPortFilter
 from kubelvs.kube import client as kube
 from kubelvs.kube.informers import BACKOFF_SECONDS, Informer, cluster_informers
+from kubelvs.kube.leases import LeaseClient, lease_informer
 from kubelvs.kube.status_writer import StatusWriter
 from kubelvs.state.lock import StateLock
 from kubelvs.state.ownership import CachedStore, OwnershipError
@@ -53,6 +60,7 @@ class KernelSeam:
     def __init__(self, config: DirectorConfig) -> None:
         self.config = config
         self.lock: StateLock | None = None
+        self.arp_guarded = False
 
     def __call__(self) -> CachedReconciler:
         config = self.config
@@ -63,6 +71,14 @@ class KernelSeam:
             client = IPVSClient(netns=config.netns)
         except OSError as error:  # no ip_vs module, or a kernel built without IPVS
             raise KernelUnavailable(str(error)) from error
+        if config.election and not self.arp_guarded:
+            # Before any VIP is made local: only the owner's claim address may answer ARP.
+            try:
+                ArpGuard(config.state_dir, config.netns).ensure("all")
+            except BaseException:
+                client.close()
+                raise
+            self.arp_guarded = True
         vips = VipInterface(config.interface, netns=config.netns)
         try:
             self.adopt_if_lost(client, vips, store)  # OwnershipError: an unreadable record
@@ -108,6 +124,7 @@ class Director:
         metrics: Metrics | None = None,
         make_reconciler: Callable[[], KernelReconciler] | None = None,
         kernel_dump: Callable[[], Observed] | None = None,
+        make_vipnet: Callable[[], VipNet] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()  # the process-wide registry /metrics serves
@@ -121,6 +138,10 @@ class Director:
             classify=classify_error,
         )
         self.kernel_dump = kernel_dump
+        self.make_vipnet = make_vipnet or (
+            lambda: KernelVipNet(config.state_dir, config.netns, config.announce_interface)
+        )
+        self.election: Election | None = None
         self.status: StatusLoop | None = None
         self.ready = asyncio.Event()
         self.tasks: list[asyncio.Task[Any]] = []
@@ -132,6 +153,8 @@ class Director:
     def _synced(self, scope: Any) -> None:
         if self.status is not None:
             self.status.request(scope)
+        if self.election is not None:
+            self.election.wake.set()  # VIPs may have come, gone, or failed to program
 
     # --- health ----------------------------------------------------------------------------
 
@@ -194,6 +217,9 @@ class Director:
                 "Node %s not found: VirtualServers with a directors.nodeSelector are not served here",
                 self.config.node_name,
             )
+        if self.election is not None:
+            self.election.listed = True  # the other directors and the claims are known now
+            self.election.wake.set()
         self.view.mark(everything=True)
         self.ready.set()
 
@@ -221,13 +247,65 @@ class Director:
         )
         log.info("metrics and health on %s:%d", address, self.config.metrics_port)
 
+    def start_election(self, api: Any, writer: Writer) -> Informer:
+        """The per-VIP owner election; returns the informer of its Leases."""
+        config = self.config
+        timings = el.Timings(config.lease_duration, config.renew_deadline, config.retry_period, config.handover_delay)
+        leases = LeaseClient(
+            api,
+            config.lease_namespace,
+            min(config.api_timeout_seconds, config.renew_deadline),  # a renewal later than that is useless
+            on_write=lambda kind: self.metrics.election_writes.labels(kind).inc(),
+        )
+
+        def post_event(ref: ObjectRef, kind: str, reason: str, message: str) -> None:
+            vs = self.view.virtual_servers.get(ref)
+            if vs is not None:
+                event = st.event(vs, kind, reason, message, config.node_name, st.now_rfc3339())
+                threading.Thread(target=writer.post_event, args=(ref.namespace, event), daemon=True).start()
+
+        self.election = Election(
+            ElectionConfig(
+                node=config.node_name,
+                timings=timings,
+                announce_interface=config.announce_interface,
+                announce_count=config.announce_count,
+                announce_interval=config.announce_interval,
+                announce_refresh=config.announce_refresh,
+                peer_port=config.peer_port,
+                peer_address=config.peer_address,
+                follow_backends=config.follow_backends,
+            ),
+            leases,
+            self.make_vipnet(),
+            self.view,
+            self.metrics,
+            self.sync,
+            post_event,
+        )
+        self.view.on_nodes_changed = self.election.wake.set
+        return lease_informer(
+            api,
+            config.lease_namespace,
+            self.election.on_lease,
+            self.election.on_leases_relisted,
+            config.api_timeout_seconds,
+            self.metrics.watch_restarted,
+        )
+
     async def main(self, api: Any, writer: Writer, stop: asyncio.Event) -> None:
         watches_stop = threading.Event()
-        self.status = StatusLoop(self.view, self.sync, writer, self.metrics, self.config.node_name)
         informers = cluster_informers(api, self.view, self.metrics.watch_restarted, self.config.api_timeout_seconds)
+        if self.config.election:
+            informers.insert(0, self.start_election(api, writer))
+        self.status = StatusLoop(
+            self.view, self.sync, writer, self.metrics, self.config.node_name, ownership=self.election
+        )
         try:
             self.spawn(self.sync.run(self.ready), "sync")
             self.spawn(self.status.run(), "status")
+            if self.election is not None:
+                self.spawn(self.election.run(), "election")
             if self.config.metrics_address:  # known now: health answers while the API is still away
                 self.serve_metrics()
             lister = self.spawn(self.list_and_watch(informers, watches_stop), "list")

@@ -77,6 +77,42 @@ class Metrics:
             "When the kernel was last brought to the desired state (Unix time); /readyz checks its age.",
             registry=registry,
         )
+        # The election (one owner per VIP): what a user reads to tell who owns a VIP and why it moved.
+        self.vip_owner = Gauge(
+            "kubelvs_vip_owner",
+            "1 on the director that owns and announces the VIP, else 0.",
+            ["vip"],
+            registry=registry,
+        )
+        self.vip_transitions = Counter(
+            "kubelvs_vip_transitions_total",
+            "Ownership changes this director wrote, by VIP and reason (OwnerSilent, Unclaimed, Released, Rebalance, "
+            "NotSelected, InterfaceDown, NoReadyBackends, ProgrammingFailed, ...).",
+            ["vip", "reason"],
+            registry=registry,
+        )
+        self.vip_failover = Histogram(
+            "kubelvs_vip_failover_seconds",
+            "From the previous owner's last heartbeat renewal (as this director saw it) to this director's first "
+            "announcement of the VIP.",
+            buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30),
+            registry=registry,
+        )
+        self.announcements = Counter(
+            "kubelvs_announcements_total", "Gratuitous ARP and unsolicited NA frames sent.", registry=registry
+        )
+        self.vip_conflicts = Counter(
+            "kubelvs_vip_conflicts_total",
+            "Another MAC answered or announced a VIP this director owns or was about to claim.",
+            ["vip"],
+            registry=registry,
+        )
+        self.election_writes = Counter(
+            "kubelvs_election_api_writes_total",
+            "API writes the election made: heartbeat renewals and claim changes.",
+            ["kind"],
+            registry=registry,
+        )
         Info("kubelvs_build", "The kubelvs version.", registry=registry).info({"version": __version__})
 
     def watch_restarted(self, resource: str, reason: str) -> None:

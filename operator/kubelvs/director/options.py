@@ -22,6 +22,21 @@ class DirectorConfig:
     api_timeout_seconds: float = 30.0  # every list, patch and event request (a half-open connection ends)
     health_max_sync_age_seconds: float = 0.0  # 0: 3 x resync_seconds
     port_filter: bool = True  # narrow each VIP to its service ports (nftables table inet kubelvs)
+    # The per-VIP owner election (Leases in lease_namespace); off: every director answers for
+    # every VIP (one director per segment only).
+    election: bool = True
+    lease_namespace: str = "kubelvs-system"
+    lease_duration: float = 3.0
+    renew_deadline: float = 2.0
+    retry_period: float = 1.0
+    handover_delay: float = 3.0
+    announce_interface: str = ""
+    announce_count: int = 3
+    announce_interval: float = 0.2
+    announce_refresh: float = 10.0
+    peer_port: int = 9345
+    peer_address: str = ""  # "": the Node's InternalIP
+    follow_backends: bool = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +52,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to serve metrics and health on (default: the node's InternalIP; 0.0.0.0 or :: for all)",
     )
     parser.add_argument("--api-timeout", type=float, default=30.0, help="seconds for each API request")
+    election = parser.add_argument_group("VIP ownership (one director answers for each VIP)")
+    election.add_argument(
+        "--no-election",
+        action="store_true",
+        help="every director answers ARP/NDP for every VIP (only for a single director per segment)",
+    )
+    election.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "kubelvs-system"),
+        help="namespace of the heartbeat and claim Leases (default: $POD_NAMESPACE or kubelvs-system)",
+    )
+    election.add_argument(
+        "--lease-duration", type=float, default=3.0, help="a heartbeat unchanged this long means its director is gone"
+    )
+    election.add_argument(
+        "--renew-deadline", type=float, default=2.0, help="an owner that cannot renew this long stops answering"
+    )
+    election.add_argument("--retry-period", type=float, default=1.0, help="heartbeat renewal period")
+    election.add_argument(
+        "--handover-delay",
+        type=float,
+        default=None,
+        help="a (re)joining director receives VIPs by handover after being live this long (default: lease duration)",
+    )
+    election.add_argument(
+        "--announce-interface",
+        default=os.environ.get("KUBELVS_ANNOUNCE_INTERFACE", ""),
+        help="announce VIPs on this interface (default: the one whose subnet contains the VIP)",
+    )
+    election.add_argument("--announce-count", type=int, default=3, help="gratuitous ARP/NA bursts at a takeover")
+    election.add_argument("--announce-interval", type=float, default=0.2, help="seconds between those bursts")
+    election.add_argument(
+        "--announce-refresh", type=float, default=10.0, help="announce owned VIPs again this often (0: never)"
+    )
+    election.add_argument(
+        "--peer-port", type=int, default=9345, help="UDP port of the direct heartbeat between directors (0: off)"
+    )
+    election.add_argument(
+        "--peer-address",
+        default=os.environ.get("KUBELVS_PEER_ADDRESS", ""),
+        help="address the other directors send peer beats to (default: the node's InternalIP)",
+    )
+    election.add_argument(
+        "--no-follow-backends",
+        action="store_true",
+        help="keep a VIP on a director even when it has no ready backend and another director has",
+    )
 
 
 def config_from(args: argparse.Namespace) -> DirectorConfig:
@@ -50,4 +112,17 @@ def config_from(args: argparse.Namespace) -> DirectorConfig:
         metrics_address=args.metrics_address,
         api_timeout_seconds=args.api_timeout,
         port_filter=not getattr(args, "no_port_filter", False),
+        election=not args.no_election,
+        lease_namespace=args.lease_namespace,
+        lease_duration=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry_period=args.retry_period,
+        handover_delay=args.lease_duration if args.handover_delay is None else args.handover_delay,
+        announce_interface=args.announce_interface,
+        announce_count=args.announce_count,
+        announce_interval=args.announce_interval,
+        announce_refresh=args.announce_refresh,
+        peer_port=args.peer_port,
+        peer_address=args.peer_address,
+        follow_backends=not args.no_follow_backends,
     )

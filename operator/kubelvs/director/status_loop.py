@@ -14,13 +14,13 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from kubelvs.core import status as st
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import SyncOutcome, Verdict
-from kubelvs.core.spec import GROUP, VERSION, ObjectRef, meta
+from kubelvs.core.spec import ObjectRef, meta
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.view import ClusterView
 from kubelvs.kube.status_writer import Written
@@ -41,6 +41,15 @@ class Result(enum.Enum):
 class Writer(Protocol):
     def apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> Written: ...
     def post_event(self, namespace: str, event: dict[str, Any]) -> bool: ...
+    def remove_directors(self, ref: ObjectRef, directors: list[dict[str, Any]], gone: set[str]) -> Written: ...
+
+
+class Ownership(Protocol):
+    """What the status needs of the election (``kubelvs.director.election.Election``)."""
+
+    def writes_summary(self, vip: str, entries: Iterable[str]) -> bool: ...
+    def announcement(self, vip: str) -> st.Announcement: ...
+    def live_directors(self) -> set[str] | None: ...
 
 
 class SyncState(Protocol):
@@ -60,8 +69,10 @@ class StatusLoop:
         now: Callable[[], str] = st.now_rfc3339,
         is_summary_writer: SummaryWriterPolicy = st.summary_writer,  # the election's seam
         clock: Callable[[], float] = time.monotonic,
+        ownership: Ownership | None = None,
     ) -> None:
         self.view = view
+        self.ownership = ownership
         self.sync = sync
         self.writer = writer
         self.metrics = metrics
@@ -164,9 +175,28 @@ class StatusLoop:
             if not self._write(ref, {"directors": [{**entry, "lastSyncTime": self.now()}]}, manager):
                 return Result.FAILED
             self.written_entries[ref] = (uid, entry)
-        if not self.is_summary_writer(vs, self.node):
+        announcement = None
+        if self.ownership is not None:
+            reported = st.entries(vs)
+            if not self.ownership.writes_summary(resolution.vip, reported):
+                return Result.DONE
+            live = self.ownership.live_directors()
+            gone = set(reported) - live - {self.node} if live is not None else set()
+            if gone:  # a dead director's entry would count in the summary for ever
+                directors = list((vs.get("status") or {}).get("directors") or [])
+                if self.writer.remove_directors(ref, directors, gone) is Written.FAILED:
+                    return Result.FAILED
+                vs = {
+                    **vs,
+                    "status": {
+                        **(vs.get("status") or {}),
+                        "directors": [d for d in directors if d.get("node") not in gone],
+                    },
+                }
+            announcement = self.ownership.announcement(resolution.vip)
+        elif not self.is_summary_writer(vs, self.node):
             return Result.DONE
-        summary = st.summary(vs, resolution, entry, self.now())
+        summary = st.summary(vs, resolution, entry, self.now(), announcement)
         last = self.written_summaries.get(ref)
         if last is not None and last[0] != uid:
             last = None
@@ -195,30 +225,12 @@ class StatusLoop:
 def events_for(vs: Mapping[str, Any], summary: Mapping[str, Any], node: str, now: str) -> list[dict[str, Any]]:
     """A Kubernetes Event for each condition that changed (Warning when it went bad)."""
     old = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
-    meta = vs.get("metadata") or {}
     events = []
     for condition in summary["conditions"]:
         before = old.get(condition["type"]) or {}
         if (before.get("status"), before.get("reason")) == (condition["status"], condition["reason"]):
             continue
-        warning = condition["status"] == "False" and condition["reason"] != "NoDirectors"
-        events.append(
-            {
-                "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
-                "involvedObject": {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "VirtualServer",
-                    "name": meta.get("name"),
-                    "namespace": meta.get("namespace"),
-                    "uid": meta.get("uid"),
-                },
-                "type": "Warning" if warning else "Normal",
-                "reason": condition["reason"],
-                "message": f"{condition['type']}={condition['status']}: {condition['message']}"[:1000],
-                "source": {"component": "kubelvs-director", "host": node},
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            }
-        )
+        warning = condition["status"] == "False" and condition["reason"] not in ("NoDirectors", "NoOwner")
+        message = f"{condition['type']}={condition['status']}: {condition['message']}"
+        events.append(st.event(vs, "Warning" if warning else "Normal", condition["reason"], message, node, now))
     return events

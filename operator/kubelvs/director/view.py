@@ -29,6 +29,9 @@ class ClusterView:
         self.virtual_servers: dict[ObjectRef, Obj] = {}
         self.cluster = Cluster()
         self.node_labels: dict[str, str] = {}
+        # Every Node's labels: which other directors a VirtualServer's nodeSelector selects (the election)
+        self.labels_by_node: dict[str, dict[str, str]] = {}
+        self.on_nodes_changed: Callable[[], None] = lambda: None
         self.node_seen = False  # our own Node object was listed (else every nodeSelector excludes us)
         self.node_address = ""  # our own InternalIP (the metrics listener binds to it)
         self.refs_by_service: dict[tuple[str, str], set[ObjectRef]] = defaultdict(set)
@@ -103,8 +106,14 @@ class ClusterView:
         version = self.cluster.nodes_version
         if event_type == "DELETED":
             self.cluster.remove_node(name)
+            if self.labels_by_node.pop(name, None) is not None:
+                self.on_nodes_changed()
         else:
             self.cluster.put_node(obj)
+            labels = dict(meta(obj).get("labels") or {})
+            if self.labels_by_node.get(name) != labels:
+                self.labels_by_node[name] = labels
+                self.on_nodes_changed()
         if name == self.node_name:
             self.node_seen = event_type != "DELETED"
             addresses = self.cluster.node_addresses.get(name)

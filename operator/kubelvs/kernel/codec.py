@@ -52,6 +52,7 @@ NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
+NLM_F_REPLACE = 0x100  # in a NEW request: change the object if it exists
 NLM_F_CAPPED = 0x100  # in an NLMSG_ERROR's header: the request's payload was left out
 NLM_F_ACK_TLVS = 0x200  # in an NLMSG_ERROR's header: extended-ack TLVs follow
 NLA_F_NESTED = 0x8000
@@ -83,6 +84,7 @@ RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+IFA_CACHEINFO, IFA_PROTO = 6, 11
 IFF_UP = 0x1
 
 _HEADER = struct.Struct("=IHHIIBBH")  # nlmsghdr + genlmsghdr
@@ -94,6 +96,7 @@ _I32 = struct.Struct("=i")
 _BE16 = struct.Struct(">H")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
+_IFA_CACHEINFO = struct.Struct("=IIII")  # ifa_prefered, ifa_valid, cstamp, tstamp
 
 _htons = socket.htons
 _pton = socket.inet_pton
@@ -624,3 +627,35 @@ def decode_address(payload: memoryview) -> tuple[int, str | None]:
     if raw is None or family not in (AF_INET, AF_INET6):
         return index, None
     return index, address_text(family, raw)
+
+
+def get_links_request(seq: int) -> bytes:
+    """RTM_GETLINK dump of every interface."""
+    return _rtnl(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, _IFINFOMSG.pack(0, 0, 0, 0, 0))
+
+
+def lifetime_address_request(
+    replace: bool,
+    index: int,
+    address: str,
+    family: int,
+    prefix: int,
+    flags: int,
+    valid: int,
+    preferred: int,
+    proto: int,
+    seq: int,
+) -> bytes:
+    """RTM_NEWADDR of one address with a finite lifetime (IFA_CACHEINFO, whole seconds) and an
+    owner mark (IFA_PROTO): created (EEXIST if present), or with ``replace`` created or its
+    lifetime refreshed. The attributes of :func:`address_request`, then IFA_CACHEINFO and IFA_PROTO."""
+    raw = _pton(family, address)
+    attrs = _attr(IFA_ADDRESS, raw)
+    if family == AF_INET:
+        attrs += _attr(IFA_LOCAL, raw)
+    if flags:
+        attrs += _attr(IFA_FLAGS, _U32.pack(flags))
+    attrs += _attr(IFA_CACHEINFO, _IFA_CACHEINFO.pack(preferred, valid, 0, 0))
+    attrs += _attr(IFA_PROTO, bytes((proto,)))
+    request_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
+    return _rtnl(RTM_NEWADDR, request_flags, seq, _IFADDRMSG.pack(family, prefix, 0, 0, index) + attrs)

@@ -9,12 +9,17 @@ socket between two ``setns`` calls is enough, and a socket keeps the namespace i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+_T = TypeVar("_T")
 
 
 def _setns(fd: int) -> None:
@@ -41,3 +46,53 @@ def netlink_socket(proto: int, netns: str | None = None) -> socket.socket:
             os.close(target)
     finally:
         os.close(own)
+
+
+@contextlib.contextmanager
+def _entered(netns: str) -> Iterator[None]:
+    """The calling thread in ``netns`` for the block, then back in its own namespace."""
+    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(path, os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+
+
+def socket_in(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """``socket.socket(family, kind, proto)`` made in ``netns`` (as :func:`netlink_socket`)."""
+    if netns is None:
+        return socket.socket(family, kind, proto)
+    with _entered(netns):
+        return socket.socket(family, kind, proto)
+
+
+def call_in(netns: str | None, fn: Callable[[], _T]) -> _T:
+    """``fn()`` run in ``netns``: in a short-lived thread of its own, so the caller's thread never
+    changes namespace (what /proc/sys/net shows depends on the namespace of the opening thread)."""
+    if netns is None:
+        return fn()
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with _entered(netns):
+                result.append(fn())
+        except BaseException as caught:
+            error.append(caught)
+
+    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -60,6 +60,41 @@ class StatusWriter:
             return Written.FAILED
         return Written.OK
 
+    def remove_directors(self, ref: ObjectRef, directors: list[dict[str, Any]], gone: set[str]) -> Written:
+        """Drop the ``status.directors`` entries of directors that are gone (no live heartbeat).
+
+        Those entries belong to the dead directors' field managers, which will never apply again,
+        so server-side apply cannot remove them: a JSON patch does, each removal guarded by a
+        test of the entry's node (the list may have changed since it was read)."""
+        ops: list[dict[str, Any]] = []
+        for index in range(len(directors) - 1, -1, -1):
+            node = directors[index].get("node")
+            if node in gone:
+                ops.append({"op": "test", "path": f"/status/directors/{index}/node", "value": node})
+                ops.append({"op": "remove", "path": f"/status/directors/{index}"})
+        if not ops:
+            return Written.OK
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                ref.namespace,
+                PLURAL,
+                ref.name,
+                ops,
+                _content_type="application/json-patch+json",
+                _request_timeout=self.timeout,
+            )
+        except k8s.ApiException as error:
+            if error.status == 404:
+                return Written.GONE
+            log.info("entries of gone directors %s on %s not removed: %s %s", gone, ref, error.status, error.reason)
+            return Written.FAILED  # 422: a test failed (the list changed): retried from a fresh view
+        except Exception as error:
+            log.warning("entries of gone directors on %s not removed: %s", ref, error)
+            return Written.FAILED
+        return Written.OK
+
     def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
         try:
             self.core.create_namespaced_event(namespace, event, _request_timeout=self.timeout)  # type: ignore[arg-type]

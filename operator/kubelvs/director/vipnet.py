@@ -1,0 +1,94 @@
+"""The node side of VIP ownership, on the real kernel: the claim address on the uplink (with its
+lifetime), gratuitous ARP / unsolicited NA, the probe before a claim, and the conflict monitor.
+
+Sockets are opened once per uplink and kept (a takeover must not wait for set-up). The uplinks
+are found again at each evaluation (one dump of links and addresses for all VIPs): an
+interface that goes down or away makes the VIPs it carried unfit, and the election hands them
+over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from kubelvs.kernel.announce import Announcer, ConflictMonitor, probe
+from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, Uplink, held_claims, uplinks_for
+
+log = logging.getLogger("kubelvs.director.vipnet")
+
+
+class KernelVipNet:
+    def __init__(self, state_dir: Path, netns: str | None = None, interface: str = "") -> None:
+        self.netns = netns
+        self.named = interface or None
+        self.links: dict[str, Uplink] = {}  # by name, as last found
+        self.claims: dict[str, ClaimAddresses] = {}
+        self.announcers: dict[str, Announcer] = {}
+        self.monitors: dict[str, ConflictMonitor] = {}
+        self.arp_guard = ArpGuard(state_dir, netns)
+
+    def guard_arp(self) -> None:
+        """Before any VIP is made local: the node answers ARP only for addresses on the
+        interface that asks (``arp_ignore=1``), so the VIPs on the dummy interface stay silent
+        and only the owner's claim address answers; and never uses a VIP as the sender of its
+        own requests (``arp_announce=2``). Set on ``all``: the kernel takes the larger of ``all``
+        and the interface's value, so this covers interfaces added later. Recorded, and put
+        back by ``kubelvs release-node``."""
+        self.arp_guard.ensure("all")
+
+    def uplinks(self, vips: Iterable[str]) -> dict[str, tuple[str, bool] | None]:
+        found = uplinks_for(vips, self.netns, self.named)
+        for link in found.values():
+            if link is not None:
+                self.links[link.name] = link
+        return {vip: (link.name, link.up) if link is not None else None for vip, link in found.items()}
+
+    def _claims(self, interface: str) -> ClaimAddresses:
+        claims = self.claims.get(interface)
+        if claims is None:
+            claims = self.claims[interface] = ClaimAddresses(interface, self.netns)
+        return claims
+
+    def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool:
+        return self._claims(interface).hold(vip, family, lifetime)
+
+    def release(self, interface: str, vip: str, family: int) -> None:
+        self._claims(interface).release(vip, family)
+
+    def held(self) -> dict[str, str]:
+        return held_claims(self.netns)
+
+    def probe(self, interface: str, vip: str, family: int, timeout: float) -> set[str]:
+        link = self.links.get(interface)
+        if link is None:
+            return set()
+        return probe(interface, link.mac, vip, family, timeout, self.netns)
+
+    def announce(self, interface: str, vip: str, family: int) -> int:
+        announcer = self.announcers.get(interface)
+        if announcer is None:
+            link = self.links[interface]
+            announcer = self.announcers[interface] = Announcer(interface, link.mac, self.netns)
+        try:
+            return announcer.announce(vip, family)
+        except OSError:
+            self.announcers.pop(interface, None)  # the interface went away: open anew next time
+            announcer.close()
+            raise
+
+    def monitor(self, interface: str) -> ConflictMonitor | None:
+        """The conflict monitor of ``interface`` (opened at the first need)."""
+        monitor = self.monitors.get(interface)
+        if monitor is None and interface in self.links:
+            monitor = self.monitors[interface] = ConflictMonitor(interface, self.links[interface].mac, self.netns)
+        return monitor
+
+    def close(self) -> None:
+        for announcer in self.announcers.values():
+            announcer.close()
+        for monitor in self.monitors.values():
+            monitor.close()
+        self.announcers.clear()
+        self.monitors.clear()

@@ -1,0 +1,379 @@
+"""The election wired (kubelvs.director.election) with several directors in one event loop.
+
+The API server and the segment are stand-ins here (an in-memory Lease store with the real
+compare-and-set rules, and a segment that knows which director holds which claim address and
+when its lifetime ends); the same scenarios run against the real API server and kernel in
+tests/kernel/test_ha.py. Time is real and short; every check polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kubelvs.core import election as el
+from kubelvs.core.model import AF_INET
+from kubelvs.core.resolve import Resolution
+from kubelvs.core.spec import ObjectRef
+from kubelvs.director.election import Election, ElectionConfig
+from kubelvs.director.metrics import Metrics
+from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, claim_name, heartbeat_name
+from prometheus_client import CollectorRegistry
+
+TIMINGS = el.Timings(lease_duration=0.8, renew_deadline=0.5, retry_period=0.1, handover_delay=0.8)
+
+
+class LeaseStore:
+    """Leases with resourceVersions and compare-and-set, delivering events to every director."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.version = itertools.count(1)
+        self.watchers: list[tuple[asyncio.AbstractEventLoop, Callable[[str, dict[str, Any]], None]]] = []
+        self.writes: dict[str, int] = {"heartbeat": 0, "claim": 0}
+        self.down: set[str] = set()  # nodes cut off from the API
+
+    def _put(self, obj: dict[str, Any], event: str) -> dict[str, Any]:
+        obj["metadata"]["resourceVersion"] = str(next(self.version))
+        self.leases[obj["metadata"]["name"]] = obj
+        for loop, callback in self.watchers:
+            loop.call_soon_threadsafe(callback, event, _copy(obj))
+        return _copy(obj)
+
+    def client(self, node: str) -> FakeLeases:
+        return FakeLeases(self, node)
+
+
+def _copy(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": dict(obj["metadata"]), "spec": dict(obj["spec"])}
+
+
+@dataclass
+class FakeLeases:
+    store: LeaseStore
+    node: str
+
+    def _check(self) -> None:
+        if self.node in self.store.down:
+            raise ConnectionError(f"{self.node} cannot reach the API server")
+
+    def renew_heartbeat(
+        self, node: str, duration_seconds: float, unfit: Iterable[str] = (), peer_address: str = ""
+    ) -> HeartbeatRecord:
+        self._check()
+        with self.store.lock:
+            self.store.writes["heartbeat"] += 1
+            obj = {
+                "metadata": {
+                    "name": heartbeat_name(node),
+                    "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "heartbeat"},
+                    "annotations": {"kubelvs.io/unfit": ",".join(sorted(unfit)), "kubelvs.io/peer-address": ""},
+                },
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": 1},
+            }
+            record = HeartbeatRecord.from_lease(self.store._put(obj, "MODIFIED"))
+        assert record is not None
+        return record
+
+    def get_heartbeat(self, node: str) -> HeartbeatRecord | None:
+        self._check()
+        with self.store.lock:
+            obj = self.store.leases.get(heartbeat_name(node))
+            return HeartbeatRecord.from_lease(_copy(obj)) if obj else None
+
+    def claim(self, vip: str, holder: str, expected: ClaimRecord | None) -> ClaimRecord:
+        self._check()
+        with self.store.lock:
+            name = claim_name(vip)
+            current = self.store.leases.get(name)
+            if expected is None and current is not None:
+                raise Conflict("exists")
+            if expected is not None and (current is None or current["metadata"]["resourceVersion"] != expected.version):
+                raise Conflict("changed")
+            self.store.writes["claim"] += 1
+            transitions = (expected.transitions + (holder != expected.holder)) if expected else 0
+            obj = {
+                "metadata": {
+                    "name": name,
+                    "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "vip"},
+                    "annotations": {"kubelvs.io/vip": vip},
+                },
+                "spec": {"holderIdentity": holder, "leaseTransitions": transitions},
+            }
+            record = ClaimRecord.from_lease(self.store._put(obj, "MODIFIED"))
+        assert record is not None
+        return record
+
+    def list_claims(self) -> tuple[list[ClaimRecord], str]:
+        self._check()
+        with self.store.lock:
+            records = [ClaimRecord.from_lease(_copy(o)) for o in self.store.leases.values()]
+        return [r for r in records if r is not None], "0"
+
+
+class Segment:
+    """Who holds which claim address, until when; fails the test on two live holders at once."""
+
+    def __init__(self) -> None:
+        self.addresses: dict[tuple[str, str], float] = {}  # (node, vip) -> expiry (monotonic)
+        self.overlaps: list[str] = []
+        self.down: set[str] = set()  # links down
+
+    def holders(self, vip: str, now: float | None = None) -> set[str]:
+        now = time.monotonic() if now is None else now
+        return {node for (node, v), end in self.addresses.items() if v == vip and end > now and node not in self.down}
+
+    def check(self, vip: str) -> None:
+        holders = self.holders(vip)
+        if len(holders) > 1:
+            self.overlaps.append(f"{vip}: {sorted(holders)}")
+
+
+@dataclass
+class FakeNet:
+    segment: Segment
+    node: str
+    announced: list[str] = field(default_factory=list)
+
+    def uplinks(self, vips: Iterable[str]) -> dict[str, tuple[str, bool] | None]:
+        return {vip: ("eth0", self.node not in self.segment.down) for vip in vips}
+
+    def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool:
+        added = (self.node, vip) not in self.segment.addresses
+        self.segment.addresses[(self.node, vip)] = time.monotonic() + lifetime
+        self.segment.check(vip)
+        return added
+
+    def release(self, interface: str, vip: str, family: int) -> None:
+        self.segment.addresses.pop((self.node, vip), None)
+
+    def held(self) -> dict[str, str]:
+        return {}
+
+    def probe(self, interface: str, vip: str, family: int, timeout: float) -> set[str]:
+        return self.segment.holders(vip) - {self.node}
+
+    def announce(self, interface: str, vip: str, family: int) -> int:
+        self.announced.append(vip)
+        return 2
+
+    def monitor(self, interface: str) -> None:
+        return None
+
+
+@dataclass
+class _Spec:
+    family: int = AF_INET
+    node_selector: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Memo:
+    spec: _Spec
+
+
+class FakeView:
+    def __init__(self, vips: list[str], nodes: list[str]) -> None:
+        self.memo = {ObjectRef("default", f"vs{i}"): _Memo(_Spec()) for i in range(len(vips))}
+        self.labels_by_node: dict[str, dict[str, str]] = {node: {} for node in nodes}
+        self.node_labels: dict[str, str] = {}
+        self.node_seen = True
+        self.node_address = ""
+
+
+@dataclass
+class FakeSync:
+    desired: Any
+    errors_by_ref: dict[ObjectRef, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class _Desired:
+    resolutions: dict[ObjectRef, Resolution]
+
+
+class Cluster:
+    def __init__(self, nodes: list[str], vips: list[str]) -> None:
+        self.store = LeaseStore()
+        self.segment = Segment()
+        self.vips = vips
+        self.nodes = nodes
+        self.elections: dict[str, Election] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.frozen: set[str] = set()
+
+    def start(self, node: str) -> None:
+        loop = asyncio.get_running_loop()
+        view = FakeView(self.vips, self.nodes)
+        resolutions = {
+            ref: Resolution(ref, keys=(), vip=vip, ready_backends=1)
+            for ref, vip in zip(view.memo, self.vips, strict=True)
+        }
+        election = Election(
+            ElectionConfig(node=node, timings=TIMINGS, peer_port=0, probe_timeout=0.01, announce_count=1),
+            self.store.client(node),  # type: ignore[arg-type]
+            FakeNet(self.segment, node),
+            view,  # type: ignore[arg-type]
+            Metrics(CollectorRegistry()),
+            FakeSync(_Desired(resolutions)),
+        )
+        with self.store.lock:
+            self.store.watchers.append((loop, election.on_lease))
+            listed = [_copy(o) for o in self.store.leases.values()]
+        election.on_leases_relisted(listed)
+        self.elections[node] = election
+        self.tasks[node] = asyncio.create_task(election.run())
+
+    def kill(self, node: str) -> None:
+        """SIGKILL: the process is gone, its claim addresses stay until their lifetime ends."""
+        self.tasks.pop(node).cancel()
+        election = self.elections.pop(node)
+        if election._fence_timer is not None:
+            election._fence_timer.cancel()
+        self.store.watchers = [(loop, cb) for loop, cb in self.store.watchers if cb != election.on_lease]
+
+    async def stop_all(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    def owners(self) -> dict[str, set[str]]:
+        return {vip: self.segment.holders(vip) for vip in self.vips}
+
+
+async def until(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def balanced(cluster: Cluster, nodes: Iterable[str]) -> bool:
+    owners = cluster.owners()
+    if any(len(holders) != 1 for holders in owners.values()):
+        return False
+    counts = {node: 0 for node in nodes}
+    for holders in owners.values():
+        (node,) = holders
+        if node not in counts:
+            return False
+        counts[node] += 1
+    return max(counts.values()) - min(counts.values()) <= 1
+
+
+VIPS = [f"192.0.2.{i}" for i in range(1, 7)]
+
+
+def test_one_owner_per_vip_balanced_and_claims_written_only_on_change() -> None:
+    async def scenario() -> None:
+        cluster = Cluster(["a", "b", "c"], VIPS)
+        try:
+            for node in cluster.nodes:
+                cluster.start(node)
+            await until("one owner per VIP, 2 each", lambda: balanced(cluster, "abc") and cluster.owners())
+            claims_before = cluster.store.writes["claim"]
+            heartbeats_before = cluster.store.writes["heartbeat"]
+            await asyncio.sleep(1.0)
+            assert cluster.store.writes["claim"] == claims_before, "claims are written only when an owner changes"
+            beats = cluster.store.writes["heartbeat"] - heartbeats_before
+            assert beats <= 3 * (1.0 / TIMINGS.retry_period + 2), beats  # directors / retry period
+            assert balanced(cluster, "abc")
+        finally:
+            await cluster.stop_all()
+        assert not cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_owner_is_replaced_without_two_holders() -> None:
+    async def scenario() -> None:
+        cluster = Cluster(["a", "b", "c"], VIPS)
+        try:
+            for node in cluster.nodes:
+                cluster.start(node)
+            await until("balanced", lambda: balanced(cluster, "abc"))
+            cluster.kill("a")
+            await until("a's VIPs on b and c", lambda: balanced(cluster, "bc"))
+        finally:
+            await cluster.stop_all()
+        assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+def test_an_owner_cut_off_from_the_api_stops_answering_before_anyone_takes_over() -> None:
+    async def scenario() -> None:
+        cluster = Cluster(["a", "b"], VIPS)
+        try:
+            for node in cluster.nodes:
+                cluster.start(node)
+            await until("balanced", lambda: balanced(cluster, "ab"))
+            cluster.store.down.add("a")  # no peer channel here: a must release
+            await until("every VIP on b", lambda: balanced(cluster, "b"))
+            cluster.store.down.discard("a")
+            await until("balanced again, by handover", lambda: balanced(cluster, "ab"))
+        finally:
+            await cluster.stop_all()
+        assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+def test_a_director_that_joins_gets_its_share_by_handover() -> None:
+    async def scenario() -> None:
+        cluster = Cluster(["a", "b", "c"], VIPS)
+        try:
+            cluster.start("a")
+            cluster.start("b")
+            await until("balanced on a and b", lambda: balanced(cluster, "ab"))
+            transitions_before = cluster.store.writes["claim"]
+            cluster.start("c")
+            await until("balanced on a, b and c", lambda: balanced(cluster, "abc"))
+            assert cluster.store.writes["claim"] - transitions_before == 2  # c's share, one handover each
+        finally:
+            await cluster.stop_all()
+        assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+def test_a_link_down_owner_hands_its_vips_over() -> None:
+    async def scenario() -> None:
+        cluster = Cluster(["a", "b"], VIPS)
+        try:
+            for node in cluster.nodes:
+                cluster.start(node)
+            await until("balanced", lambda: balanced(cluster, "ab"))
+            cluster.segment.down.add("a")
+            await until("every VIP on b", lambda: all(h == {"b"} for h in cluster.owners().values()))
+            decisions = cluster.elections["a"].decisions
+            assert all(d.action is not el.Action.HOLD for d in decisions.values()), decisions
+        finally:
+            await cluster.stop_all()
+        assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("vips", [[], ["2001:db8::1"]])
+def test_no_vips_or_ipv6_vips(vips: list[str]) -> None:
+    async def scenario() -> None:
+        cluster = Cluster(["a"], vips)
+        try:
+            cluster.start("a")
+            await until("settled", lambda: all(len(h) == 1 for h in cluster.owners().values()) or not vips)
+        finally:
+            await cluster.stop_all()
+
+    asyncio.run(scenario())
