@@ -121,6 +121,34 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release_node(args: argparse.Namespace) -> int:
+    """Uninstall a director node's kernel settings: the claim addresses and the ARP sysctls the
+    election set (restored to the values recorded before). Refused while kubelvs still owns VIPs
+    on this node: with the old ARP settings every director would answer for them."""
+    from kubelvs.core.model import AF_INET, AF_INET6
+    from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, held_claims
+    from kubelvs.state.lock import StateLock
+    from kubelvs.state.ownership import OwnershipStore
+
+    state_dir = _state_dir(args)
+    netns = getattr(args, "netns", None)
+    with StateLock(state_dir):
+        owned = OwnershipStore(state_dir, netns=netns).load()
+        if owned.addresses:
+            print(
+                f"error: kubelvs still owns {len(owned.addresses)} VIP(s) here ({', '.join(sorted(owned.addresses))}); "
+                "delete their VirtualServers (or stop the director and run `kubelvs delete`) first",
+                file=sys.stderr,
+            )
+            return 1
+        for vip, interface in held_claims(netns).items():
+            ClaimAddresses(interface, netns).release(vip, AF_INET6 if ":" in vip else AF_INET)
+            print(f"claim address {vip} removed from {interface}")
+        ArpGuard(state_dir, netns).restore()
+    print("ARP settings restored to what they were before kubelvs")
+    return 0
+
+
 def _print_report(report) -> int:  # type: ignore[no-untyped-def]
     counts = report.plan.counts()
     summary = ", ".join(f"{n} {verb}" for verb, n in sorted(counts.items())) or "no changes"
@@ -257,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
         )
     ).set_defaults(func=cmd_adopt)
+    with_netns(
+        with_state(
+            commands.add_parser(
+                "release-node",
+                help="uninstall: remove the election's claim addresses and restore the ARP sysctls it changed",
+            )
+        )
+    ).set_defaults(func=cmd_release_node)
     director = with_state(commands.add_parser("director", help="run the director agent (in-cluster)"))
     director.set_defaults(func=_run_director)
     _director_arguments(director)

@@ -136,6 +136,7 @@ class DirectorProcess:
         self.state_dir = workdir / "director-state"
         self.log_path = workdir / "director.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lease_namespace = "default"
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": KUBECONFIG}
@@ -156,6 +157,8 @@ class DirectorProcess:
                 str(METRICS_PORT),
                 "--metrics-address",
                 "127.0.0.1",  # the Node's address (the default) lives in the dir1 namespace
+                "--lease-namespace",
+                self.lease_namespace,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -182,6 +185,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         cluster.node(DIRECTOR_NODE, topo.ip4("dir1"), {"kubelvs.io/director": "true"})
         cluster.node(POD_NODE, "10.0.2.250")
         director = DirectorProcess(topo, workdir)
+        director.lease_namespace = cluster.namespace  # the election's Leases
         director.start()
         try:
             yield {"topo": topo, "cluster": cluster, "director": director, "vip": topo.vip4(0)}
@@ -234,6 +238,11 @@ def test_service_endpoints_become_real_servers_and_serve_traffic(env: dict[str, 
     assert status["readyBackends"] == 3 and status["programmedDirectors"] == 1
     assert status["directors"][0]["node"] == DIRECTOR_NODE and status["directors"][0]["programmed"]
     assert cluster.condition("web", "Accepted")["reason"] == "Valid"
+    # The only director owns the VIP: it holds the claim address on its uplink and says so.
+    wait_for("Announced=True", lambda: cluster.condition("web", "Announced").get("status") == "True")
+    assert cluster.get_vs("web")["status"]["owner"] == DIRECTOR_NODE
+    uplink = topo.exec("dir1", ["ip", "-br", "addr", "show", "dev", "eth0"]).stdout
+    assert f"{vip}/32" in uplink, uplink
     names = topo.client_get(vip, 80, 6)
     assert alternates(names, topo.real_servers), names
 

@@ -423,3 +423,31 @@ def test_arp_guard_on_all(netns: str, uplink: str, tmp_path: Path) -> None:
     assert _sysctl(netns, "eth0/arp_ignore") == 0  # the interface's own value is left alone
     guard.restore()
     assert (_sysctl(netns, "all/arp_ignore"), _sysctl(netns, "all/arp_announce")) == (0, 0)
+
+
+def test_release_node_removes_claims_and_restores_arp_settings(netns: str, uplink: str, tmp_path: Path) -> None:
+    from kubelvs.cli import main
+
+    def sysctl(name: str) -> str:
+        return _must("netns", "exec", netns, "cat", f"/proc/sys/net/ipv4/conf/all/{name}").strip()
+
+    before = (sysctl("arp_ignore"), sysctl("arp_announce"))
+    ArpGuard(tmp_path, netns).ensure("all")
+    assert (sysctl("arp_ignore"), sysctl("arp_announce")) == ("1", "2")
+    ClaimAddresses(uplink, netns).hold("10.60.0.77", AF_INET, 30)
+    _must("-n", netns, "addr", "add", "10.60.0.78/32", "dev", uplink)  # somebody else's: stays
+
+    assert main(["release-node", "--state-dir", str(tmp_path), "--netns", netns]) == 0
+
+    addresses = _must("-n", netns, "-br", "addr", "show", "dev", uplink)
+    assert "10.60.0.77" not in addresses and "10.60.0.78" in addresses
+    assert (sysctl("arp_ignore"), sysctl("arp_announce")) == before
+
+
+def test_release_node_is_refused_while_vips_are_owned(netns: str, tmp_path: Path) -> None:
+    from kubelvs.cli import main
+    from kubelvs.state.ownership import Ownership, OwnershipStore
+
+    store = OwnershipStore(tmp_path, netns=netns)
+    store.save(Ownership(addresses={"10.60.0.5": AF_INET}))
+    assert main(["release-node", "--state-dir", str(tmp_path), "--netns", netns]) == 1

@@ -306,3 +306,50 @@ def _keep(s: Situation, message: str = "") -> Decision:
             return Decision(Action.RELEASE, "Unconfirmed", message="lapsed, and the API is unreachable")
         return Decision(Action.CLAIM, "Reconfirm", s.me, "confirming our claim after a lapse")
     return Decision(Action.HOLD, "Owner", s.me, message)
+
+
+# --- VirtualServers sharing a VIP must share a director -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sharer:
+    """One VirtualServer on a VIP, for :func:`selection_conflicts`."""
+
+    ref: object  # kubelvs.core.spec.ObjectRef
+    age: tuple[str, ...]  # oldest first (creationTimestamp, namespace, name)
+    selector: Mapping[str, str]
+
+
+def selection_conflicts(
+    sharers: Mapping[str, list[Sharer]], directors: Mapping[str, Mapping[str, str]]
+) -> dict[object, str]:
+    """The VirtualServers to refuse because they share a VIP with older ones whose
+    ``directors.nodeSelector`` have no director in common with theirs: one VIP has one owner,
+    so the directors that may own it must be selected by every VirtualServer on it. The older
+    ones keep the VIP; the message names them. ``directors``: every director node -> its labels."""
+    refused: dict[object, str] = {}
+    for vip, group in sharers.items():
+        if len(group) < 2:
+            continue
+        common: set[str] | None = None
+        kept: list[Sharer] = []
+        for sharer in sorted(group, key=lambda s: s.age):
+            selected = {node for node, labels in directors.items() if _selects(sharer.selector, labels)}
+            if common is None:
+                common, kept = selected, [sharer]
+            elif common & selected:
+                common &= selected
+                kept.append(sharer)
+            elif not common or not selected:
+                kept.append(sharer)  # selects no director at all (yet): nothing to choose between
+            else:
+                older = ", ".join(str(s.ref) for s in kept)
+                refused[sharer.ref] = (
+                    f"VIP {vip} is shared with {older}, and no director is selected by both "
+                    f"spec.directors.nodeSelector (one director must own the VIP for all of them)"
+                )
+    return refused
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())

@@ -279,7 +279,7 @@ class Election:
                 self.peer_channel = await PeerChannel.open(self.peer_state, self.config.peer_port, self.on_beat)
             except OSError as error:
                 log.error("peer heartbeat port %d: %s (running without it)", self.config.peer_port, error)
-        await loop.run_in_executor(None, self._drop_stale_addresses)
+        await loop.run_in_executor(None, self._adopt_addresses)
         renewer = asyncio.create_task(self._renew_loop(loop), name="heartbeat")
         try:
             while True:
@@ -407,12 +407,15 @@ class Election:
             except OSError as error:
                 log.warning("refreshing the claim address %s on %s: %s", vip, held.interface, error)
 
-    def _drop_stale_addresses(self) -> None:
-        """Claim addresses left by an earlier run: nothing is confirmed yet, so none is held."""
+    def _adopt_addresses(self) -> None:
+        """Claim addresses an earlier run of ours left (a restart): kept, not announced, until
+        the first decision, which confirms them with a claim write or drops them. Until then
+        they end by their kernel lifetime at the latest, as if that run had been frozen."""
+        now = self.clock()
         for vip, interface in self.net.held().items():
             family = AF_INET6 if ":" in vip else AF_INET
-            self.net.release(interface, vip, family)
-            log.info("released the claim address %s on %s left by an earlier run", vip, interface)
+            self.held[vip] = Held(interface, family, now, announced_at=now)
+            log.info("found the claim address %s on %s from an earlier run", vip, interface)
 
     async def _evaluate(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.listed:
