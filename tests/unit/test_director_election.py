@@ -186,6 +186,10 @@ class FakeView:
         self.node_labels: dict[str, str] = {}
         self.node_seen = True
         self.node_address = ""
+        self.director_nodes: set[str] = set()
+
+    def set_director_nodes(self, nodes: Iterable[str]) -> None:
+        self.director_nodes = set(nodes)
 
 
 @dataclass

@@ -37,7 +37,7 @@ class DesiredState:
         return [r.error for r in self.resolutions.values() if r.error is not None]
 
 
-def _age_key(obj: Obj) -> tuple[str, str, str]:
+def age_key(obj: Obj) -> tuple[str, str, str]:
     found = meta(obj)
     return str(found.get("creationTimestamp") or ""), str(found.get("namespace") or "default"), str(found.get("name"))
 
@@ -149,8 +149,12 @@ def desired_state(
     cluster: Cluster | None = None,
     node_labels: Mapping[str, str] | None = None,
     memo: Memo | None = None,
+    refused: Mapping[ObjectRef, SpecError] | None = None,
 ) -> DesiredState:
     """Compute the desired IPVS state of one director.
+
+    ``refused``: VirtualServers refused by a rule that needs more than one object and the
+    cluster (e.g. DirectorSelectionConflict, from the election): reported, not programmed.
 
     Two VirtualServers that claim the same VIP, port and protocol: the older one (by
     creationTimestamp, then namespace/name) keeps it, the newer one is refused as a VIPConflict.
@@ -160,8 +164,11 @@ def desired_state(
     """
     cluster = cluster or Cluster()
     state = DesiredState()
-    for obj in sorted(virtual_servers, key=_age_key):
+    for obj in sorted(virtual_servers, key=age_key):
         ref = ObjectRef.of(obj)
+        if refused and ref in refused:
+            state.resolutions[ref] = Resolution(ref, _generation(obj), error=refused[ref])
+            continue
         try:
             vs, ipvs_services, resolution = _resolve(obj, cluster, memo)
             for svc in ipvs_services:
@@ -194,6 +201,7 @@ def update_desired(
     cluster: Cluster,
     node_labels: Mapping[str, str] | None,
     memo: Memo,
+    refused: Mapping[ObjectRef, SpecError] | None = None,
 ) -> DesiredState | None:
     """``desired_state`` again, when only the ``changed`` VirtualServers or their backends changed.
 
@@ -209,8 +217,8 @@ def update_desired(
     for ref in changed:
         before = previous.resolutions.get(ref)
         obj = virtual_servers.get(ref)
-        if before is None or obj is None or before.error is not None:
-            return None  # added, deleted, or refused before: conflicts may move
+        if before is None or obj is None or before.error is not None or (refused and ref in refused):
+            return None  # added, deleted, or refused (before or now): conflicts may move
         try:
             vs, ipvs_services, resolution = _resolve(obj, cluster, memo)
         except SpecError:

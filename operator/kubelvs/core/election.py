@@ -30,6 +30,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from kubelvs.core.spec import ObjectRef
+
 
 @dataclass(frozen=True, slots=True)
 class Timings:
@@ -91,7 +93,7 @@ class _Seen:
     version: str = ""
     changed_at: float = -math.inf  # our monotonic time when we saw ``version`` first
     heard_at: float = -math.inf  # our monotonic time of the last direct peer beat
-    live_since: float = math.inf  # start of the current run of liveness
+    api_live_since: float = math.inf  # start of the current run of liveness on the API
 
 
 @dataclass(slots=True)
@@ -104,19 +106,16 @@ class Observations:
     def heartbeat(self, node: str, version: str, now: float) -> None:
         """The director's heartbeat Lease is at ``version`` (from a watch event, a listing or a GET)."""
         entry = self.seen.setdefault(node, _Seen())
-        was_live = self.live(node, now)
+        was_live = self.api_live(node, now)
         if version != entry.version:
             entry.version = version
             entry.changed_at = now
-        if not was_live:
-            entry.live_since = now
+            if not was_live:
+                entry.api_live_since = now
 
     def peer(self, node: str, now: float) -> None:
         """A direct beat from that director reached us."""
-        entry = self.seen.setdefault(node, _Seen())
-        if not self.live(node, now):
-            entry.live_since = now
-        entry.heard_at = now
+        self.seen.setdefault(node, _Seen()).heard_at = now
 
     def forget(self, node: str) -> None:
         self.seen.pop(node, None)
@@ -136,7 +135,7 @@ class Observations:
     def settled(self, node: str, now: float, delay: float) -> bool:
         """Live on the API for ``delay`` already: may receive VIPs by handover."""
         entry = self.seen.get(node)
-        return self.api_live(node, now) and entry is not None and now - entry.live_since >= delay
+        return self.api_live(node, now) and entry is not None and now - entry.api_live_since >= delay
 
     def expires_at(self, node: str) -> float:
         """When the director becomes silent if nothing more is heard (for the caller's timer)."""
@@ -189,34 +188,64 @@ def preference(vip: str, nodes: Iterable[str]) -> list[str]:
 def assign(candidates: Mapping[str, frozenset[str]], unfit: Mapping[str, frozenset[str]]) -> dict[str, str | None]:
     """The preferred owner of each VIP among its candidates (the live directors selected for it).
 
-    Bounded-load rendezvous: VIPs are placed in a fixed order (by their own hash), each with its
-    first candidate in preference order that has room; the room is the even share
-    (VIPs // directors) first, then one more, then unbounded. With every director a candidate
-    for every VIP, counts differ by at most one; a director joining moves about 1/n of the VIPs.
-    A director that reports a VIP ``unfit`` (programming failed, no interface, no ready backend)
-    gets it only when no fit candidate remains.
+    Rendezvous hashing first (each VIP to its highest-ranked candidate, fit ones before unfit
+    ones), then the fewest moves that even the counts out: VIPs leave directors above the
+    ceiling of the even share for their best-ranked candidate below it, then directors below
+    the floor take VIPs from those above it. With every director a candidate for every VIP,
+    counts differ by at most one, and a director that joins takes about 1/n of the VIPs, most
+    of them the ones it ranks first. A director that reports a VIP ``unfit`` (programming
+    failed, no interface, no ready backend) gets it only when no fit candidate remains, and
+    evening out never moves a VIP from a fit director to an unfit one.
     """
-    nodes = sorted({node for group in candidates.values() for node in group})
-    result: dict[str, str | None] = {}
-    if not nodes:
-        return dict.fromkeys(candidates)
-    load = dict.fromkeys(nodes, 0)
-    share = len(candidates) // len(nodes)
-    order = sorted(candidates, key=lambda vip: (_score("", vip), vip))
-    pending = [vip for vip in order if candidates[vip]]
-    result.update({vip: None for vip in order if not candidates[vip]})
-    for room in (share, share + 1, math.inf):
-        left = []
-        for vip in pending:
-            ranked = preference(vip, candidates[vip])
-            fit = [node for node in ranked if vip not in unfit.get(node, frozenset())]
-            choice = next((node for node in fit or ranked if load[node] < room), None)
-            if choice is None:
-                left.append(vip)
-                continue
-            result[vip] = choice
-            load[choice] += 1
-        pending = left
+    result: dict[str, str | None] = {vip: None for vip, group in candidates.items() if not group}
+    pending = sorted(vip for vip, group in candidates.items() if group)
+    if not pending:
+        return result
+    nodes = sorted({node for vip in pending for node in candidates[vip]})
+    none: frozenset[str] = frozenset()
+    ranked: dict[str, list[str]] = {}
+    for vip in pending:
+        order = preference(vip, candidates[vip])
+        ranked[vip] = [n for n in order if vip not in unfit.get(n, none)] + [
+            n for n in order if vip in unfit.get(n, none)
+        ]
+    owner = {vip: ranked[vip][0] for vip in pending}
+    held: dict[str, set[str]] = {node: set() for node in nodes}
+    for vip, node in owner.items():
+        held[node].add(vip)
+    floor, ceiling = len(pending) // len(nodes), -(-len(pending) // len(nodes))
+
+    def may_take(vip: str, node: str) -> bool:
+        return vip not in unfit.get(node, none) or vip in unfit.get(owner[vip], none)
+
+    def move(vip: str, node: str) -> None:
+        held[owner[vip]].discard(vip)
+        held[node].add(vip)
+        owner[vip] = node
+
+    for node in nodes:  # shed: above the ceiling
+        while len(held[node]) > ceiling:
+            options = [
+                (ranked[vip].index(other), vip, other)
+                for vip in held[node]
+                for other in ranked[vip]
+                if other != node and len(held[other]) < ceiling and may_take(vip, other)
+            ]
+            if not options:
+                break  # its VIPs have no other candidate with room: heterogeneous selections
+            _, vip, other = min(options)
+            move(vip, other)
+    for node in nodes:  # fill: below the floor
+        while len(held[node]) < floor:
+            candidates_here = [
+                (ranked[vip].index(node), vip)
+                for vip in pending
+                if node in candidates[vip] and len(held[owner[vip]]) > floor and may_take(vip, node)
+            ]
+            if not candidates_here:
+                break
+            move(min(candidates_here)[1], node)
+    result.update(owner)
     return result
 
 
@@ -315,19 +344,19 @@ def _keep(s: Situation, message: str = "") -> Decision:
 class Sharer:
     """One VirtualServer on a VIP, for :func:`selection_conflicts`."""
 
-    ref: object  # kubelvs.core.spec.ObjectRef
+    ref: ObjectRef
     age: tuple[str, ...]  # oldest first (creationTimestamp, namespace, name)
     selector: Mapping[str, str]
 
 
 def selection_conflicts(
     sharers: Mapping[str, list[Sharer]], directors: Mapping[str, Mapping[str, str]]
-) -> dict[object, str]:
+) -> dict[ObjectRef, str]:
     """The VirtualServers to refuse because they share a VIP with older ones whose
     ``directors.nodeSelector`` have no director in common with theirs: one VIP has one owner,
     so the directors that may own it must be selected by every VirtualServer on it. The older
     ones keep the VIP; the message names them. ``directors``: every director node -> its labels."""
-    refused: dict[object, str] = {}
+    refused: dict[ObjectRef, str] = {}
     for vip, group in sharers.items():
         if len(group) < 2:
             continue

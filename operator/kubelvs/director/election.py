@@ -151,6 +151,7 @@ class Election:
             else:
                 self.heartbeats[heartbeat.node] = heartbeat
                 self.obs.heartbeat(heartbeat.node, heartbeat.version, now)
+            self.view.set_director_nodes({*self.heartbeats, self.me})
             self.wake.set()
             return
         claim = ClaimRecord.from_lease(obj)
@@ -174,6 +175,7 @@ class Election:
         for node in [n for n in self.heartbeats if heartbeat_name(n) not in names]:
             self.heartbeats.pop(node, None)
             self.obs.forget(node)
+        self.view.set_director_nodes({*self.heartbeats, self.me})
         for vip in [v for v in self.claims if claim_name(v) not in names]:
             self.claims.pop(vip, None)
         self.listed = True

@@ -13,9 +13,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from kubelvs.core import election as el
 from kubelvs.core.cluster import Cluster, service_name_of, trim_virtual_server
-from kubelvs.core.desired import DesiredState, Memo, desired_state, update_desired
-from kubelvs.core.spec import ObjectRef, meta
+from kubelvs.core.desired import DesiredState, Memo, age_key, desired_state, update_desired
+from kubelvs.core.model import normalize_address
+from kubelvs.core.spec import ObjectRef, SpecError, meta
 
 Obj = dict[str, Any]
 
@@ -32,6 +34,10 @@ class ClusterView:
         # Every Node's labels: which other directors a VirtualServer's nodeSelector selects (the election)
         self.labels_by_node: dict[str, dict[str, str]] = {}
         self.on_nodes_changed: Callable[[], None] = lambda: None
+        # The director nodes (those with a heartbeat Lease: the election keeps it); empty
+        # without the election. VirtualServers sharing a VIP must select a director in common.
+        self.director_nodes: frozenset[str] = frozenset()
+        self.refused: dict[ObjectRef, SpecError] = {}
         self.node_seen = False  # our own Node object was listed (else every nodeSelector excludes us)
         self.node_address = ""  # our own InternalIP (the metrics listener binds to it)
         self.refs_by_service: dict[tuple[str, str], set[ObjectRef]] = defaultdict(set)
@@ -157,8 +163,37 @@ class ClusterView:
 
     # --- what the next sync covers ------------------------------------------------------
 
+    def set_director_nodes(self, nodes: Iterable[str]) -> None:
+        nodes = frozenset(nodes)
+        if nodes != self.director_nodes:
+            self.director_nodes = nodes
+            self.mark(everything=True)
+
+    def _selection_conflicts(self) -> dict[ObjectRef, SpecError]:
+        """DirectorSelectionConflict: read from the raw objects (not the resolutions, which the
+        verdict itself changes), so that a refused VirtualServer still counts as a sharer."""
+        if not self.director_nodes:
+            return {}
+        sharers: dict[str, list[el.Sharer]] = {}
+        for ref, obj in self.virtual_servers.items():
+            spec = _dict(obj.get("spec"))
+            selector = _dict(_dict(spec.get("directors")).get("nodeSelector"))
+            try:
+                vip = normalize_address(str(spec.get("vip")))[1]
+            except ValueError:
+                continue  # refused by its own validation
+            sharers.setdefault(vip, []).append(
+                el.Sharer(ref, age_key(obj), {str(k): str(v) for k, v in selector.items()})
+            )
+        labels = {node: self.labels_by_node.get(node, {}) for node in self.director_nodes}
+        return {
+            ref: SpecError(ref, "spec.directors.nodeSelector", message, reason="DirectorSelectionConflict")
+            for ref, message in el.selection_conflicts(sharers, labels).items()
+        }
+
     def compute_desired(self) -> DesiredState:
-        return desired_state(self.virtual_servers.values(), self.cluster, self.node_labels, self.memo)
+        self.refused = self._selection_conflicts()
+        return desired_state(self.virtual_servers.values(), self.cluster, self.node_labels, self.memo, self.refused)
 
     def _scope(self, desired: DesiredState) -> set[ObjectRef] | None:
         """The VirtualServers to sync: those marked, and those whose outcome changed because of
@@ -183,7 +218,7 @@ class ClusterView:
         """The desired state and the scope of the next sync (None: everything)."""
         if not (full or self.everything_dirty) and self.desired is not None:
             quick = update_desired(
-                self.desired, self.virtual_servers, self.dirty, self.cluster, self.node_labels, self.memo
+                self.desired, self.virtual_servers, self.dirty, self.cluster, self.node_labels, self.memo, self.refused
             )
             if quick is not None:  # nothing but the marked VirtualServers changed
                 marked = set(self.dirty)
@@ -202,6 +237,10 @@ class ClusterView:
     @property
     def pending(self) -> bool:
         return bool(self.dirty or self.everything_dirty)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _unchanged(known: Mapping[str, Any] | None, obj: Mapping[str, Any]) -> bool:
