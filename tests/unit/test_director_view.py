@@ -93,3 +93,40 @@ def test_a_new_object_under_the_same_name_is_marked(tmp_path: Path) -> None:
     again["metadata"]["uid"] = "uid-2"
     d.on_virtual_servers_relisted([again])
     assert d.dirty == {ObjectRef("ns", "web")}
+
+
+def test_virtual_servers_sharing_a_vip_must_select_a_director_in_common(tmp_path: Path) -> None:
+    d = director(tmp_path)
+    d.on_node("ADDED", {"metadata": {"name": "n1", "labels": {"zone": "a"}}, "status": {}})
+    d.on_node("ADDED", {"metadata": {"name": "n2", "labels": {"zone": "b"}}, "status": {}})
+    d.set_director_nodes({"n1", "n2"})
+    old = vs("web", "2026-01-01T00:00:00Z", directors={"nodeSelector": {"zone": "a"}})
+    new = vs(
+        "dns", "2026-01-02T00:00:00Z", ports=[{"name": "dns", "port": 53}], directors={"nodeSelector": {"zone": "b"}}
+    )
+    d.on_virtual_server("ADDED", versioned(old, 3))
+    d.on_virtual_server("ADDED", versioned(new, 4))
+    desired = d.compute_desired()
+    refused = desired.resolutions[ObjectRef("ns", "dns")].error
+    assert refused is not None and refused.reason == "DirectorSelectionConflict", refused
+    assert "ns/web" in refused.message and refused.path == "spec.directors.nodeSelector"
+    assert desired.resolutions[ObjectRef("ns", "web")].error is None
+    # A director in both zones resolves it; the verdict never depends on itself (both still count).
+    d.on_node("ADDED", {"metadata": {"name": "n3", "labels": {"zone": "b"}}, "status": {}})
+    d.on_node("MODIFIED", {"metadata": {"name": "n1", "labels": {"zone": "a"}}, "status": {}})
+    d.set_director_nodes({"n1", "n2", "n3"})
+    assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is not None
+    d.on_virtual_server(
+        "MODIFIED", versioned(vs("dns", "2026-01-02T00:00:00Z", ports=[{"name": "dns", "port": 53}]), 5)
+    )
+    assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is None
+
+
+def test_without_the_election_there_is_no_selection_conflict(tmp_path: Path) -> None:
+    d = director(tmp_path)
+    d.on_virtual_server("ADDED", versioned(vs("web", directors={"nodeSelector": {"zone": "a"}}), 3))
+    other = vs(
+        "dns", "2026-01-02T00:00:00Z", ports=[{"name": "dns", "port": 53}], directors={"nodeSelector": {"x": "y"}}
+    )
+    d.on_virtual_server("ADDED", versioned(other, 4))
+    assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is None
