@@ -34,17 +34,6 @@ def test_daemonset_is_accepted_with_only_net_capabilities(installed, kubectl) ->
     assert security["readOnlyRootFilesystem"] is True
 
 
-@pytest.mark.parametrize(
-    ("verb", "resource"),
-    [
-        ("watch", "virtualservers.kubelvs.io"),
-        ("patch", "virtualservers.kubelvs.io/status"),
-        ("list", "endpointslices.discovery.k8s.io"),
-        ("watch", "services"),
-        ("list", "nodes"),
-        ("create", "events"),
-    ],
-)
 @pytest.mark.parametrize("verb", ["get", "list", "watch", "create", "update", "delete"])
 def test_director_may_run_the_election_in_its_namespace(installed, kubectl, verb: str) -> None:  # type: ignore[no-untyped-def]
     lease = "leases.coordination.k8s.io"
@@ -58,6 +47,17 @@ def test_director_leases_only_in_its_namespace(installed, kubectl, verb: str) ->
     assert result.stdout.strip() == "no"
 
 
+@pytest.mark.parametrize(
+    ("verb", "resource"),
+    [
+        ("watch", "virtualservers.kubelvs.io"),
+        ("patch", "virtualservers.kubelvs.io/status"),
+        ("list", "endpointslices.discovery.k8s.io"),
+        ("watch", "services"),
+        ("list", "nodes"),
+        ("create", "events"),
+    ],
+)
 def test_director_may_do_what_it_needs(installed, kubectl, verb: str, resource: str) -> None:  # type: ignore[no-untyped-def]
     assert can(kubectl, verb, resource)
 
