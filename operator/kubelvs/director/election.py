@@ -145,9 +145,9 @@ class Election:
         heartbeat = HeartbeatRecord.from_lease(obj)
         if heartbeat is not None and heartbeat.node != self.me:
             if event_type == "DELETED":
+                # Not a proof of death (anyone may delete a Lease): its observation ages out
+                # from the last change, as a silent heartbeat's would.
                 self.heartbeats.pop(heartbeat.node, None)
-                self.obs.forget(heartbeat.node)
-                self.known_peers.discard(heartbeat.node)
             else:
                 self.heartbeats[heartbeat.node] = heartbeat
                 self.obs.heartbeat(heartbeat.node, heartbeat.version, now)
@@ -174,7 +174,6 @@ class Election:
             names.add((obj.get("metadata") or {}).get("name"))
         for node in [n for n in self.heartbeats if heartbeat_name(n) not in names]:
             self.heartbeats.pop(node, None)
-            self.obs.forget(node)
         self.view.set_director_nodes({*self.heartbeats, self.me})
         for vip in [v for v in self.claims if claim_name(v) not in names]:
             self.claims.pop(vip, None)
