@@ -211,8 +211,10 @@ def trim_lease(obj: Obj) -> Obj:
 class Conflict(Exception):
     """The write was refused: the Lease changed (or appeared, or went) since ``expected``.
 
-    ``record`` is the Lease as read right after, when this call read it (else None: the watch
-    brings it). After a timeout the outcome of a write is unknown; only the watch settles it.
+    ``record`` is the fresh record when known. This client does not read after a refusal (a
+    read per lost race; the watch brings the new state at once), so it is None here. A write
+    that timed out raises no Conflict but a urllib3 error: its outcome is unknown until the
+    watch shows it.
     """
 
     def __init__(self, message: str, record: HeartbeatRecord | ClaimRecord | None = None) -> None:
