@@ -185,11 +185,17 @@ def preference(vip: str, nodes: Iterable[str]) -> list[str]:
     return sorted(nodes, key=lambda node: (-_score(node, vip), node))
 
 
-def assign(candidates: Mapping[str, frozenset[str]], unfit: Mapping[str, frozenset[str]]) -> dict[str, str | None]:
+def assign(
+    candidates: Mapping[str, frozenset[str]],
+    unfit: Mapping[str, frozenset[str]],
+    current: Mapping[str, str] | None = None,
+) -> dict[str, str | None]:
     """The preferred owner of each VIP among its candidates (the live directors selected for it).
 
-    Rendezvous hashing first (each VIP to its highest-ranked candidate, fit ones before unfit
-    ones), then the fewest moves that even the counts out: VIPs leave directors above the
+    Each VIP starts with its ``current`` owner when that is a fit candidate (placement is
+    sticky: a handover costs a moment of silence, so nothing moves without need), else with its
+    highest-ranked candidate by rendezvous hashing (fit ones before unfit ones); then the
+    fewest moves that even the counts out: VIPs leave directors above the
     ceiling of the even share for their best-ranked candidate below it, then directors below
     the floor take VIPs from those above it. With every director a candidate for every VIP,
     counts differ by at most one, and a director that joins takes about 1/n of the VIPs, most
@@ -209,7 +215,15 @@ def assign(candidates: Mapping[str, frozenset[str]], unfit: Mapping[str, frozens
         ranked[vip] = [n for n in order if vip not in unfit.get(n, none)] + [
             n for n in order if vip in unfit.get(n, none)
         ]
-    owner = {vip: ranked[vip][0] for vip in pending}
+    current = current or {}
+
+    def start(vip: str) -> str:
+        holder = current.get(vip, "")
+        if holder in candidates[vip] and vip not in unfit.get(holder, none):
+            return holder
+        return ranked[vip][0]
+
+    owner = {vip: start(vip) for vip in pending}
     held: dict[str, set[str]] = {node: set() for node in nodes}
     for vip, node in owner.items():
         held[node].add(vip)

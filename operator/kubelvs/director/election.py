@@ -246,7 +246,8 @@ class Election:
             )
             for vip, info in vips.items()
         }
-        preferred = el.assign(candidates, unfit)
+        current = {vip: claim.holder for vip, claim in self.claims.items() if claim.holder}
+        preferred = el.assign(candidates, unfit, current)
         decisions = {}
         for vip, info in vips.items():
             claim = self.claims.get(vip)
@@ -459,6 +460,8 @@ class Election:
             self._release(vip, decision.reason)
 
     async def _claim(self, loop: asyncio.AbstractEventLoop, vip: str, info: VipInfo, decision: el.Decision) -> None:
+        # The write is a compare-and-set against the claim as it was when we decided: if the
+        # owner confirms its claim while we read its heartbeat and probe, our write fails.
         claim = self.claims.get(vip)
         holder = claim.holder if claim is not None else ""
         if holder and holder != self.me:
@@ -482,15 +485,24 @@ class Election:
                 log.warning("not claiming %s yet: %s still answer for it", vip, ", ".join(sorted(others)))
                 self.metrics.vip_conflicts.labels(vip).inc()
                 return
+        if self.claims.get(vip) != claim:
+            return  # changed while we looked: decide again
         silent_since = self.obs.seen[holder].changed_at if holder and holder in self.obs.seen else None
-        if await self._write_claim(loop, vip, self.me, decision.reason):
+        if await self._write_claim(loop, vip, self.me, decision.reason, expected=claim):
             self.confirmed.add(vip)
             self._hold(vip, info)
             if silent_since is not None and vip in self.held:
                 self.metrics.vip_failover.observe(max(0.0, self.held[vip].announced_at - silent_since))
 
-    async def _write_claim(self, loop: asyncio.AbstractEventLoop, vip: str, holder: str, reason: str) -> bool:
-        expected = self.claims.get(vip)
+    async def _write_claim(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        vip: str,
+        holder: str,
+        reason: str,
+        expected: ClaimRecord | None = None,
+    ) -> bool:
+        expected = expected if expected is not None else self.claims.get(vip)
         try:
             record = await loop.run_in_executor(None, self.leases.claim, vip, holder, expected)
         except Conflict as conflict:
