@@ -73,12 +73,12 @@ class PeerChannel(asyncio.DatagramProtocol):
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 peers too (mapped)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("::", port))
-        _, protocol = await loop.create_datagram_endpoint(lambda: cls(state, on_beat), sock=sock)
+        transport, protocol = await loop.create_datagram_endpoint(lambda: cls(state, on_beat), sock=sock)
+        protocol.transport = transport  # connection_made comes later, from the loop
         return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport (not a subclass in 3.11)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if len(data) > MAX_BEAT:
