@@ -282,6 +282,7 @@ class Director:
             self.metrics,
             self.sync,
             post_event,
+            on_owners_changed=lambda refs: self.status.request(refs) if self.status is not None else None,
         )
         self.view.on_nodes_changed = self.election.wake.set
         return lease_informer(

@@ -102,6 +102,7 @@ class Election:
         sync_state: Any,  # SyncLoop: .desired, .errors_by_ref
         post_event: Callable[[ObjectRef, str, str, str], None] = lambda ref, kind, reason, message: None,
         clock: Callable[[], float] = time.monotonic,
+        on_owners_changed: Callable[[set[ObjectRef]], None] = lambda refs: None,
     ) -> None:
         self.config = config
         self.me = config.node
@@ -112,6 +113,7 @@ class Election:
         self.metrics = metrics
         self.sync_state = sync_state
         self.post_event = post_event
+        self.on_owners_changed = on_owners_changed  # their status (owner, Announced) is to be written again
         self.clock = clock
         self.obs = el.Observations(self.timings.lease_duration)
         self.heartbeats: dict[str, HeartbeatRecord] = {}
@@ -635,7 +637,10 @@ class Election:
                 self.metrics.vip_owner.remove(vip)
         for vip, owner in owners.items():
             self.metrics.vip_owner.labels(vip).set(1 if owner == self.me else 0)
+        changed = {ref for vip, owner in owners.items() if self.owners.get(vip) != owner for ref in vips[vip].refs}
         self.owners = owners
+        if changed:
+            self.on_owners_changed(changed)
 
     def owner_of(self, vip: str) -> str:
         return self.owners.get(vip, "")
