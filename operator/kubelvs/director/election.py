@@ -285,10 +285,12 @@ class Election:
                 log.error("peer heartbeat port %d: %s (running without it)", self.config.peer_port, error)
         await loop.run_in_executor(None, self._adopt_addresses)
         renewer = asyncio.create_task(self._renew_loop(loop), name="heartbeat")
+        beater = asyncio.create_task(self._beat_loop(loop), name="peer-beats")
         try:
             while True:
-                if renewer.done():
-                    renewer.result()  # it never ends by itself: raise what killed it
+                for task in (renewer, beater):
+                    if task.done():
+                        task.result()  # they never end by themselves: raise what killed them
                 await self._evaluate(loop)
                 timeout = max(0.0, self._next_deadline() - self.clock())
                 with contextlib.suppress(TimeoutError):
@@ -296,6 +298,7 @@ class Election:
                 self.wake.clear()
         finally:
             renewer.cancel()
+            beater.cancel()
             if self._fence_timer is not None:
                 self._fence_timer.cancel()
             if self.peer_channel is not None:
@@ -307,10 +310,20 @@ class Election:
         while True:
             started = self.clock()
             await self._renew(loop)
-            self._beat()
             self._arm_fence(loop)
             self.wake.set()
             await asyncio.sleep(max(0.0, started + self.timings.retry_period - self.clock()))
+
+    async def _beat_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Beat to the peers every ``retry_period``, on a schedule of its own: a renewal that
+        hangs until its timeout (the API server cut off) must not delay the beats, whose
+        acknowledgements are then all that keeps our VIPs."""
+        while True:
+            self._beat()
+            if not self.api_ok:
+                self._refresh_from_peers()
+                self._arm_fence(loop)
+            await asyncio.sleep(self.timings.retry_period)
 
     def _arm_fence(self, loop: asyncio.AbstractEventLoop) -> None:
         """A timer at the end of our validity: it drops every claim address at that moment,
@@ -364,7 +377,6 @@ class Election:
                 log.warning("heartbeat renewal failed: %s", error)
             self.api_ok = False
             self.metrics.api_errors.inc()
-            self._refresh_from_peers()
             return
         answered = self.clock()
         del record
@@ -426,7 +438,8 @@ class Election:
             return  # until the Leases are listed we know neither the claims nor the other directors
         now = self.clock()
         if now >= self.valid_until() and not self.lapsed:
-            log.warning("could not renew within the renew deadline: releasing every VIP")
+            if self.held:
+                log.warning("could not renew within the renew deadline: releasing %s", ", ".join(self.held))
             self.lapsed = True
             self.confirmed.clear()
         elif now < self.valid_until():
