@@ -29,6 +29,7 @@ log = logging.getLogger("kubelvs.director.status")
 WRITES_IN_FLIGHT = 4
 RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 SUMMARY_DEBOUNCE_SECONDS = 1.0
+VIEW_LAG_SECONDS = 5.0  # our own status write is in the view by then (else someone wrote after us)
 SummaryWriterPolicy = Callable[[Mapping[str, Any], str], bool]  # (VirtualServer, this node) -> writes it?
 
 
@@ -199,6 +200,11 @@ class StatusLoop:
         summary = st.summary(vs, resolution, entry, self.now(), announcement)
         last = self.written_summaries.get(ref)
         if last is not None and last[0] != uid:
+            last = None
+        if last is not None and self.clock() - last[1] > VIEW_LAG_SECONDS:
+            # Long enough for the watch to have brought our write back: if the view differs from
+            # it now, another director wrote since (ownership of the VIP moved), so compare with
+            # the view alone.
             last = None
         if st.same_summary(vs, summary) or (last is not None and st.same_summary({"status": last[2]}, summary)):
             return Result.DONE  # as it is (or as we wrote it: the watch event may not be in yet)
