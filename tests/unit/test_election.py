@@ -89,15 +89,15 @@ def test_a_renewal_refreshes_the_address_unless_slower_than_the_renew_deadline()
 
 
 def test_with_the_defaults_a_quick_answer_leaves_no_address_tail() -> None:
-    """Defaults (3/2/1 s, lifetime 2 s): refreshed after an answer within 1 s, the address ends
-    before anyone may take over; a slower answer still refreshes it and leaves a tail (documented:
-    a director taking over probes the segment first)."""
+    """Defaults (2.5/1.6/0.5 s, lifetime 1 s): refreshed after an answer within 1.5 s, the address
+    ends before anyone may take over; a slower answer (up to the renew deadline) still refreshes it
+    and leaves a tail (documented: a director taking over probes the segment first)."""
     tim = Timings()
-    assert tim.address_lifetime == 2
-    for eighths in range(0, 9):
+    assert tim.address_lifetime == 1
+    for eighths in range(0, 13):
         rtt = _s(eighths)
         assert tim.may_refresh_address(rtt) and tim.strict_address_lifetime(rtt)
-    assert tim.may_refresh_address(1.5) and not tim.strict_address_lifetime(1.5)
+    assert tim.may_refresh_address(1.55) and not tim.strict_address_lifetime(1.55)
     assert not TUNED.strict_address_lifetime(0.25)  # a lease barely over the 1 s floor: a tail
 
 
