@@ -151,6 +151,11 @@ class FakeNet:
         self.segment.check(vip)
         return added
 
+    def refresh(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+        for vip, family in vips:
+            self.hold(interface, vip, family, lifetime)
+        return []
+
     def release(self, interface: str, vip: str, family: int) -> None:
         self.segment.addresses.pop((self.node, vip), None)
 

@@ -29,6 +29,7 @@ from kubelvs.core import status as st
 from kubelvs.core.desired import selects_node
 from kubelvs.core.model import AF_INET, AF_INET6
 from kubelvs.core.spec import ObjectRef
+from kubelvs.director.loop import wait_event
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.peers import PeerChannel, PeerState
 from kubelvs.director.view import ClusterView
@@ -58,6 +59,9 @@ class VipNet(Protocol):
         """Per VIP, the interface that carries its subnet and whether it is up (None: no such)."""
 
     def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool: ...
+
+    def refresh(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+        """``hold`` for many (VIP, family) on one interface at once; the failures."""
 
     def release(self, interface: str, vip: str, family: int) -> None: ...
 
@@ -293,8 +297,7 @@ class Election:
                         task.result()  # they never end by themselves: raise what killed them
                 await self._evaluate(loop)
                 timeout = max(0.0, self._next_deadline() - self.clock())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout)
+                await wait_event(self.wake, timeout)
                 self.wake.clear()
         finally:
             renewer.cancel()
@@ -416,12 +419,12 @@ class Election:
         self.peer_channel.beat(self.clock(), addresses)
 
     def _refresh_addresses(self) -> None:
-        lifetime = self.timings.address_lifetime
-        for vip, held in list(self.held.items()):
-            try:
-                self.net.hold(held.interface, vip, held.family, lifetime)
-            except OSError as error:
-                log.warning("refreshing the claim address %s on %s: %s", vip, held.interface, error)
+        by_interface: dict[str, list[tuple[str, int]]] = {}
+        for vip, held in self.held.items():
+            by_interface.setdefault(held.interface, []).append((vip, held.family))
+        for interface, vips in by_interface.items():
+            for vip, error in self.net.refresh(interface, vips, self.timings.address_lifetime):
+                log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
 
     def _adopt_addresses(self) -> None:
         """Claim addresses an earlier run of ours left (a restart): kept, not announced, until

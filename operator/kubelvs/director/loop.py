@@ -9,7 +9,6 @@ runs in a worker thread; the view is read and marked only on the event loop's th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +24,17 @@ from kubelvs.director.options import DirectorConfig
 from kubelvs.director.view import ClusterView
 
 log = logging.getLogger("kubelvs.director")
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` seconds pass. Not ``asyncio.wait_for``: in
+    Python 3.11 it can swallow a cancellation that arrives just as the event is set
+    (gh-86296), and the cancelled task then runs on (a director that never stops)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 class KernelReconciler(Protocol):
@@ -116,8 +126,7 @@ class SyncLoop:
             if delay > 0:
                 await asyncio.sleep(delay)  # backoff after a failure: events wait too
             elif not self.view.pending and due > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=due)
+                await wait_event(self.wake, due)
             self.wake.clear()
             await asyncio.sleep(self.config.coalesce_seconds)  # let a burst of events land
             full = time.monotonic() >= self.last_full + self.config.resync_seconds or not self.outcome.ok

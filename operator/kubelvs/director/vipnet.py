@@ -54,6 +54,19 @@ class KernelVipNet:
     def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool:
         return self._claims(interface).hold(vip, family, lifetime)
 
+    def refresh(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+        """One socket and one read of the interface for all of them (a renewal refreshes every
+        claim address: hundreds at a time on a busy director)."""
+        failed: list[tuple[str, OSError]] = []
+        claims = self._claims(interface)
+        with claims.session():
+            for vip, family in vips:
+                try:
+                    claims.hold(vip, family, lifetime)
+                except OSError as error:
+                    failed.append((vip, error))
+        return failed
+
     def release(self, interface: str, vip: str, family: int) -> None:
         self._claims(interface).release(vip, family)
 
