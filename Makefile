@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VM := $(PY) hack/vm.py
 
-.PHONY: demo test lint unit bench bench-ipvs bench-director cluster cluster-down bootstrap clean
+.PHONY: demo test lint unit bench bench-ipvs bench-director bench-ha cluster cluster-down bootstrap clean
 
 bootstrap:
 	bash hack/bootstrap.sh
@@ -43,6 +43,16 @@ bench-director: bootstrap
 	out=$$($(VM) --vmout) && \
 	$(PY) bench/director_bench.py host --out "$$out/director_bench.json" && \
 	$(PY) bench/merge_results.py "$$out/director_bench.json" bench/results.json
+
+## bench-ha: VIP failover, kubelvs's election against keepalived (control plane on the host, one VM
+## run; hours at the full counts, HA_BENCH_ARGS=--quick for a short run) -> bench/results.json, README table
+HA_BENCH_ARGS ?=
+bench-ha: bootstrap
+	bash hack/bootstrap.sh --cluster
+	out=$$($(VM) --vmout) && \
+	$(PY) bench/ha_bench.py host --out "$$out/ha_bench.json" $(HA_BENCH_ARGS) && \
+	$(PY) bench/merge_results.py "$$out/ha_bench.json" bench/results.json
+	$(PY) bench/table.py
 
 ## cluster: start the local control plane (etcd, kube-apiserver, kube-controller-manager); cluster-down stops it
 cluster:

@@ -11,6 +11,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- BENCH:START -->", "<!-- BENCH:END -->"
+HA_START, HA_END = "<!-- BENCH-HA:START -->", "<!-- BENCH-HA:END -->"
 
 
 def ipvs_rows(data: dict[str, Any]) -> list[str]:
@@ -57,6 +58,78 @@ def director_rows(d: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _dist(d: dict[str, Any] | None, key: str = "failover_s") -> str:
+    s = (d or {}).get(key) or {}
+    if not s.get("n"):
+        return "-"
+    missing = f", {s['missing']} without" if s.get("missing") else ""
+    return f"p50 {s['p50']:.2f} s, p99 {s['p99']:.2f} s ({s['n']} runs{missing})"
+
+
+def ha_rows(ha: dict[str, Any]) -> list[str]:
+    """VIP failover: kubelvs's election against keepalived, same VM run."""
+    ka, kl, ratios = ha.get("keepalived") or {}, ha.get("kubelvs") or {}, ha.get("ratios") or {}
+    rows = []
+    labels = {"default": "defaults", "tuned": "tuned"}
+    faults = {
+        "link_down": "owner link down: fault to first successful connect",
+        "sigkill": "owner SIGKILL: fault to the other director's first ARP answer",
+    }
+    for profile, label in labels.items():
+        for fault, what in faults.items():
+            k, r = (kl.get(profile) or {}).get(fault), (ka.get(profile) or {}).get(fault)
+            if not k and not r:
+                continue
+            ref = f"keepalived ({_ka_profile(ka, profile)}): {_dist(r)}" if r else "-"
+            ratio = ratios.get(f"{profile}_{fault}_p50")
+            rows.append(
+                f"| VIP failover, {what}, {label} | {_dist(k)} | {ref} | "
+                f"{f'**{ratio:.2f}x** (p50)' if ratio is not None else '-'} |"
+            )
+    for profile, label in labels.items():
+        for fault, what in (
+            ("sigstop", "owner frozen (SIGSTOP)"),
+            ("api_partition", "owner cut from the API"),
+            ("api_down", "API down for every director"),
+        ):
+            k = (kl.get(profile) or {}).get(fault)
+            if k:
+                rows.append(f"| longest HTTP gap, {what}, {label} | {_dist(k, 'outage_s')} | | |")
+    sb = kl.get("split_brain") or {}
+    parts = [
+        f"{sb[f]['split_brain_runs']} of {sb[f]['runs']} {name}"
+        for f, name in (("api_partition", "API partitions"), ("sigstop", "freezes"))
+        if f in sb
+    ]
+    ka_sb = [
+        f"{ka[p]['sigkill']['split_brain_runs']} of {len(ka[p]['sigkill']['runs'])} SIGKILLs ({p})"
+        for p in labels
+        if (ka.get(p) or {}).get("sigkill")
+    ]
+    if parts or ka_sb:
+        rows.append(
+            f"| split brain: runs in which two MACs answered for the VIP (capture on the switch) | "
+            f"{', '.join(parts) or '-'} | keepalived: {', '.join(ka_sb) or '-'} | |"
+        )
+    writes = kl.get("api_writes") or {}
+    if "steady_per_s" in writes:
+        rows.append(
+            f"| API writes per second, {writes['vips']:,} VIPs over {writes['directors']} directors | steady "
+            f"{writes['steady_per_s']:.1f}/s, during a failover {writes['failover_per_s']:.1f}/s | (VRRP: none) | |"
+        )
+    return rows
+
+
+def _ka_profile(ka: dict[str, Any], profile: str) -> str:
+    p = ka.get(profile) or {}
+    return f"VRRPv{p.get('vrrp_version', '?')}, advert_int {p.get('advert_int', '?')} s"
+
+
+def render_ha(results: dict[str, Any]) -> str:
+    lines = ["| scenario | kubelvs | reference (same VM run) | ratio |", "| --- | --- | --- | --- |"]
+    return "\n".join(lines + ha_rows(results.get("ha", {})))
+
+
 def render(results: dict[str, Any]) -> str:
     lines = ["| scenario | kubelvs | reference (same VM run) | ratio | target |", "| --- | --- | --- | --- | --- |"]
     lines += ipvs_rows(results.get("ipvs_programming", {}))
@@ -73,8 +146,16 @@ def main() -> int:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     else:
         text = text.replace("BENCH_TABLE", block)
+    if results.get("ha"):
+        ha_block = f"{HA_START}\n{render_ha(results)}\n{HA_END}"
+        if HA_START in text:
+            text = re.sub(re.escape(HA_START) + r".*?" + re.escape(HA_END), lambda _: ha_block, text, flags=re.S)
+        else:  # first time: right after the main table
+            text = text.replace(END, f"{END}\n\nVIP failover (`make bench-ha`):\n\n{ha_block}", 1)
     readme.write_text(text)
     print(render(results))
+    if results.get("ha"):
+        print(render_ha(results))
     return 0
 
 

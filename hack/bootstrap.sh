@@ -14,7 +14,8 @@ for arg in "$@"; do
 done
 
 packages=(qemu-system-x86 linux-image-amd64 ipvsadm busybox-static iproute2 kmod procps squashfs-tools
-          nftables util-linux)  # nft: the VIP port filter (kubelvs.kernel.vipfilter); nsenter
+          nftables util-linux  # nft: the VIP port filter (kubelvs.kernel.vipfilter); nsenter
+          keepalived tcpdump)  # the HA benchmark's VRRP reference; capture fallback for the HA tests
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

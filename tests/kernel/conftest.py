@@ -11,7 +11,7 @@ prints it, and <repo>/.vmout links to it.
 Inside the VM (KUBELVS_IN_VM=1, set by hack/vm.py) the tests run for real and this conftest
 provides the network-namespace fixtures (``topology``, ``make_topology``).
 
-Host knobs: ``--vm-timeout S`` (or KUBELVS_VM_TIMEOUT, default 1500), ``--vm-quiet`` (or
+Host knobs: ``--vm-timeout S`` (or KUBELVS_VM_TIMEOUT, default 2400), ``--vm-quiet`` (or
 KUBELVS_VM_QUIET=1: do not stream the guest's pytest output), KUBELVS_VM_PYTEST_ARGS (extra
 arguments for the inner pytest), KUBELVS_SKIP_KERNEL=1 (skip kernel tests instead of booting),
 KUBELVS_KERNEL_NATIVE=1 (run them directly: a host that has IPVS itself, as root).
@@ -38,7 +38,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-DEFAULT_VM_TIMEOUT = 1500.0
+DEFAULT_VM_TIMEOUT = 2400.0  # test_ha.py alone takes ~8 min in the emulated VM
 
 IN_VM = os.environ.get("KUBELVS_IN_VM") == "1"
 NATIVE = os.environ.get("KUBELVS_KERNEL_NATIVE") == "1"
