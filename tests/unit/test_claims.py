@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from kubelvs.core.model import AF_INET, AF_INET6
+from kubelvs.kernel import addresses as address_module
 from kubelvs.kernel import claims
 from kubelvs.kernel.addresses import ADDRESS_PROTO, VipInterface, supports_address_proto
 from kubelvs.kernel.claims import FOREVER, ArpGuard, ClaimAddresses, ForeignAddressError, Uplink, uplink_for
@@ -288,6 +289,7 @@ def test_a_session_serves_a_renewal_with_one_socket(netns: str, uplink: str, mon
         return rtnl
 
     monkeypatch.setattr(claims, "_Rtnl", counting)
+    monkeypatch.setattr(address_module, "_Rtnl", counting)  # the sessions' socket (RtnlSessions)
     addresses = ClaimAddresses("eth0", netns=netns)
     vips = [f"10.60.0.{n}" for n in range(100, 120)]
     with addresses.session():

@@ -28,6 +28,7 @@ import errno
 import os
 import struct
 from collections.abc import Callable, Iterator
+from typing import Self
 
 from kubelvs.core.model import AF_INET
 from kubelvs.kernel import codec
@@ -106,14 +107,15 @@ class _Rtnl:
                 answers.append((kind, payload))
 
 
-class VipInterface:
-    def __init__(self, name: str = DEFAULT_INTERFACE, netns: str | None = None) -> None:
-        self.name = name
-        self.netns = netns  # a named network namespace (tests), or the caller's own
-        self._session: _Rtnl | None = None
+class RtnlSessions:
+    """One rtnetlink socket per call, or one for a whole :meth:`session` (and the interface's
+    addresses read once within it): shared by the VIP interface and the claim addresses."""
+
+    netns: str | None
+    _session: _Rtnl | None
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[VipInterface]:
+    def session(self) -> Iterator[Self]:
         """Serve every call within the block with one socket (and one read of the addresses)."""
         if self._session is not None:
             yield self
@@ -135,6 +137,13 @@ class VipInterface:
             yield rtnl
         finally:
             rtnl.close()
+
+
+class VipInterface(RtnlSessions):
+    def __init__(self, name: str = DEFAULT_INTERFACE, netns: str | None = None) -> None:
+        self.name = name
+        self.netns = netns  # a named network namespace (tests), or the caller's own
+        self._session: _Rtnl | None = None
 
     def _index(self, rtnl: _Rtnl, create: bool) -> int | None:
         if rtnl.index is not None:

@@ -26,7 +26,7 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from kubelvs.kernel.addresses import (
     ADDRESS_PROTO,
     DEFAULT_INTERFACE,
     IFA_F_NODAD,
+    RtnlSessions,
     _Rtnl,
     supports_address_proto,
 )
@@ -190,7 +191,7 @@ def held_claims(netns: str | None = None) -> dict[str, str]:
         rtnl.close()
 
 
-class ClaimAddresses:
+class ClaimAddresses(RtnlSessions):
     """The claims (host addresses with a lifetime, tagged :data:`ADDRESS_PROTO`) on one interface."""
 
     def __init__(self, interface: str, netns: str | None = None) -> None:
@@ -200,31 +201,6 @@ class ClaimAddresses:
         # Added by this object: ours even where the kernel drops IFA_PROTO (before 6.1).
         self._added: set[str] = set()
         self._tags_kept = supports_address_proto()
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[ClaimAddresses]:
-        """Serve every call within the block with one socket and one read of the interface's
-        addresses (a renewal of many VIPs then costs one message or two each, not a dump each)."""
-        if self._session is not None:
-            yield self
-            return
-        self._session = _Rtnl(self.netns)
-        try:
-            yield self
-        finally:
-            self._session.close()
-            self._session = None
-
-    @contextlib.contextmanager
-    def _rtnl(self) -> Iterator[_Rtnl]:
-        if self._session is not None:
-            yield self._session
-            return
-        rtnl = _Rtnl(self.netns)
-        try:
-            yield rtnl
-        finally:
-            rtnl.close()
 
     def _index(self, rtnl: _Rtnl) -> int | None:
         if rtnl.index is None:

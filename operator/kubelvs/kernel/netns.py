@@ -30,22 +30,7 @@ def _setns(fd: int) -> None:
 
 def netlink_socket(proto: int, netns: str | None = None) -> socket.socket:
     """A raw netlink socket of ``proto``, in ``netns`` (a name under /run/netns, or a path)."""
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(path, os.O_RDONLY)
-        try:
-            _setns(target)
-            try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-            finally:
-                _setns(own)
-        finally:
-            os.close(target)
-    finally:
-        os.close(own)
+    return socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, proto)
 
 
 @contextlib.contextmanager
