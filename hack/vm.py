@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -300,6 +301,24 @@ def _pump(stream: IO[bytes], sinks: list[Callable[[str], None]]) -> None:
     stream.close()
 
 
+@contextlib.contextmanager
+def vm_slot(announce: Callable[[str], None]) -> Iterator[None]:
+    """Hold the machine's one VM slot (an flock under the cache) for the duration.
+
+    Two emulated VMs at once starve each other (TCG has no hardware help): timings in the HA
+    tests stretch past their bounds and captures drop frames. So runs queue here instead.
+    """
+    path = cache_dir() / "vm.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as slot:
+        try:
+            fcntl.flock(slot, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            announce(f"hack/vm.py: another VM run holds {path}; waiting for it\n")
+            fcntl.flock(slot, fcntl.LOCK_EX)
+        yield
+
+
 def run_in_vm(
     cmd: list[str],
     rwdirs: list[str],
@@ -341,6 +360,7 @@ def run_in_vm(
         sys.stderr.flush()
 
     script_dir: Path | None = None
+    slot: contextlib.AbstractContextManager[None] | None = None
     try:
         try:
             kernel = find_kernel()
@@ -359,6 +379,8 @@ def run_in_vm(
         bindir = str(Path(vng).parent)
         host_env["PATH"] = bindir + os.pathsep + host_env.get("PATH", "")  # vng calls virtme-run
         to_log(f"hack/vm.py: {shlex.join(argv)}\nhack/vm.py: guest command: {shlex.join(cmd)}\n")
+        slot = vm_slot(on_stderr or default_err)
+        slot.__enter__()  # released in the finally below; the timeout counts from here
         started = time.monotonic()
         proc = subprocess.Popen(
             argv,
@@ -394,6 +416,8 @@ def run_in_vm(
         to_log(f"hack/vm.py: exit status {rc} after {elapsed:.1f} s\n")
         return rc
     finally:
+        if slot is not None:
+            slot.__exit__(None, None, None)
         if script_dir is not None:
             shutil.rmtree(script_dir, ignore_errors=True)
         if log is not None:
