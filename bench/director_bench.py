@@ -10,7 +10,12 @@ measure:
   per-service dump, p50 and p99 over the changes, with 1,000 VirtualServers present;
 - start-up: director start to all 10,000 VirtualServers programmed;
 - resident memory of the director at 1,000 and 10,000 VirtualServers (10 s after start-up, when
-  its status writes are out) and its peak.
+  its status writes are out) and its peak;
+- with 10,000 present: convergence of single changes, and under churn (50 EndpointSlice changes
+  per second for 60 s: p50, p99, max, and whether the director kept up);
+- a restart with everything programmed: kernel operations (0 expected) and time to "adopted";
+- the reference for the cold start: the director's final rules dumped with ``ipvsadm -Sn``,
+  flushed, and restored with ``ipvsadm -R`` (timed), in the same VM run.
 
 Every VirtualServer is over its own Service and EndpointSlice (4 endpoints).
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +43,9 @@ NAMESPACE = "bench"
 NETNS = "kubelvs-dbench"
 KUBELVS = str(Path(sys.executable).with_name("kubelvs"))
 CHANGES = 100
+CHANGES_AT_LARGE = 30  # single changes with 10,000 present
+CHURN_RATE = 50  # EndpointSlice changes per second
+CHURN_SECONDS = 60
 
 
 def vip(i: int) -> str:
@@ -177,9 +186,14 @@ def host(args: argparse.Namespace) -> int:
             if large is None:
                 return 1
             figures.update(large)
-        report = {
+        report: dict[str, Any] = {
             "director": {"environment": "VM: qemu TCG, 2 vCPUs; director in the VM, API server on the host", **figures}
         }
+        recorded = REPO / "bench" / "results.json"
+        previous = json.loads(recorded.read_text()) if recorded.exists() else {}
+        if "director_baseline" not in previous and "director" in previous:
+            # The figures before the scale work (issue 13), kept once, shown beside the new ones.
+            report["director_baseline"] = previous["director"]
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         return 0
@@ -191,8 +205,10 @@ def host(args: argparse.Namespace) -> int:
 
 
 class DirectorRun:
-    def __init__(self, kubeconfig: str, log: Path) -> None:
+    def __init__(self, kubeconfig: str, log: Path, state_dir: str | None = None) -> None:
         subprocess.run(["ip", "netns", "add", NETNS], check=False, capture_output=True)
+        self.log = log
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="dstate-")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [
@@ -203,7 +219,7 @@ class DirectorRun:
                 "--netns",
                 NETNS,
                 "--state-dir",
-                tempfile.mkdtemp(prefix="dstate-"),
+                self.state_dir,
                 "--metrics-port",
                 "0",
                 "--resync-seconds",
@@ -224,6 +240,15 @@ class DirectorRun:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+    def initial_sync(self, timeout: float) -> tuple[float, int]:
+        """Seconds from start to the log's "initial sync: N operations" line, and N."""
+        while time.perf_counter() - self.started < timeout:
+            found = re.search(r"initial sync: (\d+) operations", self.log.read_text(errors="replace"))
+            if found:
+                return time.perf_counter() - self.started, int(found.group(1))
+            time.sleep(0.2)
+        raise SystemExit(f"no initial sync after {timeout} s")
 
 
 def wait_services(client: Any, n: int, timeout: float) -> float:
@@ -264,6 +289,85 @@ def converge(discovery: Any, ipvs: Any, count: int, n: int, timeout: float) -> f
     return elapsed
 
 
+def percentiles(latencies: list[float], prefix: str) -> dict[str, Any]:
+    latencies = sorted(latencies)
+    return {
+        f"{prefix}_changes": len(latencies),
+        f"{prefix}_p50_s": statistics.median(latencies),
+        f"{prefix}_p99_s": latencies[int(0.99 * (len(latencies) - 1))],
+        f"{prefix}_max_s": latencies[-1],
+    }
+
+
+def churn(discovery: Any, ipvs: Any, count: int, rate: int, seconds: int) -> dict[str, Any]:
+    """``rate`` EndpointSlice changes per second for ``seconds``, each to another Service (one
+    endpoint made not ready), sent on schedule by a few writers; one poller watches the kernel
+    for each change and records when its rule is right. Kept up: every change converged, and
+    the last within 10 s of the end of the churn."""
+    import threading
+
+    total = rate * seconds
+    started: dict[int, float] = {}
+    done: dict[int, float] = {}
+    lock = threading.Lock()
+    begin = time.perf_counter()
+
+    def change(k: int) -> None:
+        index = (k * 7919 + 13) % count  # a different Service each time (7919 is prime to count)
+        name = f"vs-{index}"
+        addresses = [backend(index, j) for j in range(4)]
+        ready = [j != k % 4 for j in range(4)]
+        delay = begin + k / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        with lock:
+            started[k] = time.perf_counter()
+        discovery.replace_namespaced_endpoint_slice(f"{name}-1", NAMESPACE, slice_body(name, addresses, ready))
+
+    def expected(k: int) -> tuple[int, set[str]]:
+        index = (k * 7919 + 13) % count
+        return index, {backend(index, j) for j in range(4) if j != k % 4}
+
+    with ThreadPoolExecutor(16) as writers:
+        futures = [writers.submit(change, k) for k in range(total)]
+        deadline = begin + seconds + 120
+        while len(done) < total and time.perf_counter() < deadline:
+            with lock:
+                pending = [k for k in started if k not in done]
+            for k in pending:
+                index, want = expected(k)
+                if set(dests_of(ipvs, index)) == want:
+                    done[k] = time.perf_counter()
+            time.sleep(0.01)
+        for future in futures:
+            future.result()
+    sent = max(started.values()) - begin if started else 0.0
+    latencies = [done[k] - started[k] for k in done]
+    result = percentiles(latencies, "churn") if latencies else {}
+    last = max(done.values()) - begin if done else float("inf")
+    result.update(
+        churn_rate_per_s=rate,
+        churn_seconds=seconds,
+        churn_sent_in_s=sent,
+        churn_converged=len(done),
+        churn_kept_up=len(done) == total and last <= seconds + 10,
+    )
+    return result
+
+
+def ipvsadm_reference(netns: str) -> dict[str, Any]:
+    """The director's rules as ipvsadm restores them: save, flush, time the restore (the
+    director is stopped first, so that nothing puts the rules back meanwhile)."""
+    in_netns = ["ip", "netns", "exec", netns]
+    rules = subprocess.run([*in_netns, "ipvsadm", "-Sn"], check=True, capture_output=True).stdout
+    subprocess.run([*in_netns, "ipvsadm", "-C"], check=True)
+    started = time.perf_counter()
+    subprocess.run([*in_netns, "ipvsadm", "-R"], input=rules, check=True)
+    seconds = time.perf_counter() - started
+    lines = rules.count(b"\n")
+    return {"ipvsadm_restore_10000_s": seconds, "ipvsadm_restore_10000_lines": lines}
+
+
 def vm(args: argparse.Namespace) -> int:
     from kubelvs.kernel.ipvs import IPVSClient
     from kubernetes import client, config
@@ -299,9 +403,27 @@ def vm(args: argparse.Namespace) -> int:
             time.sleep(10)
             result["rss_mb_10000"] = director.rss_mb()
             result["peak_rss_mb_10000"] = director.rss_mb("VmHWM")
+            api = config.new_client_from_config(config_file=args.kubeconfig)
+            discovery = client.DiscoveryV1Api(api)
+            settle = time.perf_counter()
+            converge(discovery, ipvs, args.large, 0, timeout=900)
+            result["settle_after_startup_10000_s"] = time.perf_counter() - settle
+            latencies = [converge(discovery, ipvs, args.large, n, timeout=120) for n in range(1, CHANGES_AT_LARGE + 1)]
+            result.update(percentiles(latencies, "convergence_10000"))
+            result.update(churn(discovery, ipvs, args.large, CHURN_RATE, CHURN_SECONDS))
+            result["peak_rss_mb_10000"] = director.rss_mb("VmHWM")  # the churn included
+            # A restart with everything programmed: it must adopt the kernel as it is.
+            director.stop()
+            director = DirectorRun(args.kubeconfig, log.with_suffix(".restart.log"), director.state_dir)
+            result["restart_10000_adopted_s"], result["restart_10000_operations"] = director.initial_sync(3000)
+            director.stop()
+            result.update(ipvsadm_reference(NETNS))
+            result["ratio_startup_vs_ipvsadm_restore_10000"] = (
+                result["startup_10000_s"] / result["ipvsadm_restore_10000_s"]
+            )
     finally:
         director.stop()
-        print(log.read_text()[-3000:])
+        print(director.log.read_text()[-3000:])
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2), flush=True)
     return 0
@@ -314,7 +436,7 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=10000)
     parser.add_argument("--kubeconfig")
-    parser.add_argument("--timeout", type=int, default=3000)
+    parser.add_argument("--timeout", type=int, default=6000)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     return host(args) if args.half == "host" else vm(args)

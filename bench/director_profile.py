@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """Where the director's time and memory go, natively on the host (a profile, not the benchmark).
 
-The director's Kubernetes side (kopf, the watches, the view, desired state, the planner and the
-status writes) runs for real against a real API server; only the kernel is an in-memory stand-in,
-because this host has no IPVS (the benchmark, ``director_bench.py``, runs the real kernel in the
-VM). It reports start-up, settle time, convergence, RSS and the top allocation sites
-(tracemalloc) and, with ``--cprofile``, the hottest functions of the sync loop.
+Three views, each against a real API server; only the kernel is an in-memory stand-in, because
+this host has no IPVS (the benchmark, ``director_bench.py``, runs the real kernel in the VM):
+
+- default: the whole director (the watches, the view, desired state, the planner, the election
+  and the status writes) from start to every rule programmed; then settle time, convergence, RSS
+  and, with ``--tracemalloc``, the top allocation sites, with ``--cprofile`` the hottest functions;
+- ``--phases``: the cold start cut into its steps (each informer's listing, the first desired
+  state, the first plan and apply, a second full pass), with the time, the RSS and the memory
+  each one keeps (tracemalloc, by allocation site);
+- ``--imports``: what each import the director makes costs in RSS and time, one fresh process each.
 
     python hack/cluster/controlplane.py up --dir DIR
     KUBECONFIG=DIR/kubeconfig python bench/director_profile.py --create 1000
+    KUBECONFIG=DIR/kubeconfig python bench/director_profile.py --phases
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,10 +44,39 @@ import director_bench as bench
 from fakes import FakeIPVS, FakeVips
 from kubelvs.apply import CachedReconciler
 from kubelvs.core.model import ServiceKey
+from kubelvs.core.plan import Operation, apply_operations
 from kubelvs.director.app import Director
 from kubelvs.director.options import DirectorConfig
+from kubelvs.kernel.ipvs import ApplyResult
 from kubelvs.kube.status_writer import StatusWriter
 from kubelvs.state.ownership import CachedStore
+
+# The imports a director makes, in the order it makes them (``--imports`` measures each alone).
+DIRECTOR_IMPORTS = (
+    "prometheus_client",
+    "pyroute2",
+    "urllib3",
+    "yaml",
+    "pydantic",
+    "kubernetes.client",
+    "kubernetes.config",
+    "kubernetes",
+    "kubelvs.core.desired",
+    "kubelvs.kernel.ipvs",
+    "kubelvs.director.app",
+    "kubelvs.cli",
+)
+
+
+class LinearKernel(FakeIPVS):
+    """The tests' in-memory IPVS without its fault injection, applying a batch in one pass: the
+    fake checks every operation against the whole table (quadratic: minutes at 50,000 objects),
+    which would hide the director's own costs."""
+
+    def apply(self, operations: Any) -> ApplyResult:
+        ops: list[Operation] = list(operations)
+        self.services = apply_operations(self.services, ops)
+        return ApplyResult(succeeded=ops)
 
 
 def rss() -> dict[str, float]:
@@ -51,6 +88,150 @@ def rss() -> dict[str, float]:
     return fields
 
 
+class NoNet:
+    """The election's node side with no interface for any VIP: this host's interfaces are never
+    touched (the election still runs its Leases; no VIP is claimed)."""
+
+    def uplinks(self, vips: Any) -> dict[str, None]:
+        return dict.fromkeys(vips)
+
+    def hold(self, interface: str, vips: Any, lifetime: int) -> list[Any]:
+        return []
+
+    def release(self, interface: str, vips: Any) -> list[Any]:
+        return []
+
+    def held(self) -> dict[str, str]:
+        return {}
+
+    def probe(self, interface: str, vips: Any, timeout: float) -> dict[str, set[str]]:
+        return {}
+
+    def announce(self, interface: str, vips: Any) -> tuple[int, list[Any]]:
+        return 0, []
+
+    def monitor(self, interface: str) -> None:
+        return None
+
+
+def budget(args: argparse.Namespace) -> int:
+    """The director's memory at ``--budget`` VirtualServers against ``--budget-mb``: a control
+    plane of its own, the objects, then the director (in a child: this process's own imports
+    and objects must not count). Fails loudly over the budget."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import conftest  # the control plane helpers of the test suite
+    from kubernetes import client, config
+
+    controlplane = conftest.controlplane
+    controlplane.build()
+    cp = controlplane.ControlPlane(Path(tempfile.mkdtemp(prefix="kubelvs-budget-")), die_with_parent=True)
+    cp.start()
+    try:
+        conftest._install_crds(conftest.Kubectl(cp.kubectl, cp.kubeconfig))
+        api = config.new_client_from_config(config_file=str(cp.kubeconfig))
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
+        client.CoreV1Api(api).create_node({"metadata": {"name": "director-1"}})
+        bench.create_all(str(cp.kubeconfig), bench.objects(0, args.budget, True))
+        out = Path(tempfile.mkdtemp()) / "figures.json"
+        command = [sys.executable, __file__, "--count", str(args.budget), "--changes", "5", "--json-out", str(out)]
+        subprocess.run(command, env={**os.environ, "KUBECONFIG": str(cp.kubeconfig)}, check=True)
+        figures = json.loads(out.read_text())
+    finally:
+        cp.stop()
+    steady, peak = figures["rss_mb"]["VmRSS"], figures["rss_mb"]["VmHWM"]
+    verdict = "within" if peak <= args.budget_mb else "OVER"
+    print(f"director RSS at {args.budget:,} VirtualServers: {steady:.1f} MB, peak {peak:.1f} MB: {verdict} "
+          f"the budget of {args.budget_mb:.0f} MB")  # fmt: skip
+    if peak > args.budget_mb:
+        print(f"*** MEMORY BUDGET EXCEEDED: {peak:.1f} MB > {args.budget_mb:.0f} MB (see --phases, --imports) ***")
+        return 1
+    return 0
+
+
+def imports() -> int:
+    """RSS and time of each import the director makes, alone in a fresh interpreter."""
+    probe = (
+        "import sys, time; t = time.perf_counter(); __import__(sys.argv[1]); t = time.perf_counter() - t; "
+        "rss = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]; "
+        "print(int(rss) / 1024, t, len(sys.modules))"
+    )
+    base = subprocess.run([sys.executable, "-c", probe, "sys"], capture_output=True, text=True, check=True)
+    base_rss = float(base.stdout.split()[0])
+    print(f"{'python alone':24s} {base_rss:6.1f} MB")
+    for module in DIRECTOR_IMPORTS:
+        out = subprocess.run([sys.executable, "-c", probe, module], capture_output=True, text=True)
+        if out.returncode:
+            print(f"{module:24s} not importable")
+            continue
+        rss_mb, seconds, modules = out.stdout.split()
+        print(f"{module:24s} +{float(rss_mb) - base_rss:5.1f} MB {float(seconds) * 1000:6.0f} ms {modules:>5s} modules")
+    return 0
+
+
+def phases(args: argparse.Namespace) -> int:
+    """The cold start step by step, in this process: time, RSS, and what each step keeps."""
+    from kubelvs.director.view import ClusterView
+    from kubelvs.kube import client as kube
+    from kubelvs.kube.informers import cluster_informers
+
+    kube.load_config()
+    api = kube.new_api_client()
+    view = ClusterView("director-1")
+    informers = cluster_informers(api, view, lambda resource, reason: None)
+    if args.tracemalloc:
+        tracemalloc.start()
+    rows: list[tuple[str, float, float, float]] = []
+    snapshots: list[tuple[str, Any]] = []
+
+    def step(name: str, action: Any) -> Any:
+        before, started = rss()["VmRSS"], time.perf_counter()
+        result = action()
+        seconds = time.perf_counter() - started
+        traced = tracemalloc.get_traced_memory()[0] / 2**20 if args.tracemalloc else 0.0
+        rows.append((name, seconds, rss()["VmRSS"] - before, traced))
+        if args.tracemalloc:
+            snapshots.append((name, tracemalloc.take_snapshot()))
+        return result
+
+    for informer in informers:
+
+        def listing(informer: Any = informer) -> None:
+            items, _ = informer.list()
+            for obj in items:
+                informer.on_event("ADDED", obj)
+
+        step(f"list {informer.resource}", listing)
+    desired, _ = step("first desired state", lambda: view.plan_sync(True))
+    view.desired = desired
+    kernel = LinearKernel()
+    reconciler = CachedReconciler(kernel, CachedStore(Path(tempfile.mkdtemp())), FakeVips())
+    report = step("first plan+apply+record", lambda: reconciler.sync_cached(desired, None, True))
+    operations = len(report.plan)
+    del report
+    desired, _ = step("second full desired state", lambda: view.plan_sync(True))
+    view.desired = desired  # the first one is garbage now, as in the director
+    report = step("second full sync", lambda: reconciler.sync_cached(desired, None, True))
+    print(f"{len(view.virtual_servers)} VirtualServers, {operations} operations, then {len(report.plan)}")
+    print(f"{'step':28s} {'seconds':>8s} {'RSS +MB':>8s} {'traced MB':>10s}")
+    for name, seconds, grown, traced in rows:
+        print(f"{name:28s} {seconds:8.3f} {grown:8.1f} {traced:10.1f}")
+    print(f"RSS {rss()['VmRSS']:.1f} MB, peak {rss()['VmHWM']:.1f} MB")
+    started = time.perf_counter()
+    gc.collect()  # what one full collection (the GC's oldest generation) costs the director's loop
+    seconds = time.perf_counter() - started
+    print(f"objects tracked by the GC: {len(gc.get_objects())}; a full collection: {seconds:.3f} s")
+    previous = None
+    for name, snapshot in snapshots:
+        stats = snapshot.compare_to(previous, "lineno") if previous is not None else snapshot.statistics("lineno")
+        print(f"--- kept by {name}")
+        for stat in stats[:6]:
+            size = getattr(stat, "size_diff", stat.size)
+            count = getattr(stat, "count_diff", stat.count)
+            print(f"  {size / 2**20:7.2f} MB {count:8d}  {stat.traceback[0]}")
+        previous = snapshot
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--create", type=int, default=0, help="create VirtualServers 0..N first")
@@ -58,7 +239,18 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=50)
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--phases", action="store_true", help="the cold start step by step (no director tasks)")
+    parser.add_argument("--imports", action="store_true", help="RSS and time of each import, alone")
+    parser.add_argument("--budget", type=int, help="check the director's RSS at this many VirtualServers")
+    parser.add_argument("--budget-mb", type=float, default=80.0)
+    parser.add_argument("--json-out", help="also write the figures here")
     args = parser.parse_args()
+    if args.imports:
+        return imports()
+    if args.budget:
+        return budget(args)
+    if args.phases:
+        return phases(args)
 
     from kubernetes import client, config
 
@@ -69,7 +261,7 @@ def main() -> int:
             client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
         print(f"created in {bench.create_all(kubeconfig, bench.objects(0, args.create, True)):.1f}s")
 
-    kernel = FakeIPVS()
+    kernel = LinearKernel()
     if args.tracemalloc:
         tracemalloc.start(12)
     loop_profile = cProfile.Profile() if args.cprofile else None  # informers, handlers, desired state
@@ -79,7 +271,9 @@ def main() -> int:
     config_ = DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
     # The kernel is injected through the director's seam (no IPVS on this host).
     director = Director(
-        config_, make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), FakeVips())
+        config_,
+        make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), FakeVips()),
+        make_vipnet=NoNet,
     )
     if sync_profile:
         sync_once = director.sync.sync_once
@@ -107,10 +301,11 @@ def main() -> int:
 
         asyncio.run(main())
 
-    threading.Thread(target=run, daemon=True).start()
-    listed = client.CustomObjectsApi(api).list_cluster_custom_object("kubelvs.io", "v1alpha1", "virtualservers")
-    total = len(listed["items"])
-    del listed
+    director_thread = threading.Thread(target=run, daemon=True)
+    director_thread.start()
+    # How many there are, without listing them here (this process's memory is the director's figure).
+    first = client.CustomObjectsApi(api).list_cluster_custom_object("kubelvs.io", "v1alpha1", "virtualservers", limit=1)
+    total = len(first["items"]) + int(first["metadata"].get("remainingItemCount") or 0)
     while kernel.count_services() < total:
         time.sleep(0.05)
     result: dict[str, Any] = {"virtual_servers": total, "startup_s": time.perf_counter() - started}
@@ -130,6 +325,8 @@ def main() -> int:
     result["convergence_p50_s"] = statistics.median(latencies)
     result["convergence_p99_s"] = latencies[int(0.99 * (len(latencies) - 1))]
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     if args.tracemalloc:
         snapshot = tracemalloc.take_snapshot()
         print(f"traced: {sum(s.size for s in snapshot.statistics('filename')) / 2**20:.1f} MB")
@@ -140,6 +337,7 @@ def main() -> int:
     if stopping:
         running_loop, stop_event = stopping[0]
         running_loop.call_soon_threadsafe(stop_event.set)
+        director_thread.join(timeout=30)  # its tasks end before the interpreter's executors do
     for name, profile in (("event loop", loop_profile), ("sync thread", sync_profile)):
         if profile:
             time.sleep(1)

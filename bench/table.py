@@ -35,26 +35,62 @@ def ipvs_rows(data: dict[str, Any]) -> list[str]:
     return rows
 
 
-def director_rows(d: dict[str, Any]) -> list[str]:
+def director_rows(d: dict[str, Any], before: dict[str, Any] | None = None) -> list[str]:
+    before = before or {}
+
+    def was(key: str, unit: str = "s", digits: int = 1) -> str:
+        """The figure before the scale work (issue 13), if recorded."""
+        return f" (before: {before[key]:.{digits}f} {unit})" if key in before and key in d else ""
+
     rows = []
     if "convergence_p99_s" in d:
         rows.append(
             f"| convergence, EndpointSlice change to kernel rule, 1,000 VirtualServers "
             f"({d['convergence_changes']} changes) | p50 {d['convergence_p50_s']:.2f} s, "
-            f"**p99 {d['convergence_p99_s']:.2f} s** | kube-proxy nftables p99 6.8 s (its 100-node job) | | p99 < 1 s |"
+            f"**p99 {d['convergence_p99_s']:.2f} s**{was('convergence_p99_s', digits=2)} | "
+            f"kube-proxy nftables p99 6.8 s (its 100-node job) | | p99 < 1 s |"
+        )
+    if "convergence_10000_p99_s" in d:
+        rows.append(
+            f"| convergence, one change at a time, 10,000 VirtualServers ({d['convergence_10000_changes']} "
+            f"changes) | p50 {d['convergence_10000_p50_s']:.2f} s, **p99 {d['convergence_10000_p99_s']:.2f} s**, "
+            f"max {d['convergence_10000_max_s']:.2f} s | | | p99 < 1 s |"
+        )
+    if "churn_p99_s" in d:
+        kept = "kept up" if d.get("churn_kept_up") else "**fell behind**"
+        rows.append(
+            f"| convergence under churn, {d['churn_rate_per_s']} EndpointSlice changes/s for "
+            f"{d['churn_seconds']} s, 10,000 VirtualServers | p50 {d['churn_p50_s']:.2f} s, "
+            f"**p99 {d['churn_p99_s']:.2f} s**, max {d['churn_max_s']:.2f} s ({kept}) | | | p99 < 1 s |"
         )
     if "startup_1000_s" in d:
         rows.append(
-            f"| director start-up to all rules programmed, 1,000 VirtualServers | {d['startup_1000_s']:.1f} s "
-            f"(first change after start-up converged in {d.get('settle_after_startup_s', 0):.1f} s) | | | |"
+            f"| director start-up to all rules programmed, 1,000 VirtualServers | {d['startup_1000_s']:.1f} s"
+            f"{was('startup_1000_s')} (first change after start-up converged in "
+            f"{d.get('settle_after_startup_s', 0):.1f} s) | | | |"
         )
     if "startup_10000_s" in d:
-        rows.append(f"| director start-up, 10,000 VirtualServers | {d['startup_10000_s']:.1f} s | | | |")
-    for n, label, target in (("1000", "1,000", ""), ("10000", "10,000", "< 150 MB")):
+        reference, ratio = "", ""
+        if "ipvsadm_restore_10000_s" in d:
+            reference = f"`ipvsadm -R` of its rules {d['ipvsadm_restore_10000_s']:.1f} s"
+            ratio = f"**{d['ratio_startup_vs_ipvsadm_restore_10000']:.2f}x**"
+        rows.append(
+            f"| director cold start to all rules programmed, 10,000 VirtualServers (50,000 IPVS objects) | "
+            f"{d['startup_10000_s']:.1f} s{was('startup_10000_s')} | {reference} | {ratio} | ≤ 1.0x |"
+        )
+    if "restart_10000_adopted_s" in d:
+        rows.append(
+            f"| director restart with 10,000 programmed: to adopted | {d['restart_10000_adopted_s']:.1f} s, "
+            f"**{d['restart_10000_operations']} kernel operations** | | | 0 operations |"
+        )
+    for n, label, target in (("1000", "1,000", "< 80 MB"), ("10000", "10,000", "< 150 MB")):
         if f"rss_mb_{n}" in d:
             peak = f" (peak {d[f'peak_rss_mb_{n}']:.0f} MB)" if f"peak_rss_mb_{n}" in d else ""
             rss = d[f"rss_mb_{n}"]
-            rows.append(f"| director memory (RSS), {label} VirtualServers | **{rss:.0f} MB**{peak} | | | {target} |")
+            rows.append(
+                f"| director memory (RSS), {label} VirtualServers | **{rss:.0f} MB**{peak}"
+                f"{was(f'rss_mb_{n}', 'MB', 0)} | | | {target} |"
+            )
     return rows
 
 
@@ -133,7 +169,7 @@ def render_ha(results: dict[str, Any]) -> str:
 def render(results: dict[str, Any]) -> str:
     lines = ["| scenario | kubelvs | reference (same VM run) | ratio | target |", "| --- | --- | --- | --- | --- |"]
     lines += ipvs_rows(results.get("ipvs_programming", {}))
-    lines += director_rows(results.get("director", {}))
+    lines += director_rows(results.get("director", {}), results.get("director_baseline"))
     return "\n".join(lines)
 
 

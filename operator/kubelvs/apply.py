@@ -35,6 +35,7 @@ from kubelvs.core.plan import (
     kept_origins,
     plan,
     plan_addresses,
+    share_desired,
     with_kept,
 )
 from kubelvs.core.spec import ObjectRef
@@ -300,6 +301,7 @@ class CachedReconciler(Reconciler):
     def sync_cached(self, desired: DesiredState, only: Collection[ObjectRef] | None, full: bool) -> SyncReport:
         if full or self.observed is None or (self.unknown and self._touches_unknown(desired, only)):
             self.observed = self.client.dump(with_counters=False)
+            share_desired(self.observed.services, desired.services)  # one copy of the state, not two
             self.unknown = set()
         try:
             report = self.sync(desired, only=only, observed=self.observed)

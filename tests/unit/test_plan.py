@@ -15,6 +15,7 @@ from kubelvs.core.plan import (
     owned_after,
     plan,
     plan_addresses,
+    share_desired,
     with_kept,
 )
 from kubelvs.core.resolve import Resolution
@@ -140,6 +141,37 @@ def test_plan_reaches_desired_and_spares_foreign(desired, observed, owned_fracti
     for key in now_owned:
         assert key in desired  # nothing owned is left over
     assert len(plan(desired, after, now_owned)) == 0  # re-planning gives an empty plan
+
+
+@settings(max_examples=200, deadline=None)
+@given(desired=states(), observed=states())
+def test_applying_a_batch_equals_applying_one_operation_at_a_time(desired, observed) -> None:
+    operations = plan(desired, observed, set(observed)).operations
+    one_by_one = dict(observed)
+    for op in operations:
+        one_by_one = apply_operations(one_by_one, [op])
+    assert apply_operations(observed, operations) == one_by_one
+
+
+@settings(max_examples=100, deadline=None)
+@given(desired=states(), observed=states())
+def test_the_cache_after_an_apply_shares_the_desired_services(desired, observed) -> None:
+    """A cached kernel must not hold a second copy of every service (10,000s at scale)."""
+    operations = plan(desired, observed, set(observed)).operations
+    after = apply_operations(observed, operations)
+    for key in {op.key for op in operations} & desired.keys():  # touched by the plan
+        if after[key] == desired[key]:  # (not when only an equivalent setting differs, e.g. netmask 0/32)
+            assert after[key] is desired[key]
+
+
+def test_share_desired_replaces_equal_services_only() -> None:
+    want = _svc(KEY, "rr", Destination("10.0.0.1", 80))
+    other_key = ServiceKey(AF_INET, 6, "192.0.2.2", 80)
+    dumped = {KEY: _svc(KEY, "rr", Destination("10.0.0.1", 80)), other_key: _svc(other_key, "wrr")}
+    different = _svc(other_key, "rr")
+    assert share_desired(dumped, {KEY: want, other_key: different}) == 1
+    assert dumped[KEY] is want
+    assert dumped[other_key] == _svc(other_key, "wrr")
 
 
 # --- VIP planning ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubelvs.core.model import AF_INET6, normalize_address
+from kubelvs.core.model import AF_INET, AF_INET6, is_canonical_ipv4, normalize_address
 from kubelvs.core.spec import SERVICE_NAME_LABEL, Obj, ObjectRef, meta
 
 
@@ -40,7 +40,11 @@ def endpoint_address(value: Any) -> tuple[int, str] | None:
     and with it ``::`` and ``::1``) or is IPv4-mapped (``::ffff:a.b.c.d``): the API server refuses
     these as endpoint addresses, and IPVS would use them as IPv6 real servers that do not exist.
     """
-    return _endpoint_address(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    if is_canonical_ipv4(value):  # canonical IPv4 already: no cache entry (~130 bytes each)
+        return AF_INET, value
+    return _endpoint_address(value)
 
 
 @functools.lru_cache(maxsize=1 << 16)  # the same pod and node addresses recur in every pass

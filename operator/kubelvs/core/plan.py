@@ -93,7 +93,7 @@ def plan(
             adds.extend(Operation(Verb.ADD_DEST, want, d) for d in want.destinations)
             continue
         if not want.same_settings(have):
-            edits.append(Operation(Verb.EDIT_SERVICE, want.without_destinations()))
+            edits.append(Operation(Verb.EDIT_SERVICE, want))  # its settings are encoded, not its real servers
         edits.extend(_dest_operations(want, have))
     result.operations = deletes + adds + edits
     return result
@@ -102,7 +102,7 @@ def plan(
 def _dest_operations(want: VirtualService, have: VirtualService) -> list[Operation]:
     wanted = want.dest_map()
     present = have.dest_map()
-    service = want.without_destinations()
+    service = want  # only its key is encoded; whole, it lets apply_operations share it with the cache
     ops = [Operation(Verb.DELETE_DEST, service, d) for k, d in present.items() if k not in wanted]
     for k, d in wanted.items():
         current = present.get(k)
@@ -117,32 +117,61 @@ def apply_operations(state: Mapping[ServiceKey, VirtualService], operations: Ite
     """What the kernel holds after ``operations`` succeed on ``state`` (an in-memory model).
 
     Used to keep a cached view of the kernel current without a new dump, and by the tests.
+    The real servers of each service are gathered first and the service is built once (not once
+    per real server); when it comes out equal to the desired service its operations carry, that
+    object is kept, so the cache and the desired state share it instead of holding two copies.
     """
     result: IPVSState = dict(state)
+    dests_of: dict[ServiceKey, dict[DestKey, Destination]] = {}  # services whose real servers changed
+    wanted_of: dict[ServiceKey, VirtualService] = {}  # the desired service their operations carry
     for op in operations:
         key = op.key
-        if op.verb is Verb.ADD_SERVICE:
+        verb = op.verb
+        if verb is Verb.ADD_SERVICE:
             if key in result:
                 raise ValueError(f"{key} exists")
             result[key] = op.service.without_destinations()
-        elif op.verb is Verb.EDIT_SERVICE:
-            result[key] = replace(op.service, destinations=result[key].destinations)
-        elif op.verb is Verb.DELETE_SERVICE:
+        elif verb is Verb.EDIT_SERVICE:
+            if key not in dests_of:
+                dests_of[key] = result[key].dest_map()
+            result[key] = op.service
+            wanted_of[key] = op.service
+        elif verb is Verb.DELETE_SERVICE:
             del result[key]
+            dests_of.pop(key, None)
+            wanted_of.pop(key, None)
         else:
             assert op.dest is not None
-            current = result[key]
-            dests: dict[DestKey, Destination] = current.dest_map()
-            if op.verb is Verb.ADD_DEST:
+            dests = dests_of.get(key)
+            if dests is None:
+                dests = dests_of[key] = result[key].dest_map()
+            if verb is Verb.ADD_DEST:
                 if op.dest.key in dests:
                     raise ValueError(f"{key} -> {op.dest.key} exists")
                 dests[op.dest.key] = op.dest
-            elif op.verb is Verb.EDIT_DEST:
+            elif verb is Verb.EDIT_DEST:
                 dests[op.dest.key] = op.dest
             else:
                 del dests[op.dest.key]
-            result[key] = replace(current, destinations=tuple(dests.values()))
+            wanted_of[key] = op.service
+    for key, dests in dests_of.items():
+        built = replace(result[key], destinations=tuple(dests.values()))
+        wanted = wanted_of.get(key)
+        result[key] = wanted if wanted is not None and wanted == built else built
     return result
+
+
+def share_desired(observed: IPVSState, desired: Mapping[ServiceKey, VirtualService]) -> int:
+    """Replace, in place, each service of ``observed`` (a dump) that equals the desired one by
+    the desired object itself: a cache of the kernel then costs no second copy of the state.
+    Returns how many were replaced."""
+    shared = 0
+    for key, have in observed.items():
+        want = desired.get(key)
+        if want is not None and want is not have and want == have:
+            observed[key] = want
+            shared += 1
+    return shared
 
 
 def owned_after(owned: Set[ServiceKey], operations: Iterable[Operation]) -> set[ServiceKey]:
@@ -185,13 +214,9 @@ def plan_addresses(
     kernel) so that the record forgets it.
     """
     add = tuple(sorted((a, f) for a, f in wanted.items() if a and a not in present))
-    remove = tuple(
-        sorted(
-            (a, f)
-            for a, f in owned.items()
-            if a not in wanted and a not in still_used and (scope is None or a in scope)
-        )
-    )
+    # With a scope, only its addresses are looked at: an incremental sync is O(scope), not O(VIPs).
+    candidates = owned.items() if scope is None else [(a, owned[a]) for a in scope if a in owned]
+    remove = tuple(sorted((a, f) for a, f in candidates if a not in wanted and a not in still_used))
     return AddressPlan(add, remove)
 
 

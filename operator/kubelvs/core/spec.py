@@ -162,7 +162,7 @@ class _Fields:
             if not isinstance(value, str) or value != value.strip() or "%" in value:
                 raise ValueError
             family, address = normalize_address(value)
-            if ipaddress.ip_address(address).version == 6 and ipaddress.IPv6Address(address).ipv4_mapped:
+            if family != AF_INET and ipaddress.IPv6Address(address).ipv4_mapped:
                 raise ValueError
         except ValueError:
             raise self.fail(path, f"must be an IPv4 or IPv6 address, not {value!r}") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,61 @@ LIST_TIMEOUT = 60.0  # one page of a listing
 BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 15)
 
 
+_SHARED_FLAGS: dict[tuple[tuple[str, bool], ...], Obj] = {}  # see compact(); a few entries in practice
+_SHARED_FLAGS_MAX = 256
+
+
+def compact(value: Any) -> Any:
+    """A trimmed object as the director keeps it: equal, with one copy of each repeated part.
+
+    JSON parsing makes a new string for every value, and thousands of objects repeat the same
+    ones (namespaces, ports, protocols, reasons and messages of status conditions): each is
+    interned. Maps of flags only (an endpoint's ``conditions``) have a handful of distinct
+    values: equal ones are one shared dict, which nothing in the director mutates. In place
+    (the objects are fresh from the parser): a copy would double the allocations of a listing
+    of 10,000s of objects, and with them the garbage collector's full passes (seconds).
+    """
+    kind = type(value)
+    if kind is dict:
+        flags_only = True
+        for key, item in value.items():  # assigning to existing keys: the dict's size stays
+            item_kind = type(item)
+            if item_kind is str:
+                value[key] = _intern(item)
+                flags_only = False
+            elif item_kind is dict or item_kind is list:
+                kept = compact(item)
+                if kept is not item:
+                    value[key] = kept
+                flags_only = False
+            elif item_kind is not bool:
+                flags_only = False
+        if flags_only and value and len(value) <= 4:
+            flags = tuple(value.items())
+            shared = _SHARED_FLAGS.get(flags)
+            if shared is not None:
+                return shared
+            if len(_SHARED_FLAGS) < _SHARED_FLAGS_MAX:
+                _SHARED_FLAGS[flags] = value
+        return value
+    if kind is list:
+        for index, item in enumerate(value):
+            item_kind = type(item)
+            if item_kind is str:
+                value[index] = _intern(item)
+            elif item_kind is dict or item_kind is list:
+                kept = compact(item)
+                if kept is not item:
+                    value[index] = kept
+        return value
+    if kind is str:
+        return _intern(value)
+    return value
+
+
+_intern = sys.intern
+
+
 class Expired(Exception):
     """The resourceVersion is too old to watch from (HTTP 410): list again."""
 
@@ -54,7 +110,7 @@ def list_objects(
         if token:
             kwargs["_continue"] = token
         page = json.loads(call(**kwargs).data)
-        items.extend(trim(obj) for obj in page.get("items") or [])
+        items.extend(compact(trim(obj)) for obj in page.get("items") or [])
         meta = page.get("metadata") or {}
         token = meta.get("continue")
         if not token:
@@ -103,7 +159,7 @@ class Informer:
                     raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
                 version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
                 if kind != "BOOKMARK":
-                    deliver(self.on_event, (str(kind), self.trim(obj)))
+                    deliver(self.on_event, (str(kind), compact(self.trim(obj))))
         finally:
             response.close()
             response.release_conn()

@@ -1,0 +1,99 @@
+"""What the informers keep of each object: equal to the trimmed object, with repeated parts shared."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from kubelvs.core.cluster import trim_endpoint_slice, trim_node, trim_service, trim_virtual_server
+from kubelvs.kube.informers import compact
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(value=json_values)
+def test_compact_keeps_every_value(value: Any) -> None:
+    original = copy.deepcopy(value)
+    assert compact(value) == original
+
+
+def _slice(name: str, addresses: list[str]) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "bench", "resourceVersion": "7", "managedFields": [{"x": 1}],
+                     "labels": {"kubernetes.io/service-name": "web", "other": "x"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "appProtocol": "http"}],
+        "endpoints": [
+            {"addresses": [a], "conditions": {"ready": True, "serving": True, "terminating": False},
+             "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "p"}, "zone": "z"}
+            for a in addresses
+        ],
+    }  # fmt: skip
+
+
+def test_compact_slices_share_conditions_and_strings() -> None:
+    one = compact(trim_endpoint_slice(_slice("web-1", ["10.0.0.1", "10.0.0.2"])))
+    two = compact(trim_endpoint_slice(_slice("web-2", ["10.0.0.3"])))
+    assert one["endpoints"][0]["conditions"] is two["endpoints"][0]["conditions"]
+    assert one["metadata"]["namespace"] is two["metadata"]["namespace"]
+    assert one["ports"][0]["protocol"] is two["ports"][0]["protocol"]
+
+
+def test_what_the_director_reads_survives_trim_and_compact() -> None:
+    """Every field desired state, status and the election read (a dropped one would silently
+    change what is programmed)."""
+    eps = compact(trim_endpoint_slice(_slice("web-1", ["10.0.0.1"])))
+    assert eps["metadata"] == {
+        "name": "web-1", "namespace": "bench", "resourceVersion": "7",
+        "labels": {"kubernetes.io/service-name": "web"},
+    }  # fmt: skip
+    assert eps["addressType"] == "IPv4"
+    assert eps["ports"] == [{"name": "http", "port": 80, "protocol": "TCP"}]
+    assert eps["endpoints"] == [
+        {"addresses": ["10.0.0.1"], "conditions": {"ready": True, "serving": True, "terminating": False},
+         "nodeName": "n1"}
+    ]  # fmt: skip
+    svc = compact(
+        trim_service(
+            {
+                "metadata": {"name": "web", "namespace": "bench", "resourceVersion": "3", "annotations": {"a": "b"}},
+                "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+            }
+        )
+    )
+    assert svc == {
+        "metadata": {"name": "web", "namespace": "bench", "resourceVersion": "3"},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    }
+    node = compact(
+        trim_node(
+            {
+                "metadata": {"name": "n1", "resourceVersion": "9", "labels": {"role": "director"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "10.0.2.15"}, {"type": "Hostname"}]},
+            }
+        )
+    )
+    assert node == {
+        "metadata": {"name": "n1", "resourceVersion": "9", "labels": {"role": "director"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.2.15"}]},
+    }
+    vs_in = {
+        "apiVersion": "kubelvs.io/v1alpha1",
+        "kind": "VirtualServer",
+        "metadata": {
+            "name": "vs", "namespace": "bench", "uid": "u", "generation": 2, "resourceVersion": "5",
+            "creationTimestamp": "2026-01-01T00:00:00Z", "annotations": {"kubectl": "..."}, "managedFields": [],
+        },
+        "spec": {"vip": "10.1.0.1", "ports": [{"port": 80}], "backends": {"serviceRef": {"name": "web"}}},
+        "status": {"conditions": [{"type": "Accepted", "status": "True", "observedGeneration": 2}],
+                   "directors": [{"node": "n1", "ready": True}]},
+    }  # fmt: skip
+    vs = compact(trim_virtual_server(vs_in))
+    assert vs["spec"] == vs_in["spec"] and vs["status"] == vs_in["status"]
+    assert vs["metadata"] == {k: v for k, v in vs_in["metadata"].items() if k not in ("annotations", "managedFields")}

@@ -1,0 +1,55 @@
+"""Addresses: the fast path for dotted quads gives what ipaddress (and the full checks) give."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kubelvs.core.cluster import _endpoint_address, endpoint_address
+from kubelvs.core.model import AF_INET, AF_INET6, _addr_sort, normalize_address
+
+
+def _reference(text: str) -> tuple[int, str] | None:
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    return (AF_INET if addr.version == 4 else AF_INET6), str(addr)
+
+
+def _normalized(text: str) -> tuple[int, str] | None:
+    try:
+        return normalize_address(text)
+    except ValueError:
+        return None
+
+
+octets = st.one_of(
+    st.integers(0, 300).map(str),
+    st.sampled_from(["00", "01", "007", "0x1", "", " 1", "1 ", "+1", "-1", "1_0", "2555"]),
+    st.sampled_from(["\uff11", "\u0663", "\u00b2"]),  # digits to str.isdigit(), not to ipaddress
+)
+quads = st.lists(octets, min_size=3, max_size=5).map(".".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(text=st.one_of(quads, st.text(alphabet="0123456789.:abcdef ", max_size=20), st.ip_addresses().map(str)))
+def test_normalize_address_matches_ipaddress(text: str) -> None:
+    assert _normalized(text) == _reference(text)
+
+
+@given(address=st.ip_addresses())
+def test_sort_key_is_the_address_value(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    assert _addr_sort(str(address)) == (address.version, int(address))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=st.one_of(quads, st.ip_addresses().map(str)))
+def test_endpoint_address_fast_path_matches_the_full_check(text: str) -> None:
+    assert endpoint_address(text) == _endpoint_address(text)
+
+
+def test_leading_zeros_are_refused_as_ipaddress_does() -> None:
+    assert _normalized("010.0.0.1") is None
+    assert normalize_address(" 10.0.0.1\n") == (AF_INET, "10.0.0.1")
