@@ -1,0 +1,1 @@
+"""The real-server role: ``kubelvs realserver`` prepares DR and TUN backends on its node."""

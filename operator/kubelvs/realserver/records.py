@@ -1,0 +1,84 @@
+"""What the agent set in each namespace, on disk: ``state_dir/receive.json``.
+
+One entry per target (a pod's UID, or ``node``): the namespace's inode (a pod whose sandbox was
+replaced has a new namespace, and the old one went away with what kubelvs set in it) and each
+item kubelvs changed with what it found. Written atomically before every change (see
+:func:`kubelvs.kernel.receive.converge`), so a restart finds exactly what is ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubelvs.core.receive import Address, FouPort, Item, Link, Sysctl
+
+RECORD_NAME = "receive.json"
+_KINDS: dict[str, type] = {"Link": Link, "Address": Address, "Sysctl": Sysctl, "FouPort": FouPort}
+
+
+def item_to_json(item: Item, previous: int | None) -> dict[str, Any]:
+    fields = {name: getattr(item, name) for name in item.__slots__}  # type: ignore[union-attr]
+    return {"kind": type(item).__name__, **fields, "previous": previous}
+
+
+def item_from_json(data: dict[str, Any]) -> tuple[Item, int | None]:
+    data = dict(data)
+    kind = _KINDS[data.pop("kind")]
+    previous = data.pop("previous", None)
+    return kind(**data), previous
+
+
+@dataclass
+class NamespaceRecord:
+    inode: int | None  # None: the node's own namespace
+    pod: str = ""  # namespace/name, for people reading the file
+    items: dict[Item, int | None] = field(default_factory=dict)
+
+
+class RecordStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / RECORD_NAME
+
+    def load(self) -> dict[str, NamespaceRecord]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for key, entry in data.get("namespaces", {}).items():
+            items = dict(item_from_json(raw) for raw in entry.get("items", []))
+            found[key] = NamespaceRecord(entry.get("inode"), entry.get("pod", ""), items)
+        return found
+
+    def save(self, records: dict[str, NamespaceRecord]) -> None:
+        data = {
+            "version": 1,
+            "namespaces": {
+                key: {
+                    "inode": record.inode,
+                    "pod": record.pod,
+                    "items": sorted(
+                        (item_to_json(item, previous) for item, previous in record.items.items()),
+                        key=lambda entry: json.dumps(entry, sort_keys=True),
+                    ),
+                }
+                for key, record in sorted(records.items())
+                if record.items
+            },
+        }
+        if not data["namespaces"]:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(temporary, "w") as file:
+            json.dump(data, file, indent=1, sort_keys=True)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
