@@ -2,14 +2,17 @@
 PY := .venv/bin/python
 VM := $(PY) hack/vm.py
 
-.PHONY: demo test lint unit bench bench-ipvs bench-director bench-ha cluster cluster-down bootstrap clean
+.PHONY: demo test lint unit bench bench-ipvs bench-director bench-budget bench-ha cluster cluster-down bootstrap clean install-check
 
 bootstrap:
 	bash hack/bootstrap.sh
 
-## demo: boot the IPVS VM, build a client/director/web-server topology, apply examples/ with DR, then TUN
+## demo: the local control plane on the host (built on the first run), then in the IPVS VM: the
+## standalone CLI with DR and TUN, and the operator: three directors, an owner per VIP, a failover
+## with connections surviving
 demo: bootstrap
-	$(VM) --timeout 900 -- $(PY) hack/demo.py
+	bash hack/bootstrap.sh --cluster
+	$(PY) hack/demo.py
 
 ## test: lint, then every test: unit tests and API tests on the host, kernel tests in one VM boot
 test:
@@ -44,6 +47,13 @@ bench-director: bootstrap
 	$(PY) bench/director_bench.py host --out "$$out/director_bench.json" && \
 	$(PY) bench/merge_results.py "$$out/director_bench.json" bench/results.json
 
+## bench-budget: the director's memory at 1,000 VirtualServers against its budget (natively: a control plane
+## of its own, the kernel in memory; seconds, not a VM run); fails loudly over it. BUDGET_MB=80 by default
+BUDGET_MB ?= 80
+bench-budget: bootstrap
+	bash hack/bootstrap.sh --cluster
+	$(PY) bench/director_profile.py --budget 1000 --budget-mb $(BUDGET_MB)
+
 ## bench-ha: VIP failover, kubelvs's election against keepalived (control plane on the host, one VM
 ## run; hours at the full counts, HA_BENCH_ARGS=--quick for a short run) -> bench/results.json, README table
 HA_BENCH_ARGS ?=
@@ -53,6 +63,14 @@ bench-ha: bootstrap
 	$(PY) bench/ha_bench.py host --out "$$out/ha_bench.json" $(HA_BENCH_ARGS) && \
 	$(PY) bench/merge_results.py "$$out/ha_bench.json" bench/results.json
 	$(PY) bench/table.py
+
+## install-check: the install path alone: the chart (lint, kubeconform, dry-run, migration), alerts
+## (promtool, built on first use: ~23 min cold), Argo CD health, then the chart under a real kubelet
+install-check: bootstrap
+	bash hack/bootstrap.sh --cluster
+	bash hack/install/tools.sh promtool
+	$(PY) -m pytest tests/unit/test_alerts.py tests/unit/test_argocd_health.py tests/api/test_chart.py \
+		tests/api/test_deploy.py tests/install
 
 ## cluster: start the local control plane (etcd, kube-apiserver, kube-controller-manager); cluster-down stops it
 cluster:

@@ -15,7 +15,8 @@ done
 
 packages=(qemu-system-x86 linux-image-amd64 ipvsadm busybox-static iproute2 kmod procps squashfs-tools
           nftables util-linux  # nft: the VIP port filter (kubelvs.kernel.vipfilter); nsenter
-          keepalived tcpdump)  # the HA benchmark's VRRP reference; capture fallback for the HA tests
+          keepalived tcpdump  # the HA benchmark's VRRP reference; capture fallback for the HA tests
+          containerd runc buildah mmdebstrap)  # the chart under a real kubelet (tests/install/test_kubelet.py)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -40,4 +41,8 @@ fi
 
 if ((want_cluster)); then
   bash hack/cluster/build.sh
+  # The install path: helm and kubeconform (tests/api/test_chart.py), kubelet and kube-scheduler
+  # (tests/install/test_kubelet.py); promtool is optional (hack/install/tools.sh promtool: 23 min cold).
+  bash hack/install/tools.sh helm kubeconform
+  bash hack/install/node/build.sh
 fi

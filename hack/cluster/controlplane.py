@@ -885,6 +885,32 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if ready and len(running) == len(COMPONENTS) else 1
 
 
+def start_with_crds(crds: Sequence[Path], workdir: Path, *, die_with_parent: bool = True) -> ControlPlane:
+    """Build if needed, start in ``workdir``, apply the CRDs in ``crds`` and wait until they are
+    established (the kernel suite's and ``make demo``'s control plane: the guest reaches it at
+    10.0.2.2 with ``kubeconfig_vm``)."""
+    build()
+    cp = ControlPlane(workdir, die_with_parent=die_with_parent)
+    cp.start()
+    try:
+        kubectl = [str(cp.kubectl), f"--kubeconfig={cp.kubeconfig}"]
+        names = []
+        for f in crds:
+            subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(f)],
+                           check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+            docs = [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
+            names += [d["metadata"]["name"] for d in docs if d.get("kind") == "CustomResourceDefinition"]
+        if names:
+            subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s",
+                            *[f"crd/{n}" for n in names]],
+                           check=True, capture_output=True, text=True, timeout=90)  # fmt: skip
+    except BaseException:
+        with contextlib.suppress(Exception):
+            cp.stop()
+        raise
+    return cp
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Local Kubernetes control plane for kubelvs tests")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -123,10 +123,12 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 def cmd_release_node(args: argparse.Namespace) -> int:
     """Uninstall a director node's kernel settings: the claim addresses and the ARP sysctls the
-    election set (restored to the values recorded before). Refused while kubelvs still owns VIPs
+    election set (restored to the values recorded before), the IPVS sync daemons kubelvs started
+    and the sync sysctls it set. Refused while kubelvs still owns VIPs
     on this node: with the old ARP settings every director would answer for them."""
     from kubelvs.core.model import AF_INET, AF_INET6
     from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, held_claims
+    from kubelvs.kernel.syncdaemon import SyncDaemons
     from kubelvs.state.lock import StateLock
     from kubelvs.state.ownership import OwnershipStore
 
@@ -145,7 +147,12 @@ def cmd_release_node(args: argparse.Namespace) -> int:
             ClaimAddresses(interface, netns).release(vip, AF_INET6 if ":" in vip else AF_INET)
             print(f"claim address {vip} removed from {interface}")
         ArpGuard(state_dir, netns).restore()
-    print("ARP settings restored to what they were before kubelvs")
+        stopped, restored = SyncDaemons(state_dir, netns).release()
+        for state in stopped:
+            print(f"IPVS {state.label} sync daemon stopped")
+        for path, value in sorted(restored.items()):
+            print(f"{path.replace('/', '.')} restored to {value}")
+    print("ARP and IPVS sync settings restored to what they were before kubelvs")
     return 0
 
 
@@ -229,6 +236,12 @@ def _run_director(args: argparse.Namespace) -> int:
     return director_main(args)
 
 
+def _run_realserver(args: argparse.Namespace) -> int:
+    from kubelvs.realserver.app import main as realserver_main
+
+    return realserver_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubelvs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kubelvs {__version__}")
@@ -289,13 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
         with_state(
             commands.add_parser(
                 "release-node",
-                help="uninstall: remove the election's claim addresses and restore the ARP sysctls it changed",
+                help="uninstall: remove the election's claim addresses, stop kubelvs's IPVS sync daemons and restore "
+                "the ARP and sync sysctls it changed",
             )
         )
     ).set_defaults(func=cmd_release_node)
     director = with_state(commands.add_parser("director", help="run the director agent (in-cluster)"))
     director.set_defaults(func=_run_director)
     _director_arguments(director)
+    from kubelvs.realserver.options import add_arguments as realserver_arguments
+
+    realserver = commands.add_parser(
+        "realserver", help="run the real-server agent: prepare this node's DR/TUN backends to receive"
+    )
+    realserver.set_defaults(func=_run_realserver)
+    realserver_arguments(realserver)
     return parser
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -416,28 +415,8 @@ def _start_control_plane() -> Any:
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
-    import yaml
-
-    mod.build()
-    cp = mod.ControlPlane(Path(tempfile.mkdtemp(prefix="kubelvs-vm-cp-")), die_with_parent=True)
-    cp.start()
-    try:
-        crds = sorted(p for p in (REPO / "crds").glob("*.y*ml") if p.is_file())
-        kubectl = [str(cp.kubectl), f"--kubeconfig={cp.kubeconfig}"]
-        names = []
-        for f in crds:
-            subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(f)],
-                           check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
-            docs = [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
-            names += [d["metadata"]["name"] for d in docs if d.get("kind") == "CustomResourceDefinition"]
-        if names:
-            subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s",
-                            *[f"crd/{n}" for n in names]],
-                           check=True, capture_output=True, text=True, timeout=90)  # fmt: skip
-    except BaseException:
-        _stop_control_plane(cp)
-        raise
-    return cp
+    crds = sorted(p for p in (REPO / "crds").glob("*.y*ml") if p.is_file())
+    return mod.start_with_crds(crds, Path(tempfile.mkdtemp(prefix="kubelvs-vm-cp-")))
 
 
 def _stop_control_plane(cp: Any) -> None:

@@ -255,6 +255,8 @@ def exercise(
         ha.view.wait_stable(directors, HOLD, SETTLE_TIMEOUT, context=context)
         check_no_overlap(ha, t_fault, probe)
         check_status(ha, context)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    print(f"{test}: {result}")  # shown with -rA: the figures of a passing run
     return result
 
 
@@ -344,6 +346,43 @@ def test_director_removed(ha: HA, healthy: float) -> None:
         takeover=True,
         after=rest,
     )
+
+
+def test_rolling_restart_loses_no_request(ha: HA, healthy: float) -> None:
+    """Each director in turn gets SIGTERM (as a DaemonSet's rolling update does), exits after
+    handing its VIPs over, and starts again; requests to every VIP go on meanwhile and none
+    fails (a moved VIP's clients still reach the old director's kernel until the new owner's
+    announcement reaches them), and never do two directors answer."""
+    topo, capture, view = ha.topo, ha.bed.capture, ha.view
+    probes = [
+        ConnectProber(topo.ns("client"), vip, 80, interval=0.2, timeout=1.5, path="/").start()
+        for vip in ha.bed.vips.values()
+    ]
+    t0 = capture.mark("rolling restart")
+
+    def context() -> str:
+        return "\n".join(view.context(t0 - 1, probe) for probe in probes)
+
+    try:
+        for d in DIRECTORS:
+            capture.mark(f"SIGTERM {d}")
+            stopped = time.monotonic()
+            topo.kill(d, signal.SIGTERM)
+            exited = time.monotonic() - stopped
+            log = topo.director_log(d)
+            assert "shutting down: every VIP is answered by its new owner" in log or "handing over" not in log, (
+                f"{d} exited after {exited:.1f}s without confirming its VIPs taken over\n{context()}"
+            )
+            topo.start_director(d, *ha.args())
+            view.wait_stable(DIRECTORS, HOLD, SETTLE_TIMEOUT, context=context)
+        failed = [(probe.host, a) for probe in probes for a in probe.results(t0) if not a.ok]
+        assert failed == [], f"{len(failed)} requests failed during the rolling restart: {failed[:10]}\n{context()}"
+        assert sum(len(probe.results(t0)) for probe in probes) > 0
+        check_no_overlap(ha, t0)
+        check_status(ha, context)
+    finally:
+        for probe in probes:
+            probe.stop()
 
 
 def test_vip_owner_metric_and_announced_condition(ha: HA, healthy: float) -> None:

@@ -407,6 +407,19 @@ def test_probe_finds_the_holder_and_nobody_else(lan: Lan, family: int) -> None:
     assert probe("eth0", lan.a.mac, vip, family, 0.3, netns=lan.a.netns) == set()
 
 
+def test_one_probe_window_serves_many_vips(lan: Lan) -> None:
+    held = ClaimAddresses("eth0", netns=lan.a.netns)
+    held.hold(lan.vip4, AF_INET, 30)
+    held.hold(lan.vip6, AF_INET6, 30)
+    free4 = str(ipaddress.ip_address(lan.vip4) + 1)
+    start = time.monotonic()
+    found = announce.probe_many(
+        "eth0", lan.b.mac, [(lan.vip4, AF_INET), (free4, AF_INET), (lan.vip6, AF_INET6)], 0.5, netns=lan.b.netns
+    )
+    assert 0.5 <= time.monotonic() - start < 1.5  # one window, not one per VIP
+    assert found == {lan.vip4: {lan.a.mac}, free4: set(), lan.vip6: {lan.a.mac}}
+
+
 def test_only_the_claim_answers_once_the_uplink_is_guarded(lan: Lan, tmp_path: Path) -> None:
     """The design end to end: both directors keep the VIP on a second interface (the dummy's
     stand-in: this kernel may lack dummy interfaces); the owner also holds the claim on eth0."""

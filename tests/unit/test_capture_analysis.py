@@ -13,7 +13,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernel"))
 from capture import (
+    PACKET_OUTGOING,
+    SKF_AD_IFINDEX,
+    SKF_AD_PKTTYPE,
     Event,
+    bpf_program,
     describe,
     first_answer_after,
     overlaps,
@@ -176,3 +180,40 @@ def test_parse_frame_ignores_other_addresses_and_unicast_requests() -> None:
     # A unicast re-confirmation from the client's kernel is not a probe round.
     assert parse_frame(arp_frame(1, CLIENT, "10.77.1.10", A, VIP, dst=A), VIPS) == []
     assert parse_frame(b"\0" * 10, VIPS) == []
+
+
+# ---------------------------------------------------------------------- the kernel-side filter
+
+
+def run_bpf(program: list[tuple[int, int, int, int]], frame: bytes, pkttype: int, ifindex: int) -> int:
+    """A classic BPF interpreter for the few instructions the capture uses."""
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = program[pc]
+        if code == 0x20:  # ld word: only the ancillary loads are used
+            acc = {SKF_AD_PKTTYPE: pkttype, SKF_AD_IFINDEX: ifindex}[k]
+        elif code == 0x28:
+            acc = struct.unpack_from("!H", frame, k)[0]
+        elif code == 0x30:
+            acc = frame[k]
+        elif code == 0x15:
+            pc += jt if acc == k else jf
+        elif code == 0x06:
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+        pc += 1
+
+
+def test_bpf_keeps_arp_and_icmpv6_entering_a_port() -> None:
+    program = bpf_program(drop_outgoing=True, drop_ifindex=7)
+    arp = arp_frame(1, CLIENT, "10.77.1.10", "00:00:00:00:00:00", VIP)
+    na = nd_frame(136, A, "fd77::2", "fd77::200", 0x60000000)
+    tcp = arp[:12] + struct.pack("!H", 0x0800) + bytes(40)
+    udp6 = na[:20] + bytes([17]) + na[21:]
+    assert run_bpf(program, arp, 0, 3) and run_bpf(program, na, 1, 3)
+    assert not run_bpf(program, tcp, 0, 3) and not run_bpf(program, udp6, 0, 3)
+    assert not run_bpf(program, arp, PACKET_OUTGOING, 3)  # the bridge's copy out of another port
+    assert not run_bpf(program, arp, 1, 7)  # delivered to the bridge device
+    # One interface: outgoing frames (the client's own probes) are kept.
+    assert run_bpf(bpf_program(drop_outgoing=False, drop_ifindex=0), arp, PACKET_OUTGOING, 3)

@@ -245,6 +245,18 @@ def test_release_removes_only_a_claim(netns: str, uplink: str) -> None:
     assert _line(netns, "10.60.0.1") is not None
 
 
+def test_release_many_removes_only_claims_after_one_read(netns: str, uplink: str) -> None:
+    addresses = ClaimAddresses("eth0", netns=netns)
+    ours = [(f"10.60.0.{n}", AF_INET) for n in range(110, 120)] + [("fd60::110", AF_INET6)]
+    with addresses.session():
+        for vip, family in ours:
+            addresses.hold(vip, family, 30)
+    _must("-n", netns, "addr", "add", "10.60.0.120/32", "dev", "eth0")
+    assert addresses.release_many([*ours, ("10.60.0.120", AF_INET), ("10.60.0.121", AF_INET)]) == []
+    assert addresses.held() == {}
+    assert _line(netns, "10.60.0.120") is not None  # not ours: stays
+
+
 @pytest.mark.parametrize(("vip", "family", "prefix"), [("10.60.0.103", AF_INET, "32"), ("fd60::103", AF_INET6, "128")])
 def test_a_foreign_address_is_never_taken_over(netns: str, uplink: str, vip: str, family: int, prefix: str) -> None:
     if not supports_address_proto():
@@ -453,3 +465,13 @@ def test_release_node_is_refused_while_vips_are_owned(netns: str, tmp_path: Path
     store = OwnershipStore(tmp_path, netns=netns)
     store.save(Ownership(addresses={"10.60.0.5": AF_INET}))
     assert main(["release-node", "--state-dir", str(tmp_path), "--netns", netns]) == 1
+
+
+def test_net_sysctls_go_through_the_node_proc_mounted_in_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubelvs.kernel.sysctls import sysctl_file
+
+    assert sysctl_file("net/ipv4/conf/all/arp_ignore") == "/proc/sys/net/ipv4/conf/all/arp_ignore"
+    monkeypatch.setenv("KUBELVS_PROC_SYS_NET", "/host/proc/sys/net/")
+    assert sysctl_file("net/ipv4/conf/all/arp_ignore") == "/host/proc/sys/net/ipv4/conf/all/arp_ignore"
+    assert sysctl_file("net/ipv4/vs/sloppy_tcp") == "/host/proc/sys/net/ipv4/vs/sloppy_tcp"
+    assert sysctl_file("kernel/hostname") == "/proc/sys/kernel/hostname"  # only net/ is mounted

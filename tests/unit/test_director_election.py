@@ -9,10 +9,11 @@ tests/kernel/test_ha.py. Time is real and short; every check polls with a deadli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,13 +123,15 @@ class Segment:
     """Who holds which claim address, until when; fails the test on two live holders at once."""
 
     def __init__(self) -> None:
-        self.addresses: dict[tuple[str, str], float] = {}  # (node, vip) -> expiry (monotonic)
+        # VIP -> node -> expiry (monotonic); written by each director's kernel thread
+        self.addresses: dict[str, dict[str, float]] = {}
         self.overlaps: list[str] = []
         self.down: set[str] = set()  # links down
 
     def holders(self, vip: str, now: float | None = None) -> set[str]:
         now = time.monotonic() if now is None else now
-        return {node for (node, v), end in self.addresses.items() if v == vip and end > now and node not in self.down}
+        held = self.addresses.get(vip, {}).copy()
+        return {node for node, end in held.items() if end > now and node not in self.down}
 
     def check(self, vip: str) -> None:
         holders = self.holders(vip)
@@ -145,29 +148,26 @@ class FakeNet:
     def uplinks(self, vips: Iterable[str]) -> dict[str, tuple[str, bool] | None]:
         return {vip: ("eth0", self.node not in self.segment.down) for vip in vips}
 
-    def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool:
-        added = (self.node, vip) not in self.segment.addresses
-        self.segment.addresses[(self.node, vip)] = time.monotonic() + lifetime
-        self.segment.check(vip)
-        return added
-
-    def refresh(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
-        for vip, family in vips:
-            self.hold(interface, vip, family, lifetime)
+    def hold(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+        for vip, _family in vips:
+            self.segment.addresses.setdefault(vip, {})[self.node] = time.monotonic() + lifetime
+            self.segment.check(vip)
         return []
 
-    def release(self, interface: str, vip: str, family: int) -> None:
-        self.segment.addresses.pop((self.node, vip), None)
+    def release(self, interface: str, vips: list[tuple[str, int]]) -> list[tuple[str, OSError]]:
+        for vip, _family in vips:
+            self.segment.addresses.get(vip, {}).pop(self.node, None)
+        return []
 
     def held(self) -> dict[str, str]:
         return {}
 
-    def probe(self, interface: str, vip: str, family: int, timeout: float) -> set[str]:
-        return self.segment.holders(vip) - {self.node}
+    def probe(self, interface: str, vips: list[tuple[str, int]], timeout: float) -> dict[str, set[str]]:
+        return {vip: self.segment.holders(vip) - {self.node} for vip, _family in vips}
 
-    def announce(self, interface: str, vip: str, family: int) -> int:
-        self.announced.append(vip)
-        return 2
+    def announce(self, interface: str, vips: list[tuple[str, int]]) -> tuple[int, list[tuple[str, OSError]]]:
+        self.announced.extend(vip for vip, _family in vips)
+        return 2 * len(vips), []
 
     def monitor(self, interface: str) -> None:
         return None
@@ -201,6 +201,7 @@ class FakeView:
 class FakeSync:
     desired: Any
     errors_by_ref: dict[ObjectRef, list[str]] = field(default_factory=dict)
+    synced_once: bool = True
 
 
 @dataclass
@@ -284,13 +285,25 @@ def balanced(cluster: Cluster, nodes: Iterable[str]) -> bool:
 VIPS = [f"192.0.2.{i}" for i in range(1, 7)]
 
 
+@contextlib.asynccontextmanager
+async def running(nodes: str, vips: list[str] = VIPS, started: str | None = None) -> AsyncIterator[Cluster]:
+    """Directors ``nodes`` (one letter each), those in ``started`` (default: all) running and
+    balanced; stopped afterwards, and never two holders of a VIP meanwhile."""
+    started = nodes if started is None else started
+    cluster = Cluster(list(nodes), vips)
+    try:
+        for node in started:
+            cluster.start(node)
+        await until(f"balanced on {started}", lambda: balanced(cluster, started))
+        yield cluster
+    finally:
+        await cluster.stop_all()
+    assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+
 def test_one_owner_per_vip_balanced_and_claims_written_only_on_change() -> None:
     async def scenario() -> None:
-        cluster = Cluster(["a", "b", "c"], VIPS)
-        try:
-            for node in cluster.nodes:
-                cluster.start(node)
-            await until("one owner per VIP, 2 each", lambda: balanced(cluster, "abc") and cluster.owners())
+        async with running("abc") as cluster:
             claims_before = cluster.store.writes["claim"]
             heartbeats_before = cluster.store.writes["heartbeat"]
             await asyncio.sleep(1.0)
@@ -298,79 +311,90 @@ def test_one_owner_per_vip_balanced_and_claims_written_only_on_change() -> None:
             beats = cluster.store.writes["heartbeat"] - heartbeats_before
             assert beats <= 3 * (1.0 / TIMINGS.retry_period + 2), beats  # directors / retry period
             assert balanced(cluster, "abc")
-        finally:
-            await cluster.stop_all()
-        assert not cluster.segment.overlaps
 
     asyncio.run(scenario())
 
 
 def test_a_killed_owner_is_replaced_without_two_holders() -> None:
     async def scenario() -> None:
-        cluster = Cluster(["a", "b", "c"], VIPS)
-        try:
-            for node in cluster.nodes:
-                cluster.start(node)
-            await until("balanced", lambda: balanced(cluster, "abc"))
+        async with running("abc") as cluster:
             cluster.kill("a")
             await until("a's VIPs on b and c", lambda: balanced(cluster, "bc"))
-        finally:
-            await cluster.stop_all()
-        assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+def test_shutting_down_hands_every_vip_over_and_waits_for_the_new_owners() -> None:
+    async def scenario() -> None:
+        async with running("abc") as cluster:
+            leaving = cluster.elections["a"]
+            moved = set(leaving.held)
+            assert moved
+            assert await leaving.drain(timeout=10.0) == set()
+            owners = cluster.owners()
+            assert all(len(owners[vip]) == 1 and "a" not in owners[vip] for vip in moved), owners
+            cluster.kill("a")
+            await asyncio.sleep(3 * TIMINGS.retry_period)
+            assert balanced(cluster, "bc"), cluster.owners()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_director_keeps_its_vips_when_shutting_down() -> None:
+    async def scenario() -> None:
+        async with running("a", VIPS[:2]) as cluster:
+            assert await cluster.elections["a"].drain(timeout=1.0) == set(VIPS[:2])
+            assert balanced(cluster, "a"), "no other director: kept until the process ends"
 
     asyncio.run(scenario())
 
 
 def test_an_owner_cut_off_from_the_api_stops_answering_before_anyone_takes_over() -> None:
     async def scenario() -> None:
-        cluster = Cluster(["a", "b"], VIPS)
-        try:
-            for node in cluster.nodes:
-                cluster.start(node)
-            await until("balanced", lambda: balanced(cluster, "ab"))
+        async with running("ab") as cluster:
             cluster.store.down.add("a")  # no peer channel here: a must release
             await until("every VIP on b", lambda: balanced(cluster, "b"))
             cluster.store.down.discard("a")
             await until("balanced again, by handover", lambda: balanced(cluster, "ab"))
-        finally:
-            await cluster.stop_all()
-        assert not cluster.segment.overlaps, cluster.segment.overlaps
 
     asyncio.run(scenario())
 
 
 def test_a_director_that_joins_gets_its_share_by_handover() -> None:
     async def scenario() -> None:
-        cluster = Cluster(["a", "b", "c"], VIPS)
-        try:
-            cluster.start("a")
-            cluster.start("b")
-            await until("balanced on a and b", lambda: balanced(cluster, "ab"))
+        async with running("abc", started="ab") as cluster:
             transitions_before = cluster.store.writes["claim"]
             cluster.start("c")
             await until("balanced on a, b and c", lambda: balanced(cluster, "abc"))
             assert cluster.store.writes["claim"] - transitions_before == 2  # c's share, one handover each
-        finally:
-            await cluster.stop_all()
-        assert not cluster.segment.overlaps, cluster.segment.overlaps
+
+    asyncio.run(scenario())
+
+
+def test_a_director_joins_only_after_its_first_sync() -> None:
+    """A restarted director still listing has no IPVS rules: no VIP may be handed to it."""
+
+    async def scenario() -> None:
+        async with running("abc", started="ab") as cluster:
+            cluster.start("c")
+            late = cluster.elections["c"]
+            late.sync_state.synced_once = False
+            await asyncio.sleep(4 * TIMINGS.handover_delay)
+            assert heartbeat_name("c") not in cluster.store.leases, "renewed before its first sync"
+            assert balanced(cluster, "ab")
+            late.sync_state.synced_once = True
+            await until("balanced on a, b and c", lambda: balanced(cluster, "abc"))
 
     asyncio.run(scenario())
 
 
 def test_a_link_down_owner_hands_its_vips_over() -> None:
     async def scenario() -> None:
-        cluster = Cluster(["a", "b"], VIPS)
-        try:
-            for node in cluster.nodes:
-                cluster.start(node)
-            await until("balanced", lambda: balanced(cluster, "ab"))
+        async with running("ab") as cluster:
             cluster.segment.down.add("a")
             await until("every VIP on b", lambda: all(h == {"b"} for h in cluster.owners().values()))
             decisions = cluster.elections["a"].decisions
             assert all(d.action is not el.Action.HOLD for d in decisions.values()), decisions
-        finally:
-            await cluster.stop_all()
-        assert not cluster.segment.overlaps, cluster.segment.overlaps
 
     asyncio.run(scenario())
 

@@ -279,6 +279,23 @@ def test_with_the_current_owners_a_join_moves_only_the_newcomers_share(count: in
     assert max(counts.values()) - min(counts.values()) <= 1, counts
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(NODE_NAMES, min_size=2, max_size=6, unique=True), st.integers(1, 120), st.integers(0, 2**32))
+def test_a_director_unfit_for_everything_gets_nothing_and_the_rest_stay_even(
+    nodes: list[str], count: int, salt: int
+) -> None:
+    """A director shutting down (its heartbeat reports every VIP unfit) hands all its VIPs to
+    the others, evenly, from wherever placement stood."""
+    leaving, staying = nodes[0], nodes[1:]
+    vips = _vips(count, salt)
+    before = assign({vip: frozenset(nodes) for vip in vips}, {})
+    current = {vip: owner for vip, owner in before.items() if owner}
+    after = assign({vip: frozenset(nodes) for vip in vips}, {leaving: frozenset(vips)}, current)
+    assert leaving not in after.values()
+    counts = _counts(after, staying)
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+
+
 def test_vips_without_candidates_do_not_unbalance_the_others() -> None:
     both = frozenset({"a", "b"})
     candidates = {f"v{i}": both for i in range(4)} | {"e0": frozenset(), "e1": frozenset()}

@@ -25,6 +25,7 @@ The protocol (the effects are in :mod:`kubelvs.kube.leases` and :mod:`kubelvs.di
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -176,13 +177,19 @@ def valid_until(
 # --- placement ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 16)  # every decision ranks every VIP: hash each pair once
 def _score(node: str, vip: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{node}\0{vip}".encode(), digest_size=8).digest(), "big")
 
 
 def preference(vip: str, nodes: Iterable[str]) -> list[str]:
     """Rendezvous (highest random weight) order of ``nodes`` for ``vip``: the same on every director."""
-    return sorted(nodes, key=lambda node: (-_score(node, vip), node))
+    return list(_ranking(vip, frozenset(nodes)))
+
+
+@functools.lru_cache(maxsize=1 << 14)  # the candidates of a VIP rarely change between decisions
+def _ranking(vip: str, nodes: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(nodes, key=lambda node: (-_score(node, vip), node)))
 
 
 def assign(
@@ -227,7 +234,11 @@ def assign(
     held: dict[str, set[str]] = {node: set() for node in nodes}
     for vip, node in owner.items():
         held[node].add(vip)
-    floor, ceiling = len(pending) // len(nodes), -(-len(pending) // len(nodes))
+    # The even share counts the directors that can serve something: one unfit for all its VIPs
+    # (shutting down, its link down) is not owed a share, nor does it shrink the others'.
+    sharing = [n for n in nodes if any(n in candidates[vip] and vip not in unfit.get(n, none) for vip in pending)]
+    shares = len(sharing) or len(nodes)
+    floor, ceiling = len(pending) // shares, -(-len(pending) // shares)
 
     def may_take(vip: str, node: str) -> bool:
         return vip not in unfit.get(node, none) or vip in unfit.get(owner[vip], none)
@@ -237,28 +248,36 @@ def assign(
         held[node].add(vip)
         owner[vip] = node
 
+    # Both passes move the best-ranked valid option first, again and again. An option only ever
+    # stops being valid as moves happen (a receiver fills up, a giver empties), so one pass
+    # over the options in rank order makes the same moves as re-taking the minimum each time,
+    # without its quadratic cost (a rebalance of a thousand VIPs is decided at every wake-up).
     for node in nodes:  # shed: above the ceiling
-        while len(held[node]) > ceiling:
-            options = [
-                (ranked[vip].index(other), vip, other)
-                for vip in held[node]
-                for other in ranked[vip]
-                if other != node and len(held[other]) < ceiling and may_take(vip, other)
-            ]
-            if not options:
-                break  # its VIPs have no other candidate with room: heterogeneous selections
-            _, vip, other = min(options)
-            move(vip, other)
-    for node in nodes:  # fill: below the floor
-        while len(held[node]) < floor:
-            candidates_here = [
-                (ranked[vip].index(node), vip)
-                for vip in pending
-                if node in candidates[vip] and len(held[owner[vip]]) > floor and may_take(vip, node)
-            ]
-            if not candidates_here:
+        if len(held[node]) <= ceiling:
+            continue
+        options = sorted(
+            (rank, vip, other)
+            for vip in held[node]
+            for rank, other in enumerate(ranked[vip])
+            if other != node and may_take(vip, other)
+        )
+        for _, vip, other in options:
+            if len(held[node]) <= ceiling:
                 break
-            move(min(candidates_here)[1], node)
+            if owner[vip] == node and len(held[other]) < ceiling:
+                move(vip, other)
+        # Still above: its VIPs have no other candidate with room (heterogeneous selections).
+    for node in nodes:  # fill: below the floor
+        if len(held[node]) >= floor:
+            continue
+        offers = sorted(
+            (ranked[vip].index(node), vip) for vip in pending if node in candidates[vip] and may_take(vip, node)
+        )
+        for _, vip in offers:
+            if len(held[node]) >= floor:
+                break
+            if owner[vip] != node and len(held[owner[vip]]) > floor:
+                move(vip, node)
     result.update(owner)
     return result
 

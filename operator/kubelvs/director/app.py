@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from kubelvs.apply import CachedReconciler, adopt
@@ -32,6 +33,7 @@ from kubelvs.core import status as st
 from kubelvs.core.model import Observed
 from kubelvs.core.outcome import SyncOutcome, Verdict
 from kubelvs.core.spec import ObjectRef
+from kubelvs.core.syncd import DaemonState, SyncConfig, SyncConfigError, desired_daemons, validate
 from kubelvs.director.election import Election, ElectionConfig, VipNet
 from kubelvs.director.loop import KernelReconciler, KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
@@ -42,6 +44,7 @@ from kubelvs.director.vipnet import KernelVipNet
 from kubelvs.kernel.addresses import VipInterface
 from kubelvs.kernel.claims import ArpGuard
 from kubelvs.kernel.ipvs import IPVSClient
+from kubelvs.kernel.syncdaemon import SyncDaemons, resolve_interface
 from kubelvs.kernel.vipfilter import VipPortFilter
 from kubelvs.kube import client as kube
 from kubelvs.kube.informers import BACKOFF_SECONDS, Informer, cluster_informers
@@ -53,14 +56,58 @@ from kubelvs.state.ownership import CachedStore, OwnershipError
 log = logging.getLogger("kubelvs.director")
 
 
+def start_connection_sync(config: DirectorConfig, metrics: Metrics | None = None) -> bool:
+    """The kernel's IPVS sync daemons (a master and a backup) and their sysctls as configured
+    (:mod:`kubelvs.core.syncd`), or stopped when ``--no-sync-daemon``; True when done. A failure
+    is logged as an error and leaves load balancing alone: only connections across a VIP move
+    are at stake."""
+    sync = SyncConfig(
+        enabled=config.sync_daemon,
+        sync_id=config.sync_id,
+        refresh_seconds=config.sync_refresh_period,
+    )
+    try:
+        if sync.enabled:
+            interface = resolve_interface(
+                config.netns, config.sync_interface, config.announce_interface, exclude=[config.interface]
+            )
+            sync = replace(sync, interface=interface)
+            validate(sync)
+        report = SyncDaemons(config.state_dir, config.netns).ensure(sync)
+    except (SyncConfigError, OSError) as error:
+        log.error("connection sync is not running: %s (established connections will not survive a VIP move)", error)
+        return False
+    running = {
+        daemon.state for daemon in report.running if any(want.satisfied_by(daemon) for want in desired_daemons(sync))
+    }
+    if metrics is not None:
+        for state in DaemonState:
+            metrics.sync_daemons.labels(state.label).set(1 if state in running else 0)
+    for daemon in report.plan.foreign:
+        log.error("sync daemon %s was not started by kubelvs: left alone, and kubelvs's not started", daemon)
+    if report.plan.changes or report.sysctls_changed:
+        log.info(
+            "connection sync: started %s, stopped %s, sysctls set %s",
+            ", ".join(map(str, report.plan.start)) or "-",
+            ", ".join(state.label for state in report.plan.stop) or "-",
+            report.sysctls_changed or "-",
+        )
+    elif sync.enabled:
+        log.info("connection sync: running as configured (%s)", ", ".join(map(str, report.plan.kept)))
+    return True
+
+
 class KernelSeam:
     """The real kernel behind the sync loop: the state directory's lock (held for the process's
-    life), the ownership record, IPVS, the VIP interface and the VIP port filter."""
+    life), the ownership record, IPVS, the VIP interface and the VIP port filter; once, the
+    connection-sync daemons."""
 
-    def __init__(self, config: DirectorConfig) -> None:
+    def __init__(self, config: DirectorConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.lock: StateLock | None = None
         self.arp_guarded = False
+        self.sync_started = False
 
     def __call__(self) -> CachedReconciler:
         config = self.config
@@ -79,6 +126,8 @@ class KernelSeam:
                 client.close()
                 raise
             self.arp_guarded = True
+        if not self.sync_started:  # after the IPVS client: ip_vs is loaded, its sysctls exist
+            self.sync_started = start_connection_sync(config, self.metrics)
         vips = VipInterface(config.interface, netns=config.netns)
         try:
             self.adopt_if_lost(client, vips, store)  # OwnershipError: an unreadable record
@@ -133,7 +182,7 @@ class Director:
             self.view,
             config,
             self.metrics,
-            make_reconciler or KernelSeam(config),
+            make_reconciler or KernelSeam(config, self.metrics),
             on_synced=self._synced,
             classify=classify_error,
         )
@@ -316,6 +365,8 @@ class Director:
                 if not self.config.metrics_address:  # the Node's address: known after the listing
                     self.serve_metrics()
                 await stopping
+            if self.election is not None and self.config.shutdown_handover_seconds > 0:
+                await self.election.drain(self.config.shutdown_handover_seconds)
         finally:
             watches_stop.set()
             for task in self.tasks:
@@ -324,7 +375,9 @@ class Director:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not args.node_name:
         print("error: --node-name (or NODE_NAME) is required", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +37,8 @@ from kubelvs.director.view import ClusterView
 from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, LeaseClient, claim_name, heartbeat_name
 
 log = logging.getLogger("kubelvs.director.election")
+_NO_ERRORS: Mapping[ObjectRef, Any] = {}
+_KEEP = el.Decision(el.Action.HOLD, "Owner")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,25 +56,30 @@ class ElectionConfig:
 
 
 class VipNet(Protocol):
-    """The node side of ownership (the claim address on the uplink, announcements, probes)."""
+    """The node side of ownership (the claim address on the uplink, announcements, probes).
+
+    Everything but ``uplinks``, ``held`` and ``probe`` runs on one worker thread, in order:
+    a release queued after a hold undoes it, whatever the event loop did meanwhile. Each call
+    takes many VIPs of one interface (a director holds hundreds; one socket and one read of
+    the interface serve them all)."""
 
     def uplinks(self, vips: Iterable[str]) -> dict[str, tuple[str, bool] | None]:
         """Per VIP, the interface that carries its subnet and whether it is up (None: no such)."""
 
-    def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool: ...
+    def hold(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+        """Add or refresh the claim addresses of (VIP, family); the failures."""
 
-    def refresh(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
-        """``hold`` for many (VIP, family) on one interface at once; the failures."""
-
-    def release(self, interface: str, vip: str, family: int) -> None: ...
+    def release(self, interface: str, vips: list[tuple[str, int]]) -> list[tuple[str, OSError]]:
+        """Remove those claim addresses (only ours); the failures."""
 
     def held(self) -> dict[str, str]:
         """The claim addresses we hold now: VIP -> interface."""
 
-    def probe(self, interface: str, vip: str, family: int, timeout: float) -> set[str]:
-        """MACs other than ours that answer for the VIP."""
+    def probe(self, interface: str, vips: list[tuple[str, int]], timeout: float) -> dict[str, set[str]]:
+        """Per VIP, the MACs other than ours that answer for it."""
 
-    def announce(self, interface: str, vip: str, family: int) -> int: ...
+    def announce(self, interface: str, vips: list[tuple[str, int]]) -> tuple[int, list[tuple[str, OSError]]]:
+        """Gratuitous ARP / unsolicited NA for each: the frames sent, the failures."""
 
     def monitor(self, interface: str) -> Any:
         """A ``kubelvs.kernel.announce.ConflictMonitor`` for the interface, or None."""
@@ -142,6 +150,14 @@ class Election:
         self.vip_refs: dict[str, list[ObjectRef]] = {}
         self.listed = False  # the Leases were listed: we know the other directors
         self.owners: dict[str, str] = {}  # VIP -> owner as we last judged (for status and metrics)
+        # Kernel work on the claim addresses and announcements: one thread, in order, never on
+        # the event loop (hundreds of VIPs at a time would stall the renewals and the fence).
+        self.kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vipnet")
+        self._uplinks_read: tuple[float, frozenset[str]] = (-math.inf, frozenset())
+        self._vips: dict[str, VipInfo] | None = None
+        self.draining = False  # shutting down: every VIP goes to another director
+        self._decided_draining = False  # a decision was made since draining began
+        self._vips_from: tuple[Any, Any] = (None, None)
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -154,11 +170,20 @@ class Election:
                 # Not a proof of death (anyone may delete a Lease): its observation ages out
                 # from the last change, as a silent heartbeat's would.
                 self.heartbeats.pop(heartbeat.node, None)
-            else:
-                self.heartbeats[heartbeat.node] = heartbeat
-                self.obs.heartbeat(heartbeat.node, heartbeat.version, now)
-            self.view.set_director_nodes({*self.heartbeats, self.me})
-            self.wake.set()
+                self.view.set_director_nodes({*self.heartbeats, self.me})
+                self.wake.set()
+                return
+            before = self.heartbeats.get(heartbeat.node)
+            was_live = self.obs.api_live(heartbeat.node, now)
+            self.heartbeats[heartbeat.node] = heartbeat
+            self.obs.heartbeat(heartbeat.node, heartbeat.version, now)
+            if before is None:
+                self.view.set_director_nodes({*self.heartbeats, self.me})
+            # A renewal of a live director changes no decision (its expiry moves, which the
+            # loop's next deadline follows): decide again only when it comes back or its
+            # report changes. Three directors renew 6 times a second; a thousand VIPs each.
+            if not was_live or before is None or before.unfit != heartbeat.unfit:
+                self.wake.set()
             return
         claim = ClaimRecord.from_lease(obj)
         if claim is not None:
@@ -196,12 +221,22 @@ class Election:
                 self._arm_fence(asyncio.get_running_loop())
 
     def vips(self) -> dict[str, VipInfo]:
-        """Every VIP of an accepted VirtualServer, with what the election needs of it."""
-        found: dict[str, VipInfo] = {}
+        """Every VIP of an accepted VirtualServer, with what the election needs of it (found
+        again only when a sync produced a new desired state or new errors)."""
         desired = self.sync_state.desired
+        errors: Mapping[ObjectRef, Any] = getattr(self.sync_state, "errors_by_ref", None) or _NO_ERRORS
+        # Both are replaced, never changed in place, by each sync (and the desired state by
+        # every change of a VirtualServer's spec).
+        if self._vips is not None and self._vips_from[0] is desired and self._vips_from[1] is errors:
+            return self._vips
+        found = self._find_vips(desired, errors)
+        self._vips, self._vips_from = found, (desired, errors)
+        return found
+
+    def _find_vips(self, desired: Any, errors: Mapping[ObjectRef, Any]) -> dict[str, VipInfo]:
+        found: dict[str, VipInfo] = {}
         if desired is None:
             return found
-        errors: Mapping[ObjectRef, Any] = getattr(self.sync_state, "errors_by_ref", {}) or {}
         for ref, resolution in desired.resolutions.items():
             entry = self.view.memo.get(ref)
             if resolution.error is not None or entry is None or not resolution.vip:
@@ -225,6 +260,8 @@ class Election:
         )
 
     def _unfit_reasons(self, vips: Mapping[str, VipInfo]) -> dict[str, str]:
+        if self.draining:
+            return dict.fromkeys(vips, "ShuttingDown")
         reasons: dict[str, str] = {}
         for vip, info in vips.items():
             uplink = self.uplinks.get(vip)
@@ -246,27 +283,35 @@ class Election:
         labels = self.view.labels_by_node
         unfit: dict[str, frozenset[str]] = {node: record.unfit for node, record in self.heartbeats.items()}
         unfit[self.me] = frozenset(self.unfit)
-        candidates = {
-            vip: frozenset(
-                node for node in live if all(selects_node(sel, labels.get(node, {})) for sel in info.selectors)
-            )
-            for vip, info in vips.items()
-        }
+        # Per distinct selection, not per VIP: most VIPs share one (or none).
+        selections: dict[tuple[tuple[tuple[str, str], ...], ...], tuple[frozenset[str], bool]] = {}
+        candidates: dict[str, frozenset[str]] = {}
+        selected_here: dict[str, bool] = {}
+        for vip, info in vips.items():
+            key = tuple(tuple(sorted(sel.items())) for sel in info.selectors)
+            selection = selections.get(key)
+            if selection is None:
+                selection = selections[key] = (
+                    frozenset(
+                        node for node in live if all(selects_node(sel, labels.get(node, {})) for sel in info.selectors)
+                    ),
+                    all(selects_node(sel, self.view.node_labels) for sel in info.selectors),
+                )
+            candidates[vip], selected_here[vip] = selection
         current = {vip: claim.holder for vip, claim in self.claims.items() if claim.holder}
         preferred = el.assign(candidates, unfit, current)
         decisions = {}
-        for vip, info in vips.items():
+        for vip in vips:
             claim = self.claims.get(vip)
             holder = claim.holder if claim is not None else ""
             target = preferred.get(vip)
-            selected_here = all(selects_node(sel, self.view.node_labels) for sel in info.selectors)
             decisions[vip] = el.decide(
                 el.Situation(
                     me=self.me,
                     vip=vip,
                     claim=el.Claim(holder, claim.version) if claim is not None else None,
                     preferred=target,
-                    candidate=selected_here and self.view.node_seen,
+                    candidate=selected_here[vip] and self.view.node_seen,
                     valid=valid,
                     api_ok=self.api_ok,
                     confirmed=vip in self.confirmed,
@@ -282,6 +327,13 @@ class Election:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # Join only once our IPVS rules are programmed: a live heartbeat makes us a candidate,
+        # and a VIP handed to a director without its rules (a restart still listing) is a black
+        # hole. Until then the others go on without us.
+        if not getattr(self.sync_state, "synced_once", True):
+            log.info("joining the election after the first sync")
+            while not self.sync_state.synced_once:
+                await asyncio.sleep(0.1)
         if self.config.peer_port:
             try:
                 self.peer_channel = await PeerChannel.open(self.peer_state, self.config.peer_port, self.on_beat)
@@ -295,9 +347,15 @@ class Election:
                 for task in (renewer, beater):
                     if task.done():
                         task.result()  # they never end by themselves: raise what killed them
+                started = self.clock()
                 await self._evaluate(loop)
+                took = self.clock() - started
                 timeout = max(0.0, self._next_deadline() - self.clock())
                 await wait_event(self.wake, timeout)
+                # Coalesce a burst of wake-ups (every sync wakes us; under churn, dozens a
+                # second): a decision over 10,000 VIPs takes a tenth of a second, so the next
+                # one waits twice as long as the last took. The fence does not wait for this.
+                await asyncio.sleep(max(0.0, started + 3 * took - self.clock()))
                 self.wake.clear()
         finally:
             renewer.cancel()
@@ -306,15 +364,18 @@ class Election:
                 self._fence_timer.cancel()
             if self.peer_channel is not None:
                 self.peer_channel.close()
+            self.kernel.shutdown(wait=False)
 
     async def _renew_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Renew, beat, re-arm the fence, wake the decisions; every ``retry_period``, on its own
         task: a hanging request must not delay the fence or the other decisions."""
         while True:
             started = self.clock()
+            was_valid = started < self.valid_until()
             await self._renew(loop)
             self._arm_fence(loop)
-            self.wake.set()
+            if not was_valid or self.lapsed:  # valid again: decide now (else the deadline wakes us)
+                self.wake.set()
             await asyncio.sleep(max(0.0, started + self.timings.retry_period - self.clock()))
 
     async def _beat_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -344,8 +405,7 @@ class Election:
             return
         if self.held:
             log.warning("could not renew within the renew deadline: no longer answering for %s", ", ".join(self.held))
-        for vip in list(self.held):
-            self._release(vip, "LeaseLapsed")
+        self._release(list(self.held), "LeaseLapsed")
         self.lapsed = True
         self.confirmed.clear()
         self.wake.set()
@@ -388,7 +448,7 @@ class Election:
         if self.known_peers != (self.obs.api_live_nodes(answered) | self._peer_live(answered)):
             self.known_peers = set(self.obs.api_live_nodes(answered) | self._peer_live(answered)) - {self.me}
         if self.timings.may_refresh_address(answered - sent):
-            self._refresh_addresses()
+            await asyncio.wrap_future(self._refresh_addresses())
 
     def _refresh_from_peers(self) -> None:
         """The API is away but every peer acknowledges our beats: keep the claim addresses
@@ -418,13 +478,26 @@ class Election:
                 addresses.add((record.peer_address, port))
         self.peer_channel.beat(self.clock(), addresses)
 
-    def _refresh_addresses(self) -> None:
-        by_interface: dict[str, list[tuple[str, int]]] = {}
-        for vip, held in self.held.items():
-            by_interface.setdefault(held.interface, []).append((vip, held.family))
-        for interface, vips in by_interface.items():
-            for vip, error in self.net.refresh(interface, vips, self.timings.address_lifetime):
-                log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
+    def _refresh_addresses(self) -> Future[None]:
+        """Extend the lifetime of every claim address we hold (queued on the kernel thread)."""
+        by_interface = self._by_interface(list(self.held))
+        lifetime = self.timings.address_lifetime
+
+        def refresh() -> None:
+            for interface, vips in by_interface.items():
+                for vip, error in self.net.hold(interface, vips, lifetime):
+                    log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
+
+        return self.kernel.submit(refresh)
+
+    def _by_interface(self, vips: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
+        """Held VIPs grouped by their interface, as the kernel calls take them."""
+        grouped: dict[str, list[tuple[str, int]]] = {}
+        for vip in vips:
+            held = self.held.get(vip)
+            if held is not None:
+                grouped.setdefault(held.interface, []).append((vip, held.family))
+        return grouped
 
     def _adopt_addresses(self) -> None:
         """Claim addresses an earlier run of ours left (a restart): kept, not announced, until
@@ -451,64 +524,98 @@ class Election:
             await self._settle_conflicts(loop)
         vips = self.vips()
         self.vip_refs = {vip: info.refs for vip, info in vips.items()}
-        self.uplinks = await loop.run_in_executor(None, self.net.uplinks, list(vips))
+        await self._read_uplinks(loop, vips)
         self.unfit = self._unfit_reasons(vips)
         decisions = self.decide(now, vips)
-        for vip in [v for v in self.held if v not in decisions]:  # no VirtualServer uses it any more
-            self._release(vip, "NotUsed")
+        Action = el.Action
+        self._release([v for v in self.held if v not in decisions], "NotUsed")  # no VirtualServer uses it
+        for action in (Action.RELEASE, Action.STANDBY, Action.HAND_OVER):
+            for reason in {d.reason for d in decisions.values() if d.action is action}:
+                dropped = [v for v, d in decisions.items() if d.action is action and d.reason == reason]
+                self._release([v for v in dropped if v in self.held], reason)
         for vip, decision in decisions.items():
-            await self._act(loop, vip, vips[vip], decision)
+            if decision.action is Action.HAND_OVER:
+                await self._write_claim(loop, vip, decision.target, decision.reason)
+        claims = {vip: decision for vip, decision in decisions.items() if decision.action is Action.CLAIM}
+        if claims:
+            await self._claim(loop, claims, vips)
+        await self._hold(loop, [vip for vip, decision in decisions.items() if decision.action is Action.HOLD], vips)
         self.decisions = decisions
+        self._decided_draining = self.draining
         try:
             self._watch_conflicts(loop)
         except OSError as error:
             log.warning("conflict monitor: %s", error)
         self._publish(now, vips)
 
-    async def _act(self, loop: asyncio.AbstractEventLoop, vip: str, info: VipInfo, decision: el.Decision) -> None:
-        action = decision.action
-        if action is el.Action.HOLD:
-            self._hold(vip, info)
-        elif action is el.Action.CLAIM:
-            await self._claim(loop, vip, info, decision)
-        elif action is el.Action.HAND_OVER:
-            self._release(vip, decision.reason)
-            await self._write_claim(loop, vip, decision.target, decision.reason)
-        elif vip in self.held:  # RELEASE, STANDBY
-            self._release(vip, decision.reason)
+    async def _read_uplinks(self, loop: asyncio.AbstractEventLoop, vips: Mapping[str, VipInfo]) -> None:
+        """Which interface carries each VIP, and is it up: read again when the VIPs change and
+        once per retry period (not at every wake-up: one dump of every address on the node)."""
+        read_at, read_for = self._uplinks_read
+        wanted = frozenset(vips)
+        if wanted == read_for and self.clock() < read_at + self.timings.retry_period:
+            return
+        self.uplinks = await loop.run_in_executor(None, self.net.uplinks, list(wanted))
+        self._uplinks_read = (self.clock(), wanted)
 
-    async def _claim(self, loop: asyncio.AbstractEventLoop, vip: str, info: VipInfo, decision: el.Decision) -> None:
-        # The write is a compare-and-set against the claim as it was when we decided: if the
-        # owner confirms its claim while we read its heartbeat and probe, our write fails.
-        claim = self.claims.get(vip)
-        holder = claim.holder if claim is not None else ""
-        if holder and holder != self.me:
-            # A takeover: confirm the silence with a fresh read (the watch may lag).
-            try:
-                fresh = await loop.run_in_executor(None, self.leases.get_heartbeat, holder)
-            except Exception as error:
-                log.warning("reading %s's heartbeat before taking %s over: %s", holder, vip, error)
-                return
-            if fresh is not None and fresh.version != self.obs.seen.get(holder, el._Seen()).version:
+    async def _claim(
+        self, loop: asyncio.AbstractEventLoop, claims: Mapping[str, el.Decision], vips: Mapping[str, VipInfo]
+    ) -> None:
+        """Take the VIPs the decisions say to claim, all in one go. Each write is a
+        compare-and-set against the claim as it was when we decided: if its owner confirms it
+        while we read its heartbeat and probe, our write fails."""
+        seen = {vip: self.claims.get(vip) for vip in claims}
+        holders = {vip: claim.holder for vip, claim in seen.items() if claim is not None and claim.holder}
+        takeover_from = {holder for holder in holders.values() if holder != self.me}
+        # A takeover: confirm each silent holder's silence with a fresh read (the watch may lag).
+        speaking = set()
+        for holder, fresh in zip(
+            takeover_from,
+            await asyncio.gather(
+                *(loop.run_in_executor(None, self.leases.get_heartbeat, holder) for holder in takeover_from),
+                return_exceptions=True,
+            ),
+            strict=True,
+        ):
+            if isinstance(fresh, BaseException):
+                log.warning("reading %s's heartbeat before taking its VIPs over: %s", holder, fresh)
+                speaking.add(holder)
+            elif fresh is not None and fresh.version != self.obs.seen.get(holder, el._Seen()).version:
                 self.obs.heartbeat(holder, fresh.version, self.clock())
-                return
-        if holder != self.me:
+                speaking.add(holder)
+        wanted = [vip for vip in claims if holders.get(vip, "") not in speaking]
+        # Probe the segment for anyone still answering (a frozen owner answers until its claim
+        # address's lifetime ends): one listening window per interface for all of them.
+        by_interface: dict[str, list[tuple[str, int]]] = {}
+        for vip in wanted:
             uplink = self.uplinks.get(vip)
-            if uplink is None:
-                return
-            others = await loop.run_in_executor(
-                None, self.net.probe, uplink[0], vip, info.family, self.config.probe_timeout
+            if uplink is not None and holders.get(vip) != self.me:
+                by_interface.setdefault(uplink[0], []).append((vip, vips[vip].family))
+        answered: dict[str, set[str]] = {}
+        for found in await asyncio.gather(
+            *(
+                loop.run_in_executor(None, self.net.probe, interface, items, self.config.probe_timeout)
+                for interface, items in by_interface.items()
             )
-            if others:
-                log.warning("not claiming %s yet: %s still answer for it", vip, ", ".join(sorted(others)))
+        ):
+            answered.update(found)
+        won = []
+        for vip in wanted:
+            if holders.get(vip) != self.me and self.uplinks.get(vip) is None:
+                continue
+            if answered.get(vip):
+                log.warning("not claiming %s yet: %s still answer for it", vip, ", ".join(sorted(answered[vip])))
                 self.metrics.vip_conflicts.labels(vip).inc()
-                return
-        if self.claims.get(vip) != claim:
-            return  # changed while we looked: decide again
-        silent_since = self.obs.seen[holder].changed_at if holder and holder in self.obs.seen else None
-        if await self._write_claim(loop, vip, self.me, decision.reason, expected=claim):
-            self.confirmed.add(vip)
-            self._hold(vip, info)
+                continue
+            if self.claims.get(vip) != seen[vip]:
+                continue  # changed while we looked: decide again
+            holder = holders.get(vip, "")
+            silent_since = self.obs.seen[holder].changed_at if holder and holder in self.obs.seen else None
+            if await self._write_claim(loop, vip, self.me, claims[vip].reason, expected=seen[vip]):
+                self.confirmed.add(vip)
+                won.append((vip, silent_since))
+        await self._hold(loop, [vip for vip, _since in won], vips)
+        for vip, silent_since in won:
             if silent_since is not None and vip in self.held:
                 self.metrics.vip_failover.observe(max(0.0, self.held[vip].announced_at - silent_since))
 
@@ -543,38 +650,74 @@ class Election:
                 self.post_event(ref, "Normal", "VIPOwnerChanged", message)
         return True
 
-    def _hold(self, vip: str, info: VipInfo) -> None:
+    async def _hold(self, loop: asyncio.AbstractEventLoop, vips: list[str], infos: Mapping[str, VipInfo]) -> None:
+        """Make the claim address of each VIP present (added at a takeover; refreshed by the
+        renewals) and announce those whose announcement is due, in one kernel call per
+        interface for each."""
         now = self.clock()
-        held = self.held.get(vip)
-        if held is None:
+        added: dict[str, list[tuple[str, int]]] = {}
+        for vip in vips:
             uplink = self.uplinks.get(vip)
-            if uplink is None:
-                return
+            if vip not in self.held and uplink is not None:
+                added.setdefault(uplink[0], []).append((vip, infos[vip].family))
+        for interface, items in added.items():
+            failures = await loop.run_in_executor(
+                self.kernel, self.net.hold, interface, items, self.timings.address_lifetime
+            )
+            for vip, error in failures:
+                log.warning("adding the claim address %s on %s: %s", vip, interface, error)
+            failed = {vip for vip, _error in failures}
+            fenced = self.clock() >= self.valid_until()  # our validity ended while we added them
+            for vip, family in items:
+                if vip in failed or vip in self.held:
+                    continue
+                self.held[vip] = Held(interface, family, now, bursts_left=self.config.announce_count)
+                if fenced:
+                    self._release([vip], "LeaseLapsed")
+        due = []
+        for vip in vips:
+            held = self.held.get(vip)
+            if held is None:
+                continue
+            period = self.config.announce_interval if held.bursts_left else self.config.announce_refresh
+            if (held.bursts_left or self.config.announce_refresh) and now >= held.announced_at + period:
+                due.append(vip)
+        for interface, items in self._by_interface(due).items():
             try:
-                self.net.hold(uplink[0], vip, info.family, self.timings.address_lifetime)
-            except OSError as error:
-                log.warning("adding the claim address %s on %s: %s", vip, uplink[0], error)
-                return
-            held = self.held[vip] = Held(uplink[0], info.family, now, bursts_left=self.config.announce_count)
-        due = held.announced_at + (self.config.announce_interval if held.bursts_left else self.config.announce_refresh)
-        if now >= due and (held.bursts_left or self.config.announce_refresh):
-            try:
-                sent = self.net.announce(held.interface, vip, held.family)
-                self.metrics.announcements.inc(sent)
-            except OSError as error:
-                log.warning("announcing %s on %s: %s", vip, held.interface, error)
-            held.announced_at = now
-            held.bursts_left = max(0, held.bursts_left - 1)
+                sent, failures = await loop.run_in_executor(self.kernel, self.net.announce, interface, items)
+            except OSError as gone:  # the interface is gone: its VIPs become unfit at the next read
+                log.warning("announcing on %s: %s", interface, gone)
+                continue
+            self.metrics.announcements.inc(sent)
+            for vip, error in failures:
+                log.warning("announcing %s on %s: %s", vip, interface, error)
+            for vip, _family in items:
+                held = self.held.get(vip)
+                if held is not None:
+                    held.announced_at = now
+                    held.bursts_left = max(0, held.bursts_left - 1)
 
-    def _release(self, vip: str, reason: str) -> None:
-        held = self.held.pop(vip, None)
-        if held is None:
+    def _release(self, vips: Iterable[str], reason: str) -> None:
+        """Stop answering for these VIPs now: forgotten here at once, their addresses removed
+        by the kernel thread after whatever it is doing (a hold queued before is undone)."""
+        dropped = {vip: self.held.pop(vip) for vip in list(vips) if vip in self.held}
+        if not dropped:
             return
-        try:
-            self.net.release(held.interface, vip, held.family)
-        except OSError as error:
-            log.error("removing the claim address %s on %s: %s", vip, held.interface, error)
-        log.info("VIP %s: stopped answering (%s)", vip, reason)
+        grouped: dict[str, list[tuple[str, int]]] = {}
+        for vip, held in dropped.items():
+            grouped.setdefault(held.interface, []).append((vip, held.family))
+
+        def remove() -> None:
+            for interface, items in grouped.items():
+                try:
+                    failures = self.net.release(interface, items)
+                except OSError as failure:
+                    failures = [(vip, failure) for vip, _family in items]
+                for vip, error in failures:
+                    log.error("removing the claim address %s on %s: %s", vip, interface, error)
+
+        self.kernel.submit(remove)
+        log.info("VIP %s: stopped answering (%s)", ", ".join(sorted(dropped)), reason)
 
     # --- conflicts ------------------------------------------------------------------------------
 
@@ -623,7 +766,7 @@ class Election:
             if record is not None:
                 self.claims[vip] = record
             if record is None or record.holder != self.me:
-                self._release(vip, "SplitBrainSuspected")
+                self._release([vip], "SplitBrainSuspected")
                 self.confirmed.discard(vip)
                 for ref in refs:
                     message = (
@@ -634,6 +777,51 @@ class Election:
                 for ref in refs:
                     message = f"VIP {vip} is held by {self.me}, but {mac} answers for it too (outside kubelvs?)"
                     self.post_event(ref, "Warning", "VIPConflict", message)
+
+    # --- shutting down ----------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> set[str]:
+        """Hand every VIP we hold to another director before we exit (SIGTERM: a rolling
+        update, a node drain), and wait until each is answered by the new owner: its clients
+        move without waiting for a lease to expire. Our heartbeat reports every VIP unfit
+        (``ShuttingDown``), so nobody hands one back; a VIP no other director can take is kept
+        until we exit (its address then ends with its lifetime). Returns the VIPs not confirmed
+        taken over within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = self.clock() + timeout
+        held_before = set(self.held)
+        if not held_before:
+            return set()
+        log.info("shutting down: handing over %s", ", ".join(sorted(held_before)))
+        self.draining, self._decided_draining = True, False
+        self.wake.set()
+        while self.clock() < deadline and (
+            not self._decided_draining
+            or any(self.decisions.get(vip, _KEEP).action is not el.Action.HOLD for vip in self.held)
+        ):
+            await asyncio.sleep(0.05)
+        handed = held_before - set(self.held)
+        waiting = set(handed)
+        while waiting and self.clock() < deadline:
+            by_interface: dict[str, list[tuple[str, int]]] = {}
+            for vip in waiting:
+                uplink = self.uplinks.get(vip)
+                if uplink is not None:
+                    by_interface.setdefault(uplink[0], []).append((vip, AF_INET6 if ":" in vip else AF_INET))
+            if not by_interface:
+                break
+            for interface, items in by_interface.items():
+                found = await loop.run_in_executor(None, self.net.probe, interface, items, self.config.probe_timeout)
+                waiting -= {vip for vip, macs in found.items() if macs}
+        if waiting or len(handed) < len(held_before):
+            log.warning(
+                "shutting down: not confirmed taken over: %s; kept (no other director): %s",
+                ", ".join(sorted(waiting)) or "-",
+                ", ".join(sorted(self.held)) or "-",
+            )
+        else:
+            log.info("shutting down: every VIP is answered by its new owner")
+        return waiting | set(self.held)
 
     # --- what others read -------------------------------------------------------------------------
 
@@ -651,9 +839,10 @@ class Election:
         for vip in set(self.owners) - set(owners):
             with contextlib.suppress(KeyError):
                 self.metrics.vip_owner.remove(vip)
-        for vip, owner in owners.items():
-            self.metrics.vip_owner.labels(vip).set(1 if owner == self.me else 0)
-        changed = {ref for vip, owner in owners.items() if self.owners.get(vip) != owner for ref in vips[vip].refs}
+        moved = [vip for vip, owner in owners.items() if vip not in self.owners or self.owners[vip] != owner]
+        for vip in moved:
+            self.metrics.vip_owner.labels(vip).set(1 if owners[vip] == self.me else 0)
+        changed = {ref for vip in moved for ref in vips[vip].refs}
         self.owners = owners
         if changed:
             self.on_owners_changed(changed)

@@ -113,6 +113,14 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        # Connection sync: 0 for a direction means connections are lost when VIPs move that way.
+        self.sync_daemons = Gauge(
+            "kubelvs_sync_daemons",
+            "1 while the kernel's IPVS sync daemon of that direction (master: sends, backup: receives) runs as "
+            "configured, else 0.",
+            ["state"],
+            registry=registry,
+        )
         Info("kubelvs_build", "The kubelvs version.", registry=registry).info({"version": __version__})
 
     def watch_restarted(self, resource: str, reason: str) -> None:

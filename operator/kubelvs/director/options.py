@@ -37,6 +37,15 @@ class DirectorConfig:
     peer_port: int = 9345
     peer_address: str = ""  # "": the Node's InternalIP
     follow_backends: bool = True
+    # On SIGTERM, hand every VIP to another director and wait (this long at most) until the new
+    # owners answer for them; within the pod's terminationGracePeriodSeconds.
+    shutdown_handover_seconds: float = 8.0
+    # Connection sync (the kernel's IPVS sync daemons, kubelvs.core.syncd): a master and a backup
+    # on the interface the directors share, so connections survive a VIP moving either way.
+    sync_daemon: bool = True
+    sync_interface: str = ""  # "": the announce interface, else the default route's, else the only uplink
+    sync_id: int = 0
+    sync_refresh_period: int = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to serve metrics and health on (default: the node's InternalIP; 0.0.0.0 or :: for all)",
     )
     parser.add_argument("--api-timeout", type=float, default=30.0, help="seconds for each API request")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("KUBELVS_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default: $KUBELVS_LOG_LEVEL or INFO)",
+    )
     election = parser.add_argument_group("VIP ownership (one director answers for each VIP)")
     election.add_argument(
         "--no-election",
@@ -95,6 +111,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address the other directors send peer beats to (default: the node's InternalIP)",
     )
     election.add_argument(
+        "--shutdown-handover-timeout",
+        type=float,
+        default=8.0,
+        help="on SIGTERM, hand the VIPs over and wait this long at most for their new owners to answer "
+        "(keep it under the pod's terminationGracePeriodSeconds; 0: exit at once)",
+    )
+    sync = parser.add_argument_group("connection sync (established connections survive a VIP move)")
+    sync.add_argument(
+        "--no-sync-daemon",
+        action="store_true",
+        help="run no IPVS sync daemon (connections through a director are lost when its VIPs move)",
+    )
+    sync.add_argument(
+        "--sync-interface",
+        default=os.environ.get("KUBELVS_SYNC_INTERFACE", ""),
+        help="interface the directors share for sync multicast (default: --announce-interface, else the "
+        "default route's interface, else the only interface with an address)",
+    )
+    sync.add_argument(
+        "--sync-id", type=int, default=0, help="sync id 0..255: one per group of directors on a segment (0: any)"
+    )
+    sync.add_argument(
+        "--sync-refresh-period",
+        type=int,
+        default=1,
+        help="re-send a live connection after this many seconds (a restarted director learns it within "
+        "that plus ~2 s; 0: every 50 packets, the kernel's default)",
+    )
+    election.add_argument(
         "--no-follow-backends",
         action="store_true",
         help="keep a VIP on a director even when it has no ready backend and another director has",
@@ -125,4 +170,9 @@ def config_from(args: argparse.Namespace) -> DirectorConfig:
         peer_port=args.peer_port,
         peer_address=args.peer_address,
         follow_backends=not args.no_follow_backends,
+        shutdown_handover_seconds=args.shutdown_handover_timeout,
+        sync_daemon=not args.no_sync_daemon,
+        sync_interface=args.sync_interface,
+        sync_id=args.sync_id,
+        sync_refresh_period=args.sync_refresh_period,
     )

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from kubelvs.kernel.announce import Announcer, ConflictMonitor, probe
+from kubelvs.kernel.announce import Announcer, ConflictMonitor, probe_many
 from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, Uplink, held_claims, uplinks_for
 
 log = logging.getLogger("kubelvs.director.vipnet")
@@ -51,12 +51,10 @@ class KernelVipNet:
             claims = self.claims[interface] = ClaimAddresses(interface, self.netns)
         return claims
 
-    def hold(self, interface: str, vip: str, family: int, lifetime: int) -> bool:
-        return self._claims(interface).hold(vip, family, lifetime)
-
-    def refresh(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
-        """One socket and one read of the interface for all of them (a renewal refreshes every
-        claim address: hundreds at a time on a busy director)."""
+    def hold(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+        """Add or refresh the claim addresses of many (VIP, family) on one interface: one socket
+        and one read of the interface for all of them (a renewal refreshes every claim address,
+        hundreds at a time on a busy director). The failures."""
         failed: list[tuple[str, OSError]] = []
         claims = self._claims(interface)
         with claims.session():
@@ -67,29 +65,34 @@ class KernelVipNet:
                     failed.append((vip, error))
         return failed
 
-    def release(self, interface: str, vip: str, family: int) -> None:
-        self._claims(interface).release(vip, family)
+    def release(self, interface: str, vips: list[tuple[str, int]]) -> list[tuple[str, OSError]]:
+        return self._claims(interface).release_many(vips)
 
     def held(self) -> dict[str, str]:
         return held_claims(self.netns)
 
-    def probe(self, interface: str, vip: str, family: int, timeout: float) -> set[str]:
+    def probe(self, interface: str, vips: list[tuple[str, int]], timeout: float) -> dict[str, set[str]]:
         link = self.links.get(interface)
         if link is None:
-            return set()
-        return probe(interface, link.mac, vip, family, timeout, self.netns)
+            return {vip: set() for vip, _family in vips}
+        return probe_many(interface, link.mac, vips, timeout, self.netns)
 
-    def announce(self, interface: str, vip: str, family: int) -> int:
+    def announce(self, interface: str, vips: list[tuple[str, int]]) -> tuple[int, list[tuple[str, OSError]]]:
+        """Gratuitous ARP / unsolicited NA for each; the frames sent and the failures."""
         announcer = self.announcers.get(interface)
         if announcer is None:
             link = self.links[interface]
             announcer = self.announcers[interface] = Announcer(interface, link.mac, self.netns)
-        try:
-            return announcer.announce(vip, family)
-        except OSError:
-            self.announcers.pop(interface, None)  # the interface went away: open anew next time
+        sent, failed = 0, []
+        for vip, family in vips:
+            try:
+                sent += announcer.announce(vip, family)
+            except OSError as error:
+                failed.append((vip, error))
+        if failed and len(failed) == len(vips):  # the interface went away: open anew next time
+            self.announcers.pop(interface, None)
             announcer.close()
-            raise
+        return sent, failed
 
     def monitor(self, interface: str) -> ConflictMonitor | None:
         """The conflict monitor of ``interface`` (opened at the first need)."""

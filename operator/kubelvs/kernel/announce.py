@@ -26,7 +26,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -303,11 +303,24 @@ def _claimant(
 def probe(interface: str, mac: str, vip: str, family: int, timeout: float, netns: str | None = None) -> set[str]:
     """The MACs other than ``mac`` that answer for ``vip`` within ``timeout`` seconds (or claim
     it meanwhile). The probe is sent twice, at the start and halfway, against a lost frame."""
+    return probe_many(interface, mac, [(vip, family)], timeout, netns)[vip]
+
+
+def probe_many(
+    interface: str, mac: str, vips: Iterable[tuple[str, int]], timeout: float, netns: str | None = None
+) -> dict[str, set[str]]:
+    """:func:`probe` for many VIPs at once, in one listening window: a director taking over
+    hundreds of VIPs waits ``timeout`` once, not once per VIP. VIP -> the other MACs."""
     own = mac_text(mac_bytes(mac))
-    packed = socket.inet_pton(family, vip)
-    frame = arp_probe_frame(own, vip) if family == AF_INET else ns_probe_frame(own, vip)
-    ethertype = ETH_P_ARP if family == AF_INET else ETH_P_IPV6
-    found: set[str] = set()
+    wanted = list(vips)
+    by_packed = {socket.inet_pton(family, vip): vip for vip, family in wanted}
+    found: dict[str, set[str]] = {vip: set() for vip, _family in wanted}
+    if not wanted:
+        return found
+    frames = [
+        (arp_probe_frame(own, vip), ETH_P_ARP) if family == AF_INET else (ns_probe_frame(own, vip), ETH_P_IPV6)
+        for vip, family in wanted
+    ]
     with contextlib.closing(_listener(interface, netns)) as sock:
         start = time.monotonic()
         deadline = start + timeout
@@ -316,7 +329,8 @@ def probe(interface: str, mac: str, vip: str, family: int, timeout: float, netns
             now = time.monotonic()
             while sends and sends[0] <= now:
                 sends.pop(0)
-                sock.sendto(frame, (interface, ethertype))
+                for frame, ethertype in frames:
+                    sock.sendto(frame, (interface, ethertype))
             if now >= deadline:
                 return found
             wait = min([deadline, *sends]) - now
@@ -326,9 +340,9 @@ def probe(interface: str, mac: str, vip: str, family: int, timeout: float, netns
             data, address = sock.recvfrom(65535)
             if address[2] == PACKET_OUTGOING:
                 continue
-            claim = _claimant(data, (packed,), family)
+            claim = _claimant(data, by_packed)
             if claim is not None and claim[1] != own:
-                found.add(claim[1])
+                found[by_packed[claim[0]]].add(claim[1])
 
 
 @dataclass(frozen=True)

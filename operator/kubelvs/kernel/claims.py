@@ -19,17 +19,13 @@ pyroute2); the requests are checked byte for byte against pyroute2's in tests/un
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
-import json
-import os
 import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kubelvs.core.model import AF_INET, AF_INET6
 from kubelvs.kernel import codec
@@ -41,7 +37,7 @@ from kubelvs.kernel.addresses import (
     _Rtnl,
     supports_address_proto,
 )
-from kubelvs.kernel.netns import call_in
+from kubelvs.kernel.sysctls import OwnedSysctls
 
 FOREVER = 0xFFFFFFFF  # IFA_CACHEINFO's "no lifetime"
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
@@ -243,20 +239,25 @@ class ClaimAddresses(RtnlSessions):
             if index is None:
                 raise OSError(errno.ENODEV, f"{self.interface}: no such interface")
             request = (index, address, family, prefix, flags, lifetime, preferred, ADDRESS_PROTO)
-            # Create exclusively first: only an address proven ours is ever refreshed.
-            try:
-                rtnl.request(codec.lifetime_address_request, False, *request)
-            except OSError as error:
-                if error.errno != errno.EEXIST:
-                    raise
-            else:
-                self._added.add(address)
-                if rtnl.present is not None:
-                    rtnl.present[address] = ADDRESS_PROTO
-                return True
-            present = rtnl.present
-            if present is None or address not in present:
-                present = self._read(rtnl, index)
+            # Create exclusively first: only an address proven ours is ever refreshed. Our own
+            # claim can end its lifetime between the refused create and the read (a renewal
+            # late under load): then it is gone from the read, and created again.
+            present: dict[str, int] = {}
+            for _attempt in range(3):
+                try:
+                    rtnl.request(codec.lifetime_address_request, False, *request)
+                except OSError as error:
+                    if error.errno != errno.EEXIST:
+                        raise
+                else:
+                    self._added.add(address)
+                    if rtnl.present is not None:
+                        rtnl.present[address] = ADDRESS_PROTO
+                    return True
+                cached = rtnl.present
+                present = cached if cached is not None and address in cached else self._read(rtnl, index)
+                if address in present:
+                    break
             if not self._ours(address, present.get(address, 0)):
                 raise ForeignAddressError(address, self.interface)
             rtnl.request(codec.lifetime_address_request, True, *request)
@@ -264,21 +265,31 @@ class ClaimAddresses(RtnlSessions):
 
     def release(self, vip: str, family: int) -> None:
         """Remove the claim on ``vip`` if there is one; an address without kubelvs's mark stays."""
-        address = _canonical(vip, family)
+        for _vip, error in self.release_many([(vip, family)]):
+            raise error
+
+    def release_many(self, vips: Iterable[tuple[str, int]]) -> list[tuple[str, OSError]]:
+        """``release`` for many (VIP, family) at once, after one fresh read of the interface
+        (never a stale view; one read, not one per VIP: a lapse drops hundreds). The failures."""
+        failed: list[tuple[str, OSError]] = []
         with self._rtnl() as rtnl:
             index = self._index(rtnl)
             if index is None:
-                return
-            present = self._read(rtnl, index)  # fresh: never remove on a stale view
-            if address not in present or not self._ours(address, present[address]):
-                return
-            try:
-                rtnl.request(codec.address_request, False, index, address, family, _host_prefix(family), 0)
-            except OSError as error:
-                if error.errno != errno.EADDRNOTAVAIL:  # expired or removed meanwhile
-                    raise
-            present.pop(address, None)
-            self._added.discard(address)
+                return failed
+            present = self._read(rtnl, index)
+            for vip, family in vips:
+                address = _canonical(vip, family)
+                if address not in present or not self._ours(address, present[address]):
+                    continue
+                try:
+                    rtnl.request(codec.address_request, False, index, address, family, _host_prefix(family), 0)
+                except OSError as error:
+                    if error.errno != errno.EADDRNOTAVAIL:  # expired or removed meanwhile
+                        failed.append((vip, error))
+                        continue
+                present.pop(address, None)
+                self._added.discard(address)
+        return failed
 
     def held(self) -> dict[str, int]:
         """The claims on the interface -> their remaining valid lifetime in seconds
@@ -301,80 +312,25 @@ class ClaimAddresses(RtnlSessions):
 _WANTED = {"arp_ignore": 1, "arp_announce": 2}
 
 
-def _read_sysctl(path: str) -> int:
-    with open(f"/proc/sys/{path}") as file:
-        return int(file.read().split()[0])
-
-
-def _write_sysctl(path: str, value: int) -> None:
-    with open(f"/proc/sys/{path}", "w") as file:
-        file.write(f"{value}\n")
-
-
 class ArpGuard:
     """``arp_ignore=1`` (answer ARP only for addresses on the receiving interface: the claim, not
     the dummy's copy) and ``arp_announce=2`` (never a VIP as ARP sender address) on the uplink.
 
     The kernel applies max(all, interface): raising the interface's own value is enough. What
     kubelvs changed is recorded in ``state_dir/sysctls.json`` before it is changed (a restart
-    finds it), and :meth:`restore` puts back exactly that, unless somebody changed it since."""
+    finds it), and :meth:`restore` puts back exactly that, unless somebody changed it since
+    (:class:`~kubelvs.kernel.sysctls.OwnedSysctls`)."""
 
     def __init__(self, state_dir: Path, netns: str | None = None) -> None:
-        self.path = Path(state_dir) / "sysctls.json"
+        self.owned = OwnedSysctls(state_dir, netns)
+        self.path = self.owned.path
         self.netns = netns
-
-    def _load(self) -> dict[str, dict[str, int]]:
-        try:
-            data: dict[str, Any] = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        return {key: {"previous": int(v["previous"]), "set": int(v["set"])} for key, v in data["sysctls"].items()}
-
-    def _save(self, records: dict[str, dict[str, int]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w") as file:
-            json.dump({"version": 1, "sysctls": records}, file, indent=1, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
     def ensure(self, interface: str) -> None:
         """Raise ``interface``'s arp_ignore to 1 and arp_announce to 2 where they are lower."""
-        paths = {f"net/ipv4/conf/{interface}/{name}": wanted for name, wanted in _WANTED.items()}
-        current = call_in(self.netns, lambda: {path: _read_sysctl(path) for path in paths})
-        changes = {path: wanted for path, wanted in paths.items() if current[path] < wanted}
-        if not changes:
-            return
-        records = self._load()
-        for path, wanted in changes.items():
-            records[path] = {"previous": current[path], "set": wanted}
-        self._save(records)  # first: a crash after the write must still find the old value
-
-        def write() -> None:
-            for path, wanted in changes.items():
-                _write_sysctl(path, wanted)
-
-        call_in(self.netns, write)
+        wanted = {f"net/ipv4/conf/{interface}/{name}": value for name, value in _WANTED.items()}
+        self.owned.ensure(wanted, acceptable=lambda current, value: int(current) >= int(value))
 
     def restore(self) -> None:
-        """Put back the values :meth:`ensure` changed, where they are still what it set."""
-        records = self._load()
-        if records:
-
-            def put_back() -> None:
-                for path, record in records.items():
-                    try:
-                        if _read_sysctl(path) == record["set"]:
-                            _write_sysctl(path, record["previous"])
-                    except FileNotFoundError:
-                        pass  # the interface is gone, and its settings with it
-
-            call_in(self.netns, put_back)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        """Put back the ARP values :meth:`ensure` changed, where they are still what it set."""
+        self.owned.restore(lambda path: path.startswith("net/ipv4/conf/"))
