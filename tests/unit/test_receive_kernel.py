@@ -1,6 +1,6 @@
 """The receive side against the host kernel, in throwaway network namespaces: DR (the VIP on lo,
 the ARP sysctls), restore on removal, foreign state left alone, and finding a namespace by IP.
-Tunnel devices need modules this host lacks: those run in the VM (tests/kernel/test_realserver.py).
+Tunnel devices need modules this host lacks: those run in the VM (tests/kernel/test_realserver_datapath.py).
 Needs root and network namespaces; skipped otherwise."""
 
 from __future__ import annotations
