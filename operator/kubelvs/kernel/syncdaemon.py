@@ -41,6 +41,7 @@ from kubelvs.kernel import codec
 from kubelvs.kernel.ipvs import IPVSClient
 from kubelvs.kernel.messages import IPVSMessage
 from kubelvs.kernel.netns import call_in
+from kubelvs.kernel.records import save_record
 from kubelvs.kernel.sysctls import OwnedSysctls
 
 CMD_NEW_DAEMON, CMD_DEL_DAEMON, CMD_GET_DAEMON = 9, 10, 11
@@ -255,17 +256,7 @@ class SyncDaemons:
 
     def _save(self, daemons: Iterable[SyncDaemon]) -> None:
         entries = [{**asdict(daemon), "state": daemon.state.label} for daemon in daemons]
-        if not entries:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w") as file:
-            json.dump({"version": 1, "daemons": entries}, file, indent=1, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        save_record(self.path, {"version": 1, "daemons": entries} if entries else None)
 
     # --- effects --------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kubelvs.kernel.netns import call_in
+from kubelvs.kernel.records import save_record
 
 SysctlValue = int | str
 # (current, wanted) -> the current value will do (default: only the wanted value will)
@@ -81,22 +82,7 @@ class OwnedSysctls:
         }
 
     def _save(self, records: Mapping[str, Mapping[str, SysctlValue]]) -> None:
-        if not records:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w") as file:
-            json.dump({"version": 1, "sysctls": records}, file, indent=1, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        save_record(self.path, {"version": 1, "sysctls": records} if records else None)
 
     def read(self, paths: Iterable[str]) -> dict[str, SysctlValue | None]:
         """The current values (None: no such sysctl)."""

@@ -8,14 +8,13 @@ item kubelvs changed with what it found. Written atomically before every change 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubelvs.core.receive import Address, FouPort, Item, Link, Sysctl
+from kubelvs.kernel.records import save_record
 
 RECORD_NAME = "receive.json"
 _KINDS: dict[str, type] = {"Link": Link, "Address": Address, "Sysctl": Sysctl, "FouPort": FouPort}
@@ -71,14 +70,4 @@ class RecordStore:
                 if record.items
             },
         }
-        if not data["namespaces"]:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w") as file:
-            json.dump(data, file, indent=1, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        save_record(self.path, data if data["namespaces"] else None)
