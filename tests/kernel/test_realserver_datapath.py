@@ -244,6 +244,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     for module in ("ipip", "fou"):  # as a node that uses them would have (the agent also loads them on demand)
         subprocess.run(["modprobe", module], check=False)
     workdir = tmp_path_factory.mktemp("realserver")
+    # The processes' logs where the host keeps them after the VM is gone (the run's output).
+    logs = Path(os.environ["KUBELVS_VM_OUTDIR"]) / "realserver" if "KUBELVS_VM_OUTDIR" in os.environ else workdir
+    logs.mkdir(parents=True, exist_ok=True)
     with Topology(real_servers=4, directors=1, ports=(80,)) as topo:
         # Set by hand before kubelvs: must survive everything the agent does.
         topo.exec("rs1", ["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"])
@@ -282,7 +285,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "--lease-namespace",
                 cluster.namespace,
             ],
-            workdir / "director.log",
+            logs / "director.log",
         )
         agent = Process(
             [
@@ -299,7 +302,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "--metrics-address",
                 "127.0.0.1",
             ],
-            workdir / "agent.log",
+            logs / "agent.log",
         )
         kubelet = Kubelet(cluster)
         kubelet.start()

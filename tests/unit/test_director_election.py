@@ -22,7 +22,7 @@ from kubelvs.core import election as el
 from kubelvs.core.model import AF_INET
 from kubelvs.core.resolve import Resolution
 from kubelvs.core.spec import ObjectRef
-from kubelvs.director.election import Election, ElectionConfig
+from kubelvs.director.election import ClaimLost, Election, ElectionConfig
 from kubelvs.director.metrics import Metrics
 from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, claim_name, heartbeat_name
 from prometheus_client import CollectorRegistry
@@ -148,11 +148,26 @@ class FakeNet:
     def uplinks(self, vips: Iterable[str]) -> dict[str, tuple[str, bool] | None]:
         return {vip: ("eth0", self.node not in self.segment.down) for vip in vips}
 
-    def hold(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+    def hold(
+        self,
+        interface: str,
+        vips: list[tuple[str, int]],
+        lifetime: int,
+        still_valid: Callable[[], bool],
+        refresh_only: bool = False,
+    ) -> list[tuple[str, OSError]]:
+        failed: list[tuple[str, OSError]] = []
         for vip, _family in vips:
-            self.segment.addresses.setdefault(vip, {})[self.node] = time.monotonic() + lifetime
+            now = time.monotonic()
+            if not still_valid():
+                failed.append((vip, ClaimLost(vip, "validity ended")))
+                continue
+            if refresh_only and self.segment.addresses.get(vip, {}).get(self.node, 0.0) <= now:
+                failed.append((vip, ClaimLost(vip, "lifetime ended")))  # as the kernel: gone
+                continue
+            self.segment.addresses.setdefault(vip, {})[self.node] = now + lifetime
             self.segment.check(vip)
-        return []
+        return failed
 
     def release(self, interface: str, vips: list[tuple[str, int]]) -> list[tuple[str, OSError]]:
         for vip, _family in vips:
@@ -354,6 +369,31 @@ def test_an_owner_cut_off_from_the_api_stops_answering_before_anyone_takes_over(
         async with running("ab") as cluster:
             cluster.store.down.add("a")  # no peer channel here: a must release
             await until("every VIP on b", lambda: balanced(cluster, "b"))
+            cluster.store.down.discard("a")
+            await until("balanced again, by handover", lambda: balanced(cluster, "ab"))
+
+    asyncio.run(scenario())
+
+
+def test_an_owner_whose_kernel_work_stalls_never_revives_a_claim_taken_since() -> None:
+    """As a SIGSTOP between queueing a refresh and running it (seen in the VM: the continued
+    owner's kernel thread refreshed, so re-created, an address that had ended its lifetime,
+    while another director held the VIP): the refresh runs long after our validity ended,
+    and must add nothing."""
+
+    async def scenario() -> None:
+        async with running("ab") as cluster:
+            stalled = cluster.elections["a"]
+            held = set(stalled.held)
+            assert held
+            unblock = threading.Event()
+            stalled.kernel.submit(unblock.wait)  # the kernel thread stops; refreshes queue behind it
+            await asyncio.sleep(2 * TIMINGS.retry_period)  # at least one refresh queued
+            cluster.store.down.add("a")  # and it can no longer renew
+            await until("a's VIPs on b", lambda: all(cluster.segment.holders(vip) == {"b"} for vip in held))
+            unblock.set()  # the queued refreshes run now
+            await asyncio.sleep(3 * TIMINGS.retry_period)
+            assert all(cluster.segment.holders(vip) == {"b"} for vip in held), cluster.owners()
             cluster.store.down.discard("a")
             await until("balanced again, by handover", lambda: balanced(cluster, "ab"))
 

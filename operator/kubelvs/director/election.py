@@ -55,6 +55,15 @@ class ElectionConfig:
     follow_backends: bool = True  # a VIP without ready backends goes to a candidate that has some
 
 
+class ClaimLost(OSError):
+    """A claim address that was not added or refreshed because we may no longer answer for it:
+    our validity ended before the request, or the address had already ended its lifetime."""
+
+    def __init__(self, vip: str, why: str) -> None:
+        super().__init__(f"{vip}: {why}")
+        self.vip = vip
+
+
 class VipNet(Protocol):
     """The node side of ownership (the claim address on the uplink, announcements, probes).
 
@@ -66,8 +75,17 @@ class VipNet(Protocol):
     def uplinks(self, vips: Iterable[str]) -> dict[str, tuple[str, bool] | None]:
         """Per VIP, the interface that carries its subnet and whether it is up (None: no such)."""
 
-    def hold(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
-        """Add or refresh the claim addresses of (VIP, family); the failures."""
+    def hold(
+        self,
+        interface: str,
+        vips: list[tuple[str, int]],
+        lifetime: int,
+        still_valid: Callable[[], bool],
+        refresh_only: bool = False,
+    ) -> list[tuple[str, OSError]]:
+        """Add or refresh the claim addresses of (VIP, family), each only while ``still_valid()``
+        (asked just before its request); ``refresh_only``: never add one that is gone. The
+        failures (ClaimLost for those two cases)."""
 
     def release(self, interface: str, vips: list[tuple[str, int]]) -> list[tuple[str, OSError]]:
         """Remove those claim addresses (only ours); the failures."""
@@ -385,7 +403,7 @@ class Election:
         while True:
             self._beat()
             if not self.api_ok:
-                self._refresh_from_peers()
+                self._refresh_from_peers(loop)
                 self._arm_fence(loop)
             await asyncio.sleep(self.timings.retry_period)
 
@@ -448,9 +466,9 @@ class Election:
         if self.known_peers != (self.obs.api_live_nodes(answered) | self._peer_live(answered)):
             self.known_peers = set(self.obs.api_live_nodes(answered) | self._peer_live(answered)) - {self.me}
         if self.timings.may_refresh_address(answered - sent):
-            await asyncio.wrap_future(self._refresh_addresses())
+            await asyncio.wrap_future(self._refresh_addresses(loop))
 
-    def _refresh_from_peers(self) -> None:
+    def _refresh_from_peers(self, loop: asyncio.AbstractEventLoop) -> None:
         """The API is away but every peer acknowledges our beats: keep the claim addresses
         alive, as long as they would still end before the earliest takeover those
         acknowledgements allow."""
@@ -459,11 +477,11 @@ class Election:
         if not self.held or now >= until:
             return
         if not math.isfinite(until):  # alone: nobody can take over
-            self._refresh_addresses()
+            self._refresh_addresses(loop)
             return
         earliest_takeover = until - self.timings.renew_deadline + self.timings.lease_duration
         if now + self.timings.address_lifetime <= earliest_takeover:
-            self._refresh_addresses()
+            self._refresh_addresses(loop)
 
     def _peer_live(self, now: float) -> set[str]:
         return {node for node in self.peer_sources if self.obs.peer_live(node, now)}
@@ -478,17 +496,43 @@ class Election:
                 addresses.add((record.peer_address, port))
         self.peer_channel.beat(self.clock(), addresses)
 
-    def _refresh_addresses(self) -> Future[None]:
-        """Extend the lifetime of every claim address we hold (queued on the kernel thread)."""
+    def _refresh_addresses(self, loop: asyncio.AbstractEventLoop) -> Future[None]:
+        """Extend the lifetime of every claim address we hold (queued on the kernel thread), as
+        long as the validity we have now lasts: a refresh that runs later (the process froze
+        with it queued) finds it ended and does nothing. A claim address found gone is not
+        added again: we stop answering for its VIP, and only a fresh decision claims it back."""
         by_interface = self._by_interface(list(self.held))
+        refreshed = dict(self.held)  # which hold each refresh is for (a VIP may be dropped and held anew meanwhile)
         lifetime = self.timings.address_lifetime
+        until = self.valid_until()
+
+        def still_valid() -> bool:
+            return self.clock() < until
 
         def refresh() -> None:
+            lost: list[str] = []
             for interface, vips in by_interface.items():
-                for vip, error in self.net.hold(interface, vips, lifetime):
-                    log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
+                for vip, error in self.net.hold(interface, vips, lifetime, still_valid, refresh_only=True):
+                    if isinstance(error, ClaimLost):
+                        lost.append(vip)
+                    else:
+                        log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
+            if lost:
+                loop.call_soon_threadsafe(self._claims_lost, {vip: refreshed[vip] for vip in lost})
 
         return self.kernel.submit(refresh)
+
+    def _claims_lost(self, holds: Mapping[str, Held]) -> None:
+        """Claim addresses the kernel ended, or a refresh skipped because our validity had ended
+        (we were stalled): no longer ours to answer for until a decision claims them again."""
+        lost = [vip for vip, held in holds.items() if self.held.get(vip) is held]
+        if not lost:
+            return
+        log.warning("claim addresses ended before their renewal (stalled): no longer answering for %s", ", ".join(lost))
+        self._release(lost, "AddressExpired")
+        for vip in lost:
+            self.confirmed.discard(vip)
+        self.wake.set()
 
     def _by_interface(self, vips: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
         """Held VIPs grouped by their interface, as the kernel calls take them."""
@@ -660,12 +704,18 @@ class Election:
             uplink = self.uplinks.get(vip)
             if vip not in self.held and uplink is not None:
                 added.setdefault(uplink[0], []).append((vip, infos[vip].family))
+        until = self.valid_until()
+
+        def still_valid() -> bool:
+            return self.clock() < until
+
         for interface, items in added.items():
             failures = await loop.run_in_executor(
-                self.kernel, self.net.hold, interface, items, self.timings.address_lifetime
+                self.kernel, self.net.hold, interface, items, self.timings.address_lifetime, still_valid
             )
             for vip, error in failures:
-                log.warning("adding the claim address %s on %s: %s", vip, interface, error)
+                if not isinstance(error, ClaimLost):
+                    log.warning("adding the claim address %s on %s: %s", vip, interface, error)
             failed = {vip for vip, _error in failures}
             fenced = self.clock() >= self.valid_until()  # our validity ended while we added them
             for vip, family in items:

@@ -10,11 +10,12 @@ over.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from kubelvs.director.election import ClaimLost
 from kubelvs.kernel.announce import Announcer, ConflictMonitor, probe_many
-from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, Uplink, held_claims, uplinks_for
+from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, ClaimExpiredError, Uplink, held_claims, uplinks_for
 
 log = logging.getLogger("kubelvs.director.vipnet")
 
@@ -51,16 +52,30 @@ class KernelVipNet:
             claims = self.claims[interface] = ClaimAddresses(interface, self.netns)
         return claims
 
-    def hold(self, interface: str, vips: list[tuple[str, int]], lifetime: int) -> list[tuple[str, OSError]]:
+    def hold(
+        self,
+        interface: str,
+        vips: list[tuple[str, int]],
+        lifetime: int,
+        still_valid: Callable[[], bool],
+        refresh_only: bool = False,
+    ) -> list[tuple[str, OSError]]:
         """Add or refresh the claim addresses of many (VIP, family) on one interface: one socket
         and one read of the interface for all of them (a renewal refreshes every claim address,
-        hundreds at a time on a busy director). The failures."""
+        hundreds at a time on a busy director). ``still_valid`` is asked before each request:
+        a process frozen with this call queued or half done must not, once continued, give
+        life to claims another director has taken since. The failures."""
         failed: list[tuple[str, OSError]] = []
         claims = self._claims(interface)
         with claims.session():
             for vip, family in vips:
+                if not still_valid():
+                    failed.append((vip, ClaimLost(vip, "our validity ended before the request")))
+                    continue
                 try:
-                    claims.hold(vip, family, lifetime)
+                    claims.hold(vip, family, lifetime, refresh_only=refresh_only)
+                except ClaimExpiredError:
+                    failed.append((vip, ClaimLost(vip, "its lifetime ended before the refresh")))
                 except OSError as error:
                     failed.append((vip, error))
         return failed
