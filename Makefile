@@ -65,7 +65,7 @@ bench-ha: bootstrap
 	$(PY) bench/table.py
 
 ## install-check: the install path alone: the chart (lint, kubeconform, dry-run, migration), alerts
-## (promtool, built on first use: ~23 min cold), Argo CD health, then the chart under a real kubelet
+## (promtool, from Debian's package or built from Go modules), Argo CD health, then the chart under a real kubelet
 install-check: bootstrap
 	bash hack/bootstrap.sh --cluster
 	bash hack/install/tools.sh promtool

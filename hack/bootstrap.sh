@@ -42,7 +42,7 @@ fi
 if ((want_cluster)); then
   bash hack/cluster/build.sh
   # The install path: helm and kubeconform (tests/api/test_chart.py), kubelet and kube-scheduler
-  # (tests/install/test_kubelet.py); promtool is optional (hack/install/tools.sh promtool: 23 min cold).
-  bash hack/install/tools.sh helm kubeconform
+  # (tests/install/test_kubelet.py), promtool (tests/unit/test_alerts.py; from Debian's package).
+  bash hack/install/tools.sh helm kubeconform promtool
   bash hack/install/node/build.sh
 fi

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ha_topology import output_dir
 from topology import Topology, alternates
 
 KUBECONFIG = os.environ.get("KUBELVS_E2E_KUBECONFIG", "")
@@ -245,8 +246,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         subprocess.run(["modprobe", module], check=False)
     workdir = tmp_path_factory.mktemp("realserver")
     # The processes' logs where the host keeps them after the VM is gone (the run's output).
-    logs = Path(os.environ["KUBELVS_VM_OUTDIR"]) / "realserver" if "KUBELVS_VM_OUTDIR" in os.environ else workdir
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = output_dir(f"realserver-{time.strftime('%H%M%S')}")
     with Topology(real_servers=4, directors=1, ports=(80,)) as topo:
         # Set by hand before kubelvs: must survive everything the agent does.
         topo.exec("rs1", ["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"])
