@@ -586,7 +586,7 @@ PRINTED = virtual_server(
 
 
 COLUMNS = ["NAME", "VIP", "PORTS", "METHOD", "SCHEDULER", "OWNER", "READY"]
-WIDE_COLUMNS = ["BACKENDS", "DRAINING", "DIRECTORS"]
+WIDE_COLUMNS = ["BACKENDS", "DRAINING", "WAITING", "DIRECTORS"]
 ROW = ["printed", "198.51.100.7", "443", "TUN", "sh", "director-a", "True"]
 
 
@@ -600,6 +600,7 @@ def test_kubectl_get_shows_printer_columns(kubectl, namespace) -> None:
         "owner": "director-a",
         "readyBackends": 2,
         "drainingBackends": 1,
+        "waitingBackends": 4,
         "programmedDirectors": 3,
         "conditions": [
             {"type": "Accepted", "status": "True", "reason": "Valid", "message": "", "lastTransitionTime": now},
@@ -624,7 +625,7 @@ def test_kubectl_get_shows_printer_columns(kubectl, namespace) -> None:
 
     wide = kubectl("get", "virtualservers", "-n", namespace, "-o", "wide").stdout.splitlines()
     assert wide[0].split() == [*COLUMNS, *WIDE_COLUMNS, "AGE"]
-    assert wide[1].split()[:10] == [*ROW, "2", "1", "3"]
+    assert wide[1].split()[:11] == [*ROW, "2", "1", "4", "3"]
 
     # The category and the singular name work too.
     assert "printed" in kubectl("get", "kubelvs", "-n", namespace, "-o", "name").stdout

@@ -265,6 +265,7 @@ def test_scale_up_and_not_ready(env: dict[str, Any]) -> None:
     wait_for("rs3 back", lambda: topo.ip4("rs3") in real_servers(topo))
     cluster.pod_ready("web-2", topo.ip4("rs2"), False)
     wait_for("rs2 out while not ready", lambda: topo.ip4("rs2") not in real_servers(topo))
+    wait_for("rs2 counted as waiting", lambda: (cluster.get_vs("web").get("status") or {}).get("waitingBackends") == 1)
     assert alternates(topo.client_get(env["vip"], 80, 4), ["rs1", "rs3"])
     cluster.pod_ready("web-2", topo.ip4("rs2"), True)
     wait_for("rs2 back", lambda: topo.ip4("rs2") in real_servers(topo))

@@ -37,7 +37,7 @@ DIRECTOR_METRICS = 19354
 AGENT_METRICS = 19356
 GATE = "kubelvs.io/receiver-ready"
 UPLOAD_PORT = 8080
-RESULTS = Path(os.environ.get("KUBELVS_VM_OUTDIR", "/tmp")) / "realserver-results.json"
+RESULTS_NAME = "realserver-results.json"  # next to the process logs (output_dir)
 
 pytestmark = pytest.mark.vm_control_plane
 
@@ -317,6 +317,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "kubelet": kubelet,
                 "before": before,
                 "results": {},
+                "logs": logs,
             }
         finally:
             kubelet.stop.set()
@@ -406,7 +407,6 @@ def test_tun_ipip_with_a_1mb_request(env: dict[str, Any]) -> None:
     assert answer == f"got {1 << 20}", answer
 
 
-@pytest.mark.skip(reason="GUE's fou port is not prepared by the agent yet (core/receive.py: Unsupported)")
 def test_tun_gue(env: dict[str, Any]) -> None:
     topo, cluster = env["topo"], env["cluster"]
     vip = topo.vip4(2)
@@ -425,14 +425,8 @@ def test_tun_gue(env: dict[str, Any]) -> None:
     wait_for("GUE traffic through every pod", lambda: traffic_ok(topo, vip, topo.real_servers[:3]), timeout=60)
 
 
-# Known defect, issue 11 open: in the VM run of 2026-12-02 (make test) the agent stopped making
-# progress after preparing the DR and TUN pods: the IPv6 VIP never reached rs1's lo, the scaled-up
-# pod was never prepared, a restarted agent never finished its first sync. Kept running (not
-# strict: it reports XPASS once fixed), so its evidence stays in every run.
-_AGENT_STALLS = pytest.mark.xfail(reason="issue 11: the agent stalls after its first VirtualServers in the VM")
 
 
-@_AGENT_STALLS
 def test_ipv6_dr(env: dict[str, Any]) -> None:
     topo, cluster = env["topo"], env["cluster"]
     vip = topo.vip6(0)
@@ -486,7 +480,6 @@ def _scale_up(env: dict[str, Any], pod: str, gated: bool, pause_agent: bool) -> 
     return {"requests": len(results), "errors": len(errors), "kinds": sorted(set(errors))}
 
 
-@_AGENT_STALLS
 def test_scale_up_under_load_with_and_without_the_gate(env: dict[str, Any]) -> None:
     topo, cluster, kubelet = env["topo"], env["cluster"], env["kubelet"]
     gated = _scale_up(env, "web-4", gated=True, pause_agent=True)
@@ -500,13 +493,12 @@ def test_scale_up_under_load_with_and_without_the_gate(env: dict[str, Any]) -> N
     assert namespace_state(topo, "rs4") == env["before"]["rs4"]
     ungated = _scale_up(env, "web-5", gated=False, pause_agent=True)
     env["results"]["scale_up_ungated_agent_paused"] = ungated
-    RESULTS.write_text(json.dumps(env["results"], indent=1))
+    (env["logs"] / RESULTS_NAME).write_text(json.dumps(env["results"], indent=1))
     print("scale-up figures:", json.dumps(env["results"]))
     assert gated["errors"] == 0, gated
     assert ungated["errors"] > 0, ungated  # what the gate prevents
 
 
-@_AGENT_STALLS
 def test_agent_restart_makes_no_change(env: dict[str, Any]) -> None:
     agent = env["agent"]
     agent.stop()
@@ -519,10 +511,9 @@ def test_agent_restart_makes_no_change(env: dict[str, Any]) -> None:
     assert metric(AGENT_METRICS, 'kubelvs_realserver_changes_total{op="remove"}') == 0
 
 
-@_AGENT_STALLS
 def test_deleting_the_virtual_servers_leaves_every_namespace_as_before(env: dict[str, Any]) -> None:
     topo, cluster = env["topo"], env["cluster"]
-    for name in ("dr", "tun", "dr6"):
+    for name in ("dr", "tun", "gue", "dr6"):
         cluster.delete_virtual_server(name)
     for rs in topo.real_servers:
         with contextlib.suppress(AssertionError):  # the comparison below shows the difference

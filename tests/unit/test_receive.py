@@ -88,8 +88,9 @@ def test_tun_needs_tunl0_up_with_the_vip_and_rp_filter_off() -> None:
 
 
 def test_gue_adds_a_fou_port_and_gre_uses_gre0() -> None:
-    (gue,) = receive_items(_vs("TUN", tunnel={"type": "gue", "port": 6080}))
-    assert isinstance(gue, Unsupported) and "gue" in gue.reason
+    gue = receive_items(_vs("TUN", tunnel={"type": "gue", "port": 6080}))
+    assert FouPort(6080, AF_INET) in gue and Link("tunl0", "ipip") in gue  # GUE carries IP in IP
+    assert Address("tunl0", "192.0.2.10", AF_INET) in gue and not any(isinstance(i, Unsupported) for i in gue)
     gre = receive_items(_vs("TUN", tunnel={"type": "gre"}))
     assert Link("gre0", "gre") in gre and Address("gre0", "192.0.2.10", AF_INET) in gre
     (unsupported,) = receive_items(_vs("TUN", vip="2001:db8::10"))

@@ -138,3 +138,33 @@ def test_a_deleted_pod_whose_namespace_is_gone_drops_its_record(tmp_path: Path) 
     agent.sync()
     assert len(kernel.calls) == calls  # nothing to undo in a namespace that no longer exists
     assert "uid-web-1" not in RecordStore(tmp_path).load()
+
+
+def test_every_kind_of_item_survives_the_record_file(tmp_path: Path) -> None:
+    """A TUN pod's record holds a Link, whose own ``kind`` once overwrote the item's type in the
+    file: the agent crashed at its next load (seen in the VM after the first TUN VirtualServer)."""
+    from kubelvs.realserver.records import NamespaceRecord
+
+    items: dict[rc.Item, int | None] = {
+        rc.Link("tunl0", "ipip"): None,
+        rc.Link("gre0", "gre"): 1,
+        rc.Address("tunl0", "10.0.0.1", 2): None,
+        rc.Sysctl("net/ipv4/conf/all/rp_filter", 0): 2,
+        rc.FouPort(6080, 2): None,
+    }
+    store = RecordStore(tmp_path)
+    store.save({"uid-1": NamespaceRecord(4242, "ns/web-1", dict(items))})
+    assert store.load()["uid-1"].items == items
+
+
+def test_a_version_1_record_with_a_link_is_read(tmp_path: Path) -> None:
+    """Version 1 wrote a Link's kind over the item's type ("kind": "ipip")."""
+    (tmp_path / "receive.json").write_text(
+        '{"version": 1, "namespaces": {"uid-1": {"inode": 7, "pod": "ns/web-1", "items": ['
+        '{"kind": "ipip", "device": "tunl0", "previous": null}, '
+        '{"kind": "Address", "device": "tunl0", "address": "10.0.0.1", "family": 2, "previous": null}]}}}'
+    )
+    assert RecordStore(tmp_path).load()["uid-1"].items == {
+        rc.Link("tunl0", "ipip"): None,
+        rc.Address("tunl0", "10.0.0.1", 2): None,
+    }

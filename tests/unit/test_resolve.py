@@ -16,7 +16,7 @@ from kubelvs.core.resolve import EndpointState, _endpoint_state, _slice_port, ch
 from kubelvs.core.spec import ObjectRef, PortSpec, SpecError, parse_virtual_server
 from test_spec import KEY, endpoint, eps, service, vs
 
-READY, DRAINING = EndpointState.READY, EndpointState.DRAINING
+READY, DRAINING, WAITING = EndpointState.READY, EndpointState.DRAINING, EndpointState.WAITING
 
 
 def node(name: str, *addresses: Any) -> dict[str, Any]:
@@ -36,9 +36,9 @@ def node(name: str, *addresses: Any) -> dict[str, Any]:
         (None, READY),
         ({"ready": True}, READY),
         ({"ready": True, "serving": None}, READY),  # serving nil = as ready
-        ({"ready": False}, None),  # not ready, serving nil = not serving: dropped
-        ({"ready": False, "serving": False}, None),
-        ({"ready": False, "serving": True}, None),  # serving but not terminating: not ready yet
+        ({"ready": False}, WAITING),  # not ready, not terminating: left out, counted as waiting
+        ({"ready": False, "serving": False}, WAITING),
+        ({"ready": False, "serving": True}, WAITING),  # serving but not terminating: not ready yet
         ({"ready": False, "serving": True, "terminating": True}, DRAINING),  # weight 0
         ({"serving": True, "terminating": True}, DRAINING),
         ({"ready": True, "terminating": True}, DRAINING),  # serving nil follows ready
@@ -61,6 +61,24 @@ def test_a_pod_ready_in_one_slice_and_draining_in_another_counts_ready() -> None
         assert [(d.address, d.weight) for d in state.services[KEY].destinations] == [("10.0.0.1", 1)]
         resolution = state.resolutions[ObjectRef("ns", "web")]
         assert (resolution.ready_backends, resolution.draining_backends) == (1, 0)
+
+
+def test_endpoints_not_ready_yet_are_left_out_and_counted_as_waiting() -> None:
+    """A pod whose readiness gate (kubelvs.io/receiver-ready) is not True yet is in the slice
+    with ready=false: never a real server, counted in status.waitingBackends."""
+    slices = [
+        eps(
+            "s0",
+            endpoint("10.0.0.1"),
+            endpoint("10.0.0.2", ready=False, serving=False, terminating=False),
+            endpoint("10.0.0.3", ready=False, serving=False, terminating=True),  # going away: not waiting
+        ),
+        eps("s1", endpoint("10.0.0.2", ready=False, serving=False, terminating=False)),  # counted once
+    ]
+    state = desired_state([vs()], Cluster.build([service()], slices))
+    assert [d.address for d in state.services[KEY].destinations] == ["10.0.0.1"]
+    resolution = state.resolutions[ObjectRef("ns", "web")]
+    assert (resolution.ready_backends, resolution.draining_backends, resolution.waiting_backends) == (1, 0, 1)
 
 
 def test_slice_port_matches_name_and_protocol() -> None:

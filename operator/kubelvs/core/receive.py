@@ -13,8 +13,8 @@ ARP (or NDP) for the VIP, or the director's clients would be sent to it directly
   on ``all`` and ``tunl0`` (max(all, interface) again: a decapsulated packet from a client on
   another subnet fails the reverse-path check otherwise). The ARP settings as for DR, since the
   VIP is local there too.
-- TUN gue: as ipip, plus a fou port in GUE mode on the VirtualServer's tunnel port (not enabled
-  yet: :class:`Unsupported`, see :func:`receive_items`).
+- TUN gue: as ipip, plus a fou port in GUE mode on the VirtualServer's tunnel port (the
+  decapsulated packet is IP in IP, which ``tunl0`` takes).
 - TUN gre: the fallback device ``gre0`` up with the VIP, ``rp_filter=0``.
 - TUN over IPv6: not prepared (:class:`Unsupported`): a gated pod stays out of its endpoints.
 
@@ -111,11 +111,6 @@ def receive_items(vs: VirtualServerSpec) -> frozenset[Item]:
         return frozenset((Address("lo", vs.vip, vs.family),))
     if vs.method is not Method.TUN:
         return frozenset()
-    if vs.tunnel_type is TunnelType.GUE:
-        # The fou port (FouPort, kernel/receive.py) is modelled but not enabled: in the VM test
-        # the agent stopped making progress once it went through the fou requests. Until that
-        # is verified, a gated pod stays out of the endpoints with this reason.
-        return frozenset({Unsupported("TUN gue: the fou receive port is not prepared automatically yet")})
     if vs.family == AF_INET:
         link = _TUNNEL_DEVICES[vs.tunnel_type, AF_INET]
         items: set[Item] = {

@@ -33,6 +33,7 @@ class BackendProblem:
 class EndpointState(enum.Enum):
     READY = "ready"  # a real server with its weight
     DRAINING = "draining"  # kept with weight 0 so that its connections drain
+    WAITING = "waiting"  # not ready yet, not terminating (e.g. its kubelvs.io/receiver-ready gate): left out
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,8 @@ def _endpoint_state(conditions: Any) -> EndpointState | None:
 
     ``ready`` unset means ready and ``serving`` unset means "as ready" (API conventions for
     EndpointConditions). Ready and not terminating: ready. Terminating but still serving:
-    draining (weight 0, established connections finish). Anything else: left out.
+    draining (weight 0, established connections finish). Not ready and not terminating:
+    waiting (left out, counted in the status). Anything else: left out.
     """
     found = _mapping(conditions)
     ready = found.get("ready")
@@ -97,6 +99,8 @@ def _endpoint_state(conditions: Any) -> EndpointState | None:
         return EndpointState.READY
     if serving and terminating:
         return EndpointState.DRAINING
+    if not terminating:
+        return EndpointState.WAITING
     return None
 
 
@@ -128,15 +132,19 @@ def _target_address(
 
 
 def _endpoint(
-    vs: VirtualServerSpec, cluster: Cluster, endpoint: Any, port: int
+    vs: VirtualServerSpec, cluster: Cluster, endpoint: Any, port: int, waiting: set[str]
 ) -> tuple[str, _Endpoint] | BackendProblem | None:
-    """One entry of ``endpoints[]``: (pod address, where to send its traffic), or None to leave it out."""
+    """One entry of ``endpoints[]``: (pod address, where to send its traffic), or None to leave it
+    out (a pod that is not ready yet is added to ``waiting``)."""
     if not isinstance(endpoint, Mapping):
         return None
     state = _endpoint_state(endpoint.get("conditions"))
     addresses = endpoint.get("addresses")
     pod = endpoint_address(addresses[0]) if state and isinstance(addresses, list) and addresses else None
     if pod is None or pod[0] != vs.family:  # left out, or an address that is not one
+        return None
+    if state is EndpointState.WAITING:
+        waiting.add(pod[1])
         return None
     target = _target_address(vs, cluster, endpoint, pod[1])
     if not isinstance(target, str):
@@ -145,9 +153,10 @@ def _endpoint(
 
 
 def _endpoints(
-    vs: VirtualServerSpec, cluster: Cluster, entry: PortSpec
+    vs: VirtualServerSpec, cluster: Cluster, entry: PortSpec, waiting: set[str]
 ) -> tuple[list[_Endpoint], BackendProblem | None]:
-    """The endpoints of ``vs``'s Service for one of its ports, each pod once (ready wins over draining)."""
+    """The endpoints of ``vs``'s Service for one of its ports, each pod once (ready wins over
+    draining); the pods not ready yet are added to ``waiting``."""
     assert vs.service_name is not None
     k8s_service = cluster.services.get((vs.ref.namespace, vs.service_name))
     if k8s_service is None:
@@ -169,7 +178,7 @@ def _endpoints(
         if port is None or not isinstance(endpoints, list):
             continue
         for endpoint in endpoints:
-            found = _endpoint(vs, cluster, endpoint, port)
+            found = _endpoint(vs, cluster, endpoint, port, waiting)
             if isinstance(found, BackendProblem):
                 problem = problem or found
             elif found is not None:
@@ -194,6 +203,7 @@ class Resolution:
     vip: str = ""
     ready_backends: int = 0
     draining_backends: int = 0
+    waiting_backends: int = 0  # endpoints not ready yet (a readiness gate, a probe): not in IPVS
     error: SpecError | None = None
     problem: BackendProblem | None = None
     selected: bool = True  # False when directors.nodeSelector excludes this node
@@ -213,10 +223,11 @@ def virtual_services(vs: VirtualServerSpec, cluster: Cluster) -> tuple[list[Virt
     ipvs_services: list[VirtualService] = []
     ready: set[str] = set()
     draining: set[str] = set()
+    waiting: set[str] = set()  # pod addresses
     problem: BackendProblem | None = None
     for entry in vs.ports:
         if vs.service_name is not None:
-            found, found_problem = _endpoints(vs, cluster, entry)
+            found, found_problem = _endpoints(vs, cluster, entry, waiting)
             problem = problem or found_problem
             destinations = _service_destinations(vs, entry, found, ready, draining)
         else:
@@ -234,6 +245,7 @@ def virtual_services(vs: VirtualServerSpec, cluster: Cluster) -> tuple[list[Virt
         vip=vs.vip,
         ready_backends=len(ready),
         draining_backends=len(draining - ready),
+        waiting_backends=len(waiting - ready - draining) if not vs.target_node else len(waiting),
         problem=problem,
     )
     return ipvs_services, resolution

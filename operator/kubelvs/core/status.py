@@ -149,6 +149,7 @@ def summary(
         ],
         "readyBackends": resolution.ready_backends,
         "drainingBackends": resolution.draining_backends,
+        "waitingBackends": resolution.waiting_backends,
         "programmedDirectors": len(programmed),
     }
     if announcement is not None:
@@ -186,7 +187,14 @@ def event(vs: Obj, kind: str, reason: str, message: str, node: str, now: str) ->
 def same_summary(vs: Obj, new: Mapping[str, Any]) -> bool:
     """Whether writing ``new`` would change nothing a user can see (timestamps aside)."""
     status = vs.get("status") or {}
-    for key in ("observedGeneration", "readyBackends", "drainingBackends", "programmedDirectors", "owner"):
+    for key in (
+        "observedGeneration",
+        "readyBackends",
+        "drainingBackends",
+        "waitingBackends",
+        "programmedDirectors",
+        "owner",
+    ):
         if status.get(key) != new.get(key):
             return False
     old = {c.get("type"): c for c in status.get("conditions") or []}

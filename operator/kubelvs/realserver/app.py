@@ -132,7 +132,13 @@ class Runner:
             if time.monotonic() < next_sync or not self.agent.synced_once():
                 continue
             started = time.monotonic()
-            report = self.agent.sync()
+            try:
+                report = self.agent.sync()
+            except Exception:  # a defect must not end the agent silently: logged, counted, retried
+                log.exception("sync failed; retrying in %.0f s", self.config.retry_seconds)
+                ERRORS.inc()
+                next_sync = time.monotonic() + self.config.retry_seconds
+                continue
             _record_metrics(report, time.monotonic() - started)
             waiting = report.waiting or report.errors
             next_sync = time.monotonic() + (self.config.retry_seconds if waiting else self.config.resync_seconds)

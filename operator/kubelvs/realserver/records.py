@@ -22,14 +22,21 @@ _KINDS: dict[str, type] = {"Link": Link, "Address": Address, "Sysctl": Sysctl, "
 
 def item_to_json(item: Item, previous: int | None) -> dict[str, Any]:
     fields = {name: getattr(item, name) for name in item.__slots__}  # type: ignore[union-attr]
-    return {"kind": type(item).__name__, **fields, "previous": previous}
+    # The item's type under a key no item has as a field (a Link has a "kind", the link kind).
+    return {"item": type(item).__name__, **fields, "previous": previous}
 
 
 def item_from_json(data: dict[str, Any]) -> tuple[Item, int | None]:
+    """An item as :func:`item_to_json` wrote it, or as version 1 did: the type under "kind",
+    which a Link's own ``kind`` field overwrote (so a "kind" that names no type is a Link's)."""
     data = dict(data)
-    kind = _KINDS[data.pop("kind")]
     previous = data.pop("previous", None)
-    return kind(**data), previous
+    if "item" in data:
+        return _KINDS[data.pop("item")](**data), previous
+    kind = data.pop("kind")
+    if kind in _KINDS:
+        return _KINDS[kind](**data), previous
+    return Link(device=data["device"], kind=kind), previous
 
 
 @dataclass
@@ -56,7 +63,7 @@ class RecordStore:
 
     def save(self, records: dict[str, NamespaceRecord]) -> None:
         data = {
-            "version": 1,
+            "version": 2,
             "namespaces": {
                 key: {
                     "inode": record.inode,
