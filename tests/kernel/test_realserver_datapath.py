@@ -78,6 +78,21 @@ print(data.split(b"\r\n\r\n", 1)[-1].decode())
 """
 
 
+MSS_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+mss = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+s.sendall(b"GET / HTTP/1.0\r\n\r\n"); s.recv(4096); s.close()
+print(mss)
+"""
+
+
+def client_mss(topo: Topology, vip: str) -> int:
+    """The MSS the client uses towards ``vip``: what the real server's SYN-ACK offered (the client's
+    own MTU is 1500: 1460 unclamped), less the timestamp option."""
+    return int(topo.exec("client", [sys.executable, "-c", MSS_CLIENT, vip, "80"], timeout=30).stdout)
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -229,9 +244,9 @@ def metric(port: int, name: str) -> float | None:
 
 def namespace_state(topo: Topology, rs: str) -> str:
     """Everything the agent may touch in a namespace: devices and their state, addresses, the
-    sysctls, fou ports."""
+    sysctls, fou ports, nftables tables."""
     script = (
-        "ip -br link; ip -br addr; ip fou show 2>/dev/null; "
+        "ip -br link; ip -br addr; ip fou show 2>/dev/null; nft list tables 2>/dev/null; "
         "for f in /proc/sys/net/ipv4/conf/*/arp_ignore /proc/sys/net/ipv4/conf/*/arp_announce "
         "/proc/sys/net/ipv4/conf/*/rp_filter; do echo $f $(cat $f); done"
     )
@@ -405,6 +420,8 @@ def test_tun_ipip_with_a_1mb_request(env: dict[str, Any]) -> None:
     ).stdout.strip()
     env["results"]["tun_1mb_upload_seconds"] = round(time.monotonic() - started, 2)
     assert answer == f"got {1 << 20}", answer
+    # The real servers offer an MSS that fits the path once encapsulated (1500 - 20 - 40).
+    assert 1440 - 12 <= client_mss(topo, vip) <= 1440
 
 
 def test_tun_gue(env: dict[str, Any]) -> None:
@@ -423,6 +440,7 @@ def test_tun_gue(env: dict[str, Any]) -> None:
     wait_for("a GUE port in rs1", lambda: "6080" in topo.exec("rs1", "ip fou show").stdout)
     wait_for("three GUE real servers", lambda: len(real_servers(topo, vip)) == 3)
     wait_for("GUE traffic through every pod", lambda: traffic_ok(topo, vip, topo.real_servers[:3]), timeout=60)
+    assert 1428 - 12 <= client_mss(topo, vip) <= 1428  # 1500 - IP, UDP and GUE headers (32) - 40
 
 
 

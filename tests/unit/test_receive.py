@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubelvs.core.model import AF_INET, AF_INET6
@@ -16,6 +17,7 @@ from kubelvs.core.receive import (
     FouPort,
     Item,
     Link,
+    MssClamp,
     Observed,
     Sysctl,
     Unsupported,
@@ -85,6 +87,24 @@ def test_tun_needs_tunl0_up_with_the_vip_and_rp_filter_off() -> None:
     assert Address("tunl0", "192.0.2.10", AF_INET) in items
     assert Sysctl("net/ipv4/conf/all/rp_filter", 0) in items
     assert Sysctl("net/ipv4/conf/tunl0/rp_filter", 0) in items
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "mss"),
+    [
+        (None, 1440),  # ipip: 20 bytes
+        ({"type": "gre"}, 1436),  # + 4
+        ({"type": "gre", "checksum": "csum"}, 1432),  # + 8
+        ({"type": "gue", "port": 6080}, 1428),  # IP, UDP, GUE: 32
+        ({"type": "gue", "port": 6080, "checksum": "remcsum"}, 1420),  # + the remote checksum option
+    ],
+)
+def test_tun_clamps_the_mss_to_fit_the_path_once_encapsulated(tunnel: dict[str, Any] | None, mss: int) -> None:
+    (clamp,) = (i for i in receive_items(_vs("TUN", tunnel=tunnel)) if isinstance(i, MssClamp))
+    assert clamp == MssClamp("192.0.2.10", AF_INET, mss)
+    (lower,) = (i for i in receive_items(_vs("TUN", tunnel=tunnel), path_mtu=1450) if isinstance(i, MssClamp))
+    assert lower.mss == mss - 50
+    assert not any(isinstance(i, MssClamp) for i in receive_items(_vs("DR")))  # DR adds no header
 
 
 def test_gue_adds_a_fou_port_and_gre_uses_gre0() -> None:
@@ -173,13 +193,20 @@ class Namespace:
     addresses: set[tuple[str, str]]
     sysctls: dict[str, int]
     fou_ports: set[tuple[int, int]]
+    tables: set[str] = field(default_factory=set)
     record: dict[Item, int | None] = field(default_factory=dict)
 
     def observed(self) -> Observed:
-        return Observed(dict(self.links), frozenset(self.addresses), dict(self.sysctls), frozenset(self.fou_ports))
+        return Observed(
+            dict(self.links),
+            frozenset(self.addresses),
+            dict(self.sysctls),
+            frozenset(self.fou_ports),
+            frozenset(self.tables),
+        )
 
     def kernel(self) -> tuple[Any, ...]:
-        return (dict(self.links), set(self.addresses), dict(self.sysctls), set(self.fou_ports))
+        return (dict(self.links), set(self.addresses), dict(self.sysctls), set(self.fou_ports), set(self.tables))
 
     def apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -197,6 +224,8 @@ class Namespace:
                     self.sysctls[item.path] = item.value
                 elif isinstance(item, FouPort):
                     self.fou_ports.add((item.port, item.family))
+                elif isinstance(item, MssClamp):
+                    self.tables.add(item.table)
                 continue
             previous = self.record.pop(item)
             if isinstance(item, Link):
@@ -214,6 +243,8 @@ class Namespace:
                     self.sysctls[item.path] = value
             elif isinstance(item, FouPort):
                 self.fou_ports.discard((item.port, item.family))
+            elif isinstance(item, MssClamp):
+                self.tables.discard(item.table)
 
     def converge(self, desired: frozenset[Item]) -> None:
         self.apply(plan(desired, self.record, self.observed()))
@@ -242,7 +273,8 @@ def namespaces(draw: st.DrawFn) -> Namespace:
     devices = ["lo", *links]
     addresses = draw(st.sets(st.tuples(st.sampled_from(devices), VIPS), max_size=3))
     fou = draw(st.sets(st.tuples(st.just(6080), st.sampled_from([AF_INET, AF_INET6])), max_size=1))
-    return Namespace(dict(links), set(addresses), sysctls, set(fou))
+    tables = draw(st.sets(st.sampled_from(["filter", "somebody_else"]), max_size=2))  # never kubelvs's names
+    return Namespace(dict(links), set(addresses), sysctls, set(fou), set(tables))
 
 
 @settings(max_examples=300, deadline=None)

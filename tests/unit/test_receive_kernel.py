@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from kubelvs.core.model import AF_INET, AF_INET6
-from kubelvs.core.receive import Address, Item, Sysctl
+from kubelvs.core.receive import Address, Item, MssClamp, Sysctl
 from kubelvs.kernel.podnetns import NetnsFinder
 from kubelvs.kernel.receive import Record, converge
 
@@ -101,6 +101,46 @@ def test_foreign_address_and_a_sysctl_set_by_hand_stay(netns: str) -> None:
     converge(f"/run/netns/{netns}", frozenset(), record, lambda r: None)
     assert "192.0.2.10/32" in _ip("-n", netns, "addr", "show", "dev", "lo")
     assert _state(netns)[2].split() == ["0", "2"]
+
+
+MSS_PROBE = r"""
+import socket, subprocess, sys
+vip = sys.argv[1]
+server = socket.socket(); server.bind((vip, 8080)); server.listen(1)
+client = socket.create_connection((vip, 8080), timeout=5)
+peer, _ = server.accept()
+print(client.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+"""
+
+
+def _client_mss(netns: str, vip: str) -> int:
+    """The MSS a client in ``netns`` uses towards a server on ``vip`` there (what the server's SYN-ACK offered)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", MSS_PROBE, vip], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_the_mss_clamp_lowers_what_the_vip_offers_and_goes_away_exactly(netns: str) -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("no nft binary")
+    vip = "192.0.2.10"
+    _ip("-n", netns, "addr", "add", f"{vip}/32", "dev", "lo")
+    _ip("-n", netns, "addr", "add", "192.0.2.11/32", "dev", "lo")
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "add", "table", "inet", "somebody_else"], check=True)
+    assert _client_mss(netns, vip) > 1440  # lo's MTU
+    clamp = MssClamp(vip, AF_INET, 1440)
+    record: Record = {}
+    actions, ready = converge(f"/run/netns/{netns}", frozenset({clamp}), record, lambda r: None)
+    assert ready and [a.item for a in actions] == [clamp]
+    assert 1440 - 12 <= _client_mss(netns, vip) <= 1440  # less the timestamp option, if used
+    assert _client_mss(netns, "192.0.2.11") > 1440  # only the VIP's SYN-ACKs
+    assert converge(f"/run/netns/{netns}", frozenset({clamp}), record, lambda r: None) == ([], True)
+    converge(f"/run/netns/{netns}", frozenset(), record, lambda r: None)
+    tables = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "tables"], capture_output=True, text=True)
+    assert tables.stdout.split() == ["table", "inet", "somebody_else"]
+    assert _client_mss(netns, vip) > 1440
 
 
 def test_finds_a_namespace_by_the_address_of_a_process_inside(netns: str) -> None:

@@ -16,6 +16,8 @@ ARP (or NDP) for the VIP, or the director's clients would be sent to it directly
 - TUN gue: as ipip, plus a fou port in GUE mode on the VirtualServer's tunnel port (the
   decapsulated packet is IP in IP, which ``tunl0`` takes).
 - TUN gre: the fallback device ``gre0`` up with the VIP, ``rp_filter=0``.
+- Every TUN method: an MSS clamp on the SYN-ACKs sent from the VIP (:class:`MssClamp`), so the
+  clients' segments fit the path MTU once encapsulated, with no help from ICMP.
 - TUN over IPv6: not prepared (:class:`Unsupported`): a gated pod stays out of its endpoints.
 
 What kubelvs changes is recorded (:data:`Record`: item -> the value it found before), and the
@@ -29,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubelvs.core.model import AF_INET, Method, TunnelType, normalize_address
+from kubelvs.core.model import AF_INET, Method, TunnelChecksum, TunnelType, normalize_address
 from kubelvs.core.spec import ObjectRef, VirtualServerSpec, meta
 
 READY_CONDITION = "kubelvs.io/receiver-ready"
@@ -73,6 +75,25 @@ class FouPort:
 
 
 @dataclass(frozen=True, order=True, slots=True)
+class MssClamp:
+    """TCP SYN-ACKs sent from ``address`` (the VIP) offer an MSS of at most ``mss`` (an nftables
+    table of kubelvs's own in the namespace, :attr:`table`). A TUN real server answers clients
+    directly, but their segments reach it encapsulated: they must fit the path MTU less the
+    tunnel's header, without relying on ICMP "fragmentation needed" reaching the client (path
+    MTU discovery fails wherever that is filtered)."""
+
+    address: str
+    family: int
+    mss: int
+
+    @property
+    def table(self) -> str:
+        """The table's name: the VIP and the MSS in it, so a changed MSS is another table."""
+        packed = bytes(int(x) for x in self.address.split(".")) if self.family == AF_INET else self.address.encode()
+        return f"kubelvs_mss_{packed.hex()}_{self.mss}"
+
+
+@dataclass(frozen=True, order=True, slots=True)
 class Unsupported:
     """A receive side kubelvs cannot set up: never planned, never in place, so a gated pod stays
     out of its endpoints (with ``reason`` in its condition) instead of receiving traffic it drops."""
@@ -80,11 +101,11 @@ class Unsupported:
     reason: str
 
 
-Item = Link | Address | Sysctl | FouPort | Unsupported
+Item = Link | Address | Sysctl | FouPort | MssClamp | Unsupported
 Record = Mapping[Item, int | None]  # what kubelvs changed -> what it found (None: absent)
 
 # Adds in this order (a device before its address and its sysctls), removals in reverse.
-_ORDER = {Link: 0, FouPort: 1, Address: 2, Sysctl: 3, Unsupported: 4}
+_ORDER = {Link: 0, FouPort: 1, Address: 2, Sysctl: 3, MssClamp: 4, Unsupported: 5}
 
 
 def _sort_key(item: Item) -> tuple[int, str]:
@@ -103,8 +124,24 @@ _TUNNEL_DEVICES = {
 }
 
 
-def receive_items(vs: VirtualServerSpec) -> frozenset[Item]:
-    """What a real server of ``vs`` must hold (empty for NAT: the director rewrites the address)."""
+PATH_MTU = 1500  # between the directors and the real servers, unless the agent is told otherwise
+IPV4_TCP_HEADERS = 40
+
+
+def tunnel_overhead(vs: VirtualServerSpec) -> int:
+    """The bytes the director's encapsulation adds (IPv4 outer header; net/netfilter/ipvs/ip_vs_xmit.c):
+    ipip the outer IP header; GRE 4 more, 8 with a checksum; GUE a UDP header and GUE's 4, 8 more
+    for remote checksum offload's option."""
+    if vs.tunnel_type is TunnelType.GRE:
+        return 20 + (8 if vs.tunnel_checksum is TunnelChecksum.CSUM else 4)
+    if vs.tunnel_type is TunnelType.GUE:
+        return 20 + 8 + 4 + (8 if vs.tunnel_checksum is TunnelChecksum.REMCSUM else 0)
+    return 20
+
+
+def receive_items(vs: VirtualServerSpec, path_mtu: int = PATH_MTU) -> frozenset[Item]:
+    """What a real server of ``vs`` must hold (empty for NAT: the director rewrites the address).
+    ``path_mtu``: the MTU between the directors and the real servers (TUN's MSS clamp)."""
     if vs.method is Method.DR:
         if vs.family == AF_INET:
             return frozenset((Address("lo", vs.vip, vs.family), *_HIDE_VIP))
@@ -119,6 +156,7 @@ def receive_items(vs: VirtualServerSpec) -> frozenset[Item]:
             _conf("all", "rp_filter", 0),
             _conf(link.device, "rp_filter", 0),
             *_HIDE_VIP,
+            MssClamp(vs.vip, vs.family, path_mtu - tunnel_overhead(vs) - IPV4_TCP_HEADERS),
         }
     else:
         # The IPv6 fallback devices (ip6tnl0, ip6gre0) never get the receive capability (the
@@ -225,6 +263,7 @@ def targets(
     selectors: Mapping[tuple[str, str], Mapping[str, str]],
     pods: Iterable[PodInfo],
     node_addresses: Iterable[str] = (),
+    path_mtu: int = PATH_MTU,
 ) -> dict[str, Target]:
     """The namespaces on this node that are DR or TUN backends, and what each must hold.
 
@@ -245,7 +284,7 @@ def targets(
         entry.refs.add(vs.ref)
 
     for vs in specs:
-        items = receive_items(vs)
+        items = receive_items(vs, path_mtu)
         if not items:
             continue
         if vs.service_name is not None:
@@ -281,6 +320,7 @@ class Observed:
     addresses: frozenset[tuple[str, str]] = frozenset()  # (device, address)
     sysctls: Mapping[str, int] = field(default_factory=dict)  # path -> value; absent: no such file
     fou_ports: frozenset[tuple[int, int]] = frozenset()  # (port, family)
+    nft_tables: frozenset[str] = frozenset()  # names of the inet tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +344,8 @@ def holds(item: Item, observed: Observed) -> bool:
         return observed.sysctls.get(item.path) == item.value
     if isinstance(item, FouPort):
         return (item.port, item.family) in observed.fou_ports
+    if isinstance(item, MssClamp):
+        return item.table in observed.nft_tables
     return False
 
 

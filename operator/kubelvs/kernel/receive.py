@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import subprocess
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ from kubelvs.core.receive import (
     FouPort,
     Item,
     Link,
+    MssClamp,
     Observed,
     Sysctl,
     plan,
@@ -82,6 +84,36 @@ def _fou_ports() -> set[tuple[int, int]]:
     return {(int(m.get_attr("FOU_ATTR_PORT")), int(m.get_attr("FOU_ATTR_AF"))) for m in answers}
 
 
+def _nft(script: str | None, *args: str) -> str:
+    """``nft`` in the calling thread's network namespace (a child process inherits the namespace
+    of the thread that forks it). The ``nft`` binary rather than netlink for the same reason as
+    :mod:`kubelvs.kernel.vipfilter`: nftables' netlink messages are a bytecode nobody should write by hand."""
+    done = subprocess.run(["nft", *args], input=script, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise OSError(errno.EIO, f"nft {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _nft_tables() -> set[str]:
+    """The names of the inet tables in the namespace."""
+    return {line.split()[2] for line in _nft(None, "list", "tables", "inet").splitlines() if line.startswith("table ")}
+
+
+def _mss_table(item: MssClamp) -> str:
+    """One table per clamp, owned by kubelvs: SYN-ACKs from the VIP offering more are lowered."""
+    match = "ip saddr" if item.family == AF_INET else "ip6 saddr"
+    return (
+        f"add table inet {item.table}\ndelete table inet {item.table}\n"
+        f"table inet {item.table} {{\n"
+        "  chain output {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        f"    {match} {item.address} tcp flags & (syn | rst) == syn "
+        f"tcp option maxseg size > {item.mss} tcp option maxseg size set {item.mss}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
 def _read_sysctl(path: str, proc: str) -> int | None:
     try:
         with open(f"{proc}/sys/{path}") as file:
@@ -123,7 +155,8 @@ def observe(ipr: IPRoute, items: Iterable[Item], proc: str = "/proc") -> Observe
             if value is not None:
                 sysctls[item.path] = value
     fou = _fou_ports() if any(isinstance(item, FouPort) for item in items) else set()
-    return Observed(links, frozenset(addresses), sysctls, frozenset(fou))
+    tables = _nft_tables() if any(isinstance(item, MssClamp) for item in items) else set()
+    return Observed(links, frozenset(addresses), sysctls, frozenset(fou), frozenset(tables))
 
 
 def _ignore(codes: tuple[int, ...], call: Callable[[], Any]) -> None:
@@ -163,6 +196,8 @@ def _add(ipr: IPRoute, item: Item, proc: str) -> None:
         except NetlinkError as error:
             if error.code != errno.EEXIST:
                 raise
+    elif isinstance(item, MssClamp):
+        _nft(_mss_table(item), "-f", "-")
 
 
 def _remove(ipr: IPRoute, item: Item, previous: int | None, proc: str) -> None:
@@ -195,6 +230,8 @@ def _remove(ipr: IPRoute, item: Item, previous: int | None, proc: str) -> None:
         except NetlinkError as error:
             if error.code not in (errno.ENOENT, errno.ESRCH):
                 raise
+    elif isinstance(item, MssClamp) and item.table in _nft_tables():  # gone already: nothing to undo
+        _nft(None, "delete", "table", "inet", item.table)
 
 
 def converge(

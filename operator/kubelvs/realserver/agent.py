@@ -50,12 +50,14 @@ class Agent:
         converge: Converge,
         write_condition: Callable[[Mapping[str, str], bool, str], None],
         node_addresses: Callable[[], list[str]] = list,
+        path_mtu: int = rc.PATH_MTU,
     ) -> None:
         self.store = store
         self.finder = finder
         self.converge = converge
         self.write_condition = write_condition
         self.node_addresses = node_addresses
+        self.path_mtu = path_mtu
         self.objects: dict[str, dict[str, Obj]] = {"virtualservers": {}, "services": {}, "pods": {}}
         self.listed: set[str] = set()
         self.invalid: dict[str, str] = {}  # VirtualServer -> its last spec error (logged once)
@@ -105,7 +107,7 @@ class Agent:
         except Exception as error:
             log.warning("cannot read this node's addresses: %s", error)
             node_addresses = []
-        wanted = rc.targets(specs, selectors, pods, node_addresses)
+        wanted = rc.targets(specs, selectors, pods, node_addresses, self.path_mtu)
         records = self.store.load()
         ready: dict[str, bool] = {}
         messages: dict[str, str] = {}

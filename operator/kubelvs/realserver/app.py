@@ -161,6 +161,7 @@ def run_agent(config: RealServerConfig) -> int:
         lambda netns, items, record, save: converge(netns, items, record, save, config.proc),
         write_condition,
         lambda: node_addresses(api, config.node_name),
+        config.tunnel_path_mtu,
     )
     runner = Runner(config, agent)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -219,7 +220,7 @@ def pod_items(args: argparse.Namespace) -> frozenset[rc.Item]:
                 },
             }
         )
-        items |= rc.receive_items(spec)
+        items |= rc.receive_items(spec, args.tunnel_path_mtu)
     return frozenset(items)
 
 

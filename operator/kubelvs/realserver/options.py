@@ -21,6 +21,7 @@ class RealServerConfig:
     metrics_port: int = 9346  # 0: no metrics or health endpoint
     metrics_address: str = ""
     api_timeout_seconds: float = 30.0
+    tunnel_path_mtu: int = 1500  # between the directors and the real servers: TUN's MSS clamp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-timeout", type=float, default=30.0, help="seconds for each API request")
     parser.add_argument(
+        "--tunnel-path-mtu",
+        type=int,
+        default=1500,
+        help="MTU of the path from the directors to the real servers: TUN backends offer an MSS that fits "
+        "it once encapsulated (default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("KUBELVS_LOG_LEVEL", "INFO"),
         type=str.upper,
@@ -70,4 +78,5 @@ def config_from(args: argparse.Namespace) -> RealServerConfig:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         api_timeout_seconds=args.api_timeout,
+        tunnel_path_mtu=args.tunnel_path_mtu,
     )

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubelvs.core.receive import Address, FouPort, Item, Link, Sysctl
+from kubelvs.core.receive import Address, FouPort, Item, Link, MssClamp, Sysctl
 from kubelvs.kernel.records import save_record
 
 RECORD_NAME = "receive.json"
-_KINDS: dict[str, type] = {"Link": Link, "Address": Address, "Sysctl": Sysctl, "FouPort": FouPort}
+_KINDS: dict[str, type] = {"Link": Link, "Address": Address, "Sysctl": Sysctl, "FouPort": FouPort, "MssClamp": MssClamp}
 
 
 def item_to_json(item: Item, previous: int | None) -> dict[str, Any]:
