@@ -39,7 +39,9 @@ class LeaseStore:
         self.version = itertools.count(1)
         self.watchers: list[tuple[asyncio.AbstractEventLoop, Callable[[str, dict[str, Any]], None]]] = []
         self.writes: dict[str, int] = {"heartbeat": 0, "claim": 0}
+        self.claim_log: list[tuple[str, str, str]] = []  # (writer, vip, new holder)
         self.down: set[str] = set()  # nodes cut off from the API
+        self.slow: dict[str, float] = {}  # node -> seconds each of its heartbeat renewals takes
 
     def _put(self, obj: dict[str, Any], event: str) -> dict[str, Any]:
         obj["metadata"]["resourceVersion"] = str(next(self.version))
@@ -69,6 +71,7 @@ class FakeLeases:
         self, node: str, duration_seconds: float, unfit: Iterable[str] = (), peer_address: str = ""
     ) -> HeartbeatRecord:
         self._check()
+        time.sleep(self.store.slow.get(self.node, 0.0))
         with self.store.lock:
             self.store.writes["heartbeat"] += 1
             obj = {
@@ -99,6 +102,7 @@ class FakeLeases:
             if expected is not None and (current is None or current["metadata"]["resourceVersion"] != expected.version):
                 raise Conflict("changed")
             self.store.writes["claim"] += 1
+            self.store.claim_log.append((self.node, vip, holder))
             transitions = (expected.transitions + (holder != expected.holder)) if expected else 0
             obj = {
                 "metadata": {
@@ -351,6 +355,33 @@ def test_shutting_down_hands_every_vip_over_and_waits_for_the_new_owners() -> No
             cluster.kill("a")
             await asyncio.sleep(3 * TIMINGS.retry_period)
             assert balanced(cluster, "bc"), cluster.owners()
+
+    asyncio.run(scenario())
+
+
+def test_shutting_down_says_so_before_handing_over_so_no_vip_comes_back() -> None:
+    """Seen in the VM's rolling restart: the leaving director wrote the claims before its
+    heartbeat said ShuttingDown; the new owner, still seeing it fit and preferred, handed each
+    VIP back as a rebalance, and the two ping-ponged until the shutdown timeout."""
+
+    async def scenario() -> None:
+        async with running("abc") as cluster:
+            leaving = cluster.elections["a"]
+            moved = set(leaving.held)
+            assert moved
+            cluster.store.slow["a"] = 3 * TIMINGS.retry_period  # each renewal takes 0.3 s
+            log = cluster.store.claim_log
+            start = len(log)
+            draining = asyncio.create_task(leaving.drain(timeout=10.0))
+            await asyncio.sleep(TIMINGS.retry_period)  # no renewal sent since has been written yet
+            assert [w for w in log[start:] if w[0] == "a"] == [], "handed over before the heartbeat said so"
+            assert await draining == set()
+            await asyncio.sleep(4 * TIMINGS.retry_period)
+            handed = [w for w in log[start:] if w[0] == "a"]
+            assert sorted(vip for _a, vip, _to in handed) == sorted(moved), handed  # each once
+            assert [w for w in log[start:] if w[2] == "a"] == [], "a VIP was handed back to the leaving director"
+            assert all("a" not in holders for holders in cluster.owners().values()), cluster.owners()
+            cluster.kill("a")
 
     asyncio.run(scenario())
 

@@ -174,7 +174,8 @@ class Election:
         self._uplinks_read: tuple[float, frozenset[str]] = (-math.inf, frozenset())
         self._vips: dict[str, VipInfo] | None = None
         self.draining = False  # shutting down: every VIP goes to another director
-        self._decided_draining = False  # a decision was made since draining began
+        self._drain_started = math.inf
+        self._decided_draining = False  # a decision was made since draining began (and announced)
         self._vips_from: tuple[Any, Any] = (None, None)
 
     # --- inputs -----------------------------------------------------------------------------
@@ -394,6 +395,8 @@ class Election:
             self._arm_fence(loop)
             if not was_valid or self.lapsed:  # valid again: decide now (else the deadline wakes us)
                 self.wake.set()
+            if self.draining and not self._decided_draining and self._drain_announced():
+                self.wake.set()  # our peers can see that we leave: hand over now
             await asyncio.sleep(max(0.0, started + self.timings.retry_period - self.clock()))
 
     async def _beat_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -572,6 +575,10 @@ class Election:
         self.unfit = self._unfit_reasons(vips)
         decisions = self.decide(now, vips)
         Action = el.Action
+        announced = self._drain_announced()
+        if self.draining and not announced:
+            # No handover before a heartbeat that says ShuttingDown is written (see drain).
+            decisions = {v: _KEEP if d.action is Action.HAND_OVER else d for v, d in decisions.items()}
         self._release([v for v in self.held if v not in decisions], "NotUsed")  # no VirtualServer uses it
         for action in (Action.RELEASE, Action.STANDBY, Action.HAND_OVER):
             for reason in {d.reason for d in decisions.values() if d.action is action}:
@@ -585,7 +592,7 @@ class Election:
             await self._claim(loop, claims, vips)
         await self._hold(loop, [vip for vip, decision in decisions.items() if decision.action is Action.HOLD], vips)
         self.decisions = decisions
-        self._decided_draining = self.draining
+        self._decided_draining = self.draining and announced
         try:
             self._watch_conflicts(loop)
         except OSError as error:
@@ -830,6 +837,12 @@ class Election:
 
     # --- shutting down ----------------------------------------------------------------------------
 
+    def _drain_announced(self) -> bool:
+        """A heartbeat renewal sent after draining began has been written (it says ShuttingDown);
+        alone, there is nobody to tell."""
+        renewed = self.renewed_at if self.renewed_at is not None else -math.inf
+        return renewed >= self._drain_started or not self.known_peers
+
     async def drain(self, timeout: float) -> set[str]:
         """Hand every VIP we hold to another director before we exit (SIGTERM: a rolling
         update, a node drain), and wait until each is answered by the new owner: its clients
@@ -843,7 +856,13 @@ class Election:
         if not held_before:
             return set()
         log.info("shutting down: handing over %s", ", ".join(sorted(held_before)))
+        # Our heartbeat says ShuttingDown before any claim is handed over: a peer that is handed
+        # a VIP while it still sees us fit (and preferred) hands it back as a rebalance, and the
+        # two ping-pong until our timeout (seen in the VM's rolling restart). The next renewal
+        # carries it; heartbeats and claims reach the peers in one ordered watch stream.
         self.draining, self._decided_draining = True, False
+        self._drain_started = self.clock()
+        self.unfit = self._unfit_reasons(self.vips())
         self.wake.set()
         while self.clock() < deadline and (
             not self._decided_draining
