@@ -95,7 +95,7 @@ class NoNet:
     def uplinks(self, vips: Any) -> dict[str, None]:
         return dict.fromkeys(vips)
 
-    def hold(self, interface: str, vips: Any, lifetime: int, still_valid: Any, refresh_only: bool = False) -> list[Any]:
+    def hold(self, interface: str, vips: Any, lifetime: int, still_valid: Any) -> list[Any]:
         return []
 
     def release(self, interface: str, vips: Any) -> list[Any]:

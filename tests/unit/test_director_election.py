@@ -158,16 +158,12 @@ class FakeNet:
         vips: list[tuple[str, int]],
         lifetime: int,
         still_valid: Callable[[], bool],
-        refresh_only: bool = False,
     ) -> list[tuple[str, OSError]]:
         failed: list[tuple[str, OSError]] = []
         for vip, _family in vips:
             now = time.monotonic()
             if not still_valid():
                 failed.append((vip, ClaimLost(vip, "validity ended")))
-                continue
-            if refresh_only and self.segment.addresses.get(vip, {}).get(self.node, 0.0) <= now:
-                failed.append((vip, ClaimLost(vip, "lifetime ended")))  # as the kernel: gone
                 continue
             self.segment.addresses.setdefault(vip, {})[self.node] = now + lifetime
             self.segment.check(vip)

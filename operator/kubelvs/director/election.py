@@ -56,8 +56,8 @@ class ElectionConfig:
 
 
 class ClaimLost(OSError):
-    """A claim address that was not added or refreshed because we may no longer answer for it:
-    our validity ended before the request, or the address had already ended its lifetime."""
+    """A claim address that was not added or refreshed because our validity had ended before
+    the request (the process or its kernel thread stalled with it queued)."""
 
     def __init__(self, vip: str, why: str) -> None:
         super().__init__(f"{vip}: {why}")
@@ -81,11 +81,9 @@ class VipNet(Protocol):
         vips: list[tuple[str, int]],
         lifetime: int,
         still_valid: Callable[[], bool],
-        refresh_only: bool = False,
     ) -> list[tuple[str, OSError]]:
         """Add or refresh the claim addresses of (VIP, family), each only while ``still_valid()``
-        (asked just before its request); ``refresh_only``: never add one that is gone. The
-        failures (ClaimLost for those two cases)."""
+        (asked just before its request; ClaimLost for those skipped). The failures."""
 
     def release(self, interface: str, vips: list[tuple[str, int]]) -> list[tuple[str, OSError]]:
         """Remove those claim addresses (only ours); the failures."""
@@ -406,7 +404,7 @@ class Election:
         while True:
             self._beat()
             if not self.api_ok:
-                self._refresh_from_peers(loop)
+                self._refresh_from_peers()
                 self._arm_fence(loop)
             await asyncio.sleep(self.timings.retry_period)
 
@@ -469,9 +467,9 @@ class Election:
         if self.known_peers != (self.obs.api_live_nodes(answered) | self._peer_live(answered)):
             self.known_peers = set(self.obs.api_live_nodes(answered) | self._peer_live(answered)) - {self.me}
         if self.timings.may_refresh_address(answered - sent):
-            await asyncio.wrap_future(self._refresh_addresses(loop))
+            await asyncio.wrap_future(self._refresh_addresses(self.valid_until()))
 
-    def _refresh_from_peers(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _refresh_from_peers(self) -> None:
         """The API is away but every peer acknowledges our beats: keep the claim addresses
         alive, as long as they would still end before the earliest takeover those
         acknowledgements allow."""
@@ -480,11 +478,12 @@ class Election:
         if not self.held or now >= until:
             return
         if not math.isfinite(until):  # alone: nobody can take over
-            self._refresh_addresses(loop)
+            self._refresh_addresses(until)
             return
         earliest_takeover = until - self.timings.renew_deadline + self.timings.lease_duration
-        if now + self.timings.address_lifetime <= earliest_takeover:
-            self._refresh_addresses(loop)
+        last_refresh = earliest_takeover - self.timings.address_lifetime  # it must end before a takeover
+        if now <= last_refresh:
+            self._refresh_addresses(min(until, last_refresh))
 
     def _peer_live(self, now: float) -> set[str]:
         return {node for node in self.peer_sources if self.obs.peer_live(node, now)}
@@ -499,43 +498,26 @@ class Election:
                 addresses.add((record.peer_address, port))
         self.peer_channel.beat(self.clock(), addresses)
 
-    def _refresh_addresses(self, loop: asyncio.AbstractEventLoop) -> Future[None]:
-        """Extend the lifetime of every claim address we hold (queued on the kernel thread), as
-        long as the validity we have now lasts: a refresh that runs later (the process froze
-        with it queued) finds it ended and does nothing. A claim address found gone is not
-        added again: we stop answering for its VIP, and only a fresh decision claims it back."""
+    def _refresh_addresses(self, deadline: float) -> Future[None]:
+        """Extend the lifetime of every claim address we hold (queued on the kernel thread), each
+        only before ``deadline`` (our validity as known now): a refresh that runs later (the
+        process froze with it queued, seen in the VM) would give life to an address another
+        director may have taken since, so it does nothing, and the fence releases the VIP. One
+        that ended its lifetime while we are valid (a late refresh under load) is added again:
+        nobody takes over before our validity ends."""
         by_interface = self._by_interface(list(self.held))
-        refreshed = dict(self.held)  # which hold each refresh is for (a VIP may be dropped and held anew meanwhile)
         lifetime = self.timings.address_lifetime
-        until = self.valid_until()
 
         def still_valid() -> bool:
-            return self.clock() < until
+            return self.clock() < deadline
 
         def refresh() -> None:
-            lost: list[str] = []
             for interface, vips in by_interface.items():
-                for vip, error in self.net.hold(interface, vips, lifetime, still_valid, refresh_only=True):
-                    if isinstance(error, ClaimLost):
-                        lost.append(vip)
-                    else:
+                for vip, error in self.net.hold(interface, vips, lifetime, still_valid):
+                    if not isinstance(error, ClaimLost):
                         log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
-            if lost:
-                loop.call_soon_threadsafe(self._claims_lost, {vip: refreshed[vip] for vip in lost})
 
         return self.kernel.submit(refresh)
-
-    def _claims_lost(self, holds: Mapping[str, Held]) -> None:
-        """Claim addresses the kernel ended, or a refresh skipped because our validity had ended
-        (we were stalled): no longer ours to answer for until a decision claims them again."""
-        lost = [vip for vip, held in holds.items() if self.held.get(vip) is held]
-        if not lost:
-            return
-        log.warning("claim addresses ended before their renewal (stalled): no longer answering for %s", ", ".join(lost))
-        self._release(lost, "AddressExpired")
-        for vip in lost:
-            self.confirmed.discard(vip)
-        self.wake.set()
 
     def _by_interface(self, vips: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
         """Held VIPs grouped by their interface, as the kernel calls take them."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kubelvs.director.election import ClaimLost
 from kubelvs.kernel.announce import Announcer, ConflictMonitor, probe_many
-from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, ClaimExpiredError, Uplink, held_claims, uplinks_for
+from kubelvs.kernel.claims import ArpGuard, ClaimAddresses, Uplink, held_claims, uplinks_for
 
 log = logging.getLogger("kubelvs.director.vipnet")
 
@@ -58,7 +58,6 @@ class KernelVipNet:
         vips: list[tuple[str, int]],
         lifetime: int,
         still_valid: Callable[[], bool],
-        refresh_only: bool = False,
     ) -> list[tuple[str, OSError]]:
         """Add or refresh the claim addresses of many (VIP, family) on one interface: one socket
         and one read of the interface for all of them (a renewal refreshes every claim address,
@@ -73,9 +72,7 @@ class KernelVipNet:
                     failed.append((vip, ClaimLost(vip, "our validity ended before the request")))
                     continue
                 try:
-                    claims.hold(vip, family, lifetime, refresh_only=refresh_only)
-                except ClaimExpiredError:
-                    failed.append((vip, ClaimLost(vip, "its lifetime ended before the refresh")))
+                    claims.hold(vip, family, lifetime)
                 except OSError as error:
                     failed.append((vip, error))
         return failed

@@ -56,16 +56,6 @@ class Uplink:
     up: bool  # administratively up and running (operational state up or unknown)
 
 
-class ClaimExpiredError(OSError):
-    """A refresh found the claim gone: its lifetime ended before the renewal came (the director
-    stalled or froze). Not created again: after a stall, only a fresh decision may claim."""
-
-    def __init__(self, address: str, interface: str) -> None:
-        super().__init__(errno.ENOENT, f"the claim address {address} on {interface} ended its lifetime")
-        self.address = address
-        self.interface = interface
-
-
 class ForeignAddressError(OSError):
     """The address is on the interface without kubelvs's mark: somebody else's."""
 
@@ -232,11 +222,9 @@ class ClaimAddresses(RtnlSessions):
     def _ours(self, address: str, proto: int) -> bool:
         return proto == ADDRESS_PROTO or (not self._tags_kept and address in self._added)
 
-    def hold(self, vip: str, family: int, lifetime: int, *, refresh_only: bool = False) -> bool:
+    def hold(self, vip: str, family: int, lifetime: int) -> bool:
         """Hold ``vip`` on the interface for ``lifetime`` more seconds: added if missing, its
         lifetime refreshed if present. True if it was added (not there before).
-        ``refresh_only``: a renewal of a claim we hold; if it is gone (its lifetime ended: the
-        kernel's dead man's switch fired), raise ClaimExpiredError instead of adding it again.
         Raises ForeignAddressError if it is there without kubelvs's mark, OSError (ENODEV) if
         the interface is missing."""
         if lifetime < 1:
@@ -251,16 +239,6 @@ class ClaimAddresses(RtnlSessions):
             if index is None:
                 raise OSError(errno.ENODEV, f"{self.interface}: no such interface")
             request = (index, address, family, prefix, flags, lifetime, preferred, ADDRESS_PROTO)
-            if refresh_only:
-                # The kernel creates an address even for a plain NLM_F_REPLACE: read first (once
-                # per session), and refresh only what is still there and ours.
-                seen = rtnl.present if rtnl.present is not None else self._read(rtnl, index)
-                if address not in seen:
-                    raise ClaimExpiredError(address, self.interface)
-                if not self._ours(address, seen[address]):
-                    raise ForeignAddressError(address, self.interface)
-                rtnl.request(codec.lifetime_address_request, True, *request)
-                return False
             # Create exclusively first: only an address proven ours is ever refreshed. Our own
             # claim can end its lifetime between the refused create and the read (a renewal
             # late under load): then it is gone from the read, and created again.
