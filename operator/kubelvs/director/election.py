@@ -562,10 +562,17 @@ class Election:
             # No handover before a heartbeat that says ShuttingDown is written (see drain).
             decisions = {v: _KEEP if d.action is Action.HAND_OVER else d for v, d in decisions.items()}
         self._release([v for v in self.held if v not in decisions], "NotUsed")  # no VirtualServer uses it
+        handed_off: list[Future[None]] = []
         for action in (Action.RELEASE, Action.STANDBY, Action.HAND_OVER):
             for reason in {d.reason for d in decisions.values() if d.action is action}:
                 dropped = [v for v, d in decisions.items() if d.action is action and d.reason == reason]
-                self._release([v for v in dropped if v in self.held], reason)
+                removal = self._release([v for v in dropped if v in self.held], reason)
+                if removal is not None and action is Action.HAND_OVER:
+                    handed_off.append(removal)
+        # The new owner adds its address as soon as it reads the claim, without a probe: ours
+        # must be gone first (the kernel thread may be busy with a refresh ahead of the removal).
+        if handed_off:
+            await asyncio.gather(*(asyncio.wrap_future(removal) for removal in handed_off))
         for vip, decision in decisions.items():
             if decision.action is Action.HAND_OVER:
                 await self._write_claim(loop, vip, decision.target, decision.reason)
@@ -736,12 +743,13 @@ class Election:
                     held.announced_at = now
                     held.bursts_left = max(0, held.bursts_left - 1)
 
-    def _release(self, vips: Iterable[str], reason: str) -> None:
+    def _release(self, vips: Iterable[str], reason: str) -> Future[None] | None:
         """Stop answering for these VIPs now: forgotten here at once, their addresses removed
-        by the kernel thread after whatever it is doing (a hold queued before is undone)."""
+        by the kernel thread after whatever it is doing (a hold queued before is undone). The
+        removal's future (None: nothing held)."""
         dropped = {vip: self.held.pop(vip) for vip in list(vips) if vip in self.held}
         if not dropped:
-            return
+            return None
         grouped: dict[str, list[tuple[str, int]]] = {}
         for vip, held in dropped.items():
             grouped.setdefault(held.interface, []).append((vip, held.family))
@@ -755,8 +763,9 @@ class Election:
                 for vip, error in failures:
                     log.error("removing the claim address %s on %s: %s", vip, interface, error)
 
-        self.kernel.submit(remove)
+        removal = self.kernel.submit(remove)
         log.info("VIP %s: stopped answering (%s)", ", ".join(sorted(dropped)), reason)
+        return removal
 
     # --- conflicts ------------------------------------------------------------------------------
 
@@ -820,10 +829,8 @@ class Election:
     # --- shutting down ----------------------------------------------------------------------------
 
     def _drain_announced(self) -> bool:
-        """A heartbeat renewal sent after draining began has been written (it says ShuttingDown);
-        alone, there is nobody to tell."""
-        renewed = self.renewed_at if self.renewed_at is not None else -math.inf
-        return renewed >= self._drain_started or not self.known_peers
+        """A heartbeat renewal sent after draining began has been written: it says ShuttingDown."""
+        return self.renewed_at is not None and self.renewed_at >= self._drain_started
 
     async def drain(self, timeout: float) -> set[str]:
         """Hand every VIP we hold to another director before we exit (SIGTERM: a rolling
