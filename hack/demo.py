@@ -62,7 +62,9 @@ def on_host() -> int:
         print(f"API server {cp.server}; the VM reaches it at 10.0.2.2", flush=True)
         banner("booting the IPVS VM (Debian's kernel under emulation: slow, but a real kernel)")
         env = {"KUBELVS_E2E_KUBECONFIG": str(cp.kubeconfig_vm), "KUBELVS_DEMO_KUBECTL": str(cp.kubectl)}
-        return int(vm.run_in_vm([sys.executable, str(Path(__file__))], [], 1500.0, True, env=env))
+        # The VM output directory read-write: the directors' logs are kept there (and shown on failure).
+        vmout = vm.ensure_vmout(REPO)
+        return int(vm.run_in_vm([sys.executable, str(Path(__file__))], [str(vmout)], 1500.0, True, env=env))
     finally:
         cp.stop()
 
