@@ -60,7 +60,7 @@ is_current() {
 	[ -x "$BIN_DIR/$1" ] || return 1
 	local stamp
 	stamp="$(cat "$BIN_DIR/.$1.stamp" 2>/dev/null)"
-	[ "$stamp" = "$(stamp_of "$1")" ] || { [ "$1" = promtool ] && [ "${stamp%% *}" = debian ]; }
+	[ "$stamp" = "$(stamp_of "$1")" ] || { [ "$1" = promtool ] && [[ "$stamp" == "$DEBIAN_PROMTOOL_STAMP "* ]]; }
 }
 
 promtool_from_debian() { # -> 0 if $BIN_DIR/promtool was extracted from Debian's package

@@ -27,6 +27,7 @@ there satisfies the need without becoming kubelvs's, and a sysctl goes back to w
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,8 +90,7 @@ class MssClamp:
     @property
     def table(self) -> str:
         """The table's name: the VIP and the MSS in it, so a changed MSS is another table."""
-        packed = bytes(int(x) for x in self.address.split(".")) if self.family == AF_INET else self.address.encode()
-        return f"kubelvs_mss_{packed.hex()}_{self.mss}"
+        return f"kubelvs_mss_{ipaddress.ip_address(self.address).packed.hex()}_{self.mss}"
 
 
 @dataclass(frozen=True, order=True, slots=True)

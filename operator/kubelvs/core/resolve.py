@@ -186,6 +186,7 @@ def _endpoints(
                 previous = best.get((pod, usable.port))  # one pod counts once, whatever slices list it
                 if previous is None or (previous.draining and not usable.draining):
                     best[pod, usable.port] = usable
+    waiting.difference_update(pod for pod, _port in best)  # ready or draining in another slice
     return sorted(best.values(), key=lambda e: (e.address, e.port)), problem
 
 
@@ -245,7 +246,7 @@ def virtual_services(vs: VirtualServerSpec, cluster: Cluster) -> tuple[list[Virt
         vip=vs.vip,
         ready_backends=len(ready),
         draining_backends=len(draining - ready),
-        waiting_backends=len(waiting - ready - draining) if not vs.target_node else len(waiting),
+        waiting_backends=len(waiting),
         problem=problem,
     )
     return ipvs_services, resolution

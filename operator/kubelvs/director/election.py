@@ -507,9 +507,7 @@ class Election:
         nobody takes over before our validity ends."""
         by_interface = self._by_interface(list(self.held))
         lifetime = self.timings.address_lifetime
-
-        def still_valid() -> bool:
-            return self.clock() < deadline
+        still_valid = self._before(deadline)
 
         def refresh() -> None:
             for interface, vips in by_interface.items():
@@ -518,6 +516,11 @@ class Election:
                         log.warning("refreshing the claim address %s on %s: %s", vip, interface, error)
 
         return self.kernel.submit(refresh)
+
+    def _before(self, deadline: float) -> Callable[[], bool]:
+        """For the kernel thread: whether ``deadline`` (a validity known when the work was queued)
+        has not passed yet."""
+        return lambda: self.clock() < deadline
 
     def _by_interface(self, vips: Iterable[str]) -> dict[str, list[tuple[str, int]]]:
         """Held VIPs grouped by their interface, as the kernel calls take them."""
@@ -700,11 +703,7 @@ class Election:
             uplink = self.uplinks.get(vip)
             if vip not in self.held and uplink is not None:
                 added.setdefault(uplink[0], []).append((vip, infos[vip].family))
-        until = self.valid_until()
-
-        def still_valid() -> bool:
-            return self.clock() < until
-
+        still_valid = self._before(self.valid_until())
         for interface, items in added.items():
             failures = await loop.run_in_executor(
                 self.kernel, self.net.hold, interface, items, self.timings.address_lifetime, still_valid

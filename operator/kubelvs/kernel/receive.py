@@ -41,6 +41,7 @@ from kubelvs.core.receive import (
     restored_sysctl,
 )
 from kubelvs.kernel.netns import call_in
+from kubelvs.kernel.vipfilter import nft_binary
 
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
@@ -88,7 +89,10 @@ def _nft(script: str | None, *args: str) -> str:
     """``nft`` in the calling thread's network namespace (a child process inherits the namespace
     of the thread that forks it). The ``nft`` binary rather than netlink for the same reason as
     :mod:`kubelvs.kernel.vipfilter`: nftables' netlink messages are a bytecode nobody should write by hand."""
-    done = subprocess.run(["nft", *args], input=script, capture_output=True, text=True, timeout=30)
+    nft = nft_binary()
+    if nft is None:
+        raise OSError(errno.ENOENT, "nft not found: install the nftables package (TUN's MSS clamp needs it)")
+    done = subprocess.run([nft, *args], input=script, capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         raise OSError(errno.EIO, f"nft {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout

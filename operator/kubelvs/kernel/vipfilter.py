@@ -67,6 +67,12 @@ from socket import AF_INET, AF_INET6
 
 from kubelvs.kernel.netns import netlink_socket
 
+
+def nft_binary() -> str | None:
+    """The ``nft`` binary (also in /usr/sbin when PATH lacks it, as a container's may), or None."""
+    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+
+
 TABLE = "inet kubelvs"
 CHAIN = "input"
 PRIORITY = 0  # before IPVS's LOCAL_IN hook (NF_IP_PRI_NAT_SRC - 2 = 98)
@@ -216,7 +222,7 @@ class VipPortFilter:
         self._genid = self._generation()
 
     def _command(self) -> list[str]:
-        nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+        nft = nft_binary()
         if nft is None:
             raise VipFilterError("nft not found: install the nftables package (the VIP port filter needs it)")
         if self.netns is None:

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubelvs.core.receive import PATH_MTU
+
 DEFAULT_STATE_DIR = "/run/kubelvs-realserver"
 
 
@@ -21,7 +23,7 @@ class RealServerConfig:
     metrics_port: int = 9346  # 0: no metrics or health endpoint
     metrics_address: str = ""
     api_timeout_seconds: float = 30.0
-    tunnel_path_mtu: int = 1500  # between the directors and the real servers: TUN's MSS clamp
+    tunnel_path_mtu: int = PATH_MTU  # between the directors and the real servers: TUN's MSS clamp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tunnel-path-mtu",
         type=int,
-        default=1500,
+        default=PATH_MTU,
         help="MTU of the path from the directors to the real servers: TUN backends offer an MSS that fits "
         "it once encapsulated (default: %(default)s)",
     )
