@@ -720,6 +720,7 @@ class HACluster:
         addresses: Sequence[str] = (),
         port: int = 80,
         scheduler: str = "rr",
+        scheduler_flags: Sequence[str] = (),
         selector: dict[str, str] | None = None,
     ) -> None:
         backends: dict[str, Any] = (
@@ -731,6 +732,7 @@ class HACluster:
             "vip": vip,
             "ports": [{"name": "http", "port": port}],
             "scheduler": scheduler,
+            "schedulerFlags": list(scheduler_flags),
             "forwarding": {"method": "DR"},
             "backends": backends,
             "directors": {"nodeSelector": selector or self.selector},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+from flows import EchoServers, Flows
+from ha_topology import wait_for
 from topology import Topology, alternates
 
 KUBELVS = str(Path(sys.executable).with_name("kubelvs"))
@@ -372,6 +375,39 @@ def test_hashing_schedulers_keep_a_client_on_one_server(
         assert len(set(names)) == 1, (source, names)  # the same client always lands on one server
         chosen[source] = names[0]
     assert len(set(chosen.values())) >= 2, chosen  # and different clients spread
+
+
+def _real_server_order(topo: Topology, node: str, vip: str, port: int) -> list[str]:
+    """The real servers of ``vip:port`` in the kernel's list order (``ipvsadm -Ln`` walks it)."""
+    listing = topo.ipvsadm(node, "-Ln", "-t", f"{vip}:{port}").stdout
+    return re.findall(r"->\s+(\S+)\s+\w+\s+\d+", listing)
+
+
+def test_hashing_scheduler_keeps_one_real_server_order_and_the_connections(topo: Topology, tmp_path: Path) -> None:
+    """mh builds its table from the kernel's real-server list in the order of the adds, so two
+    directors map a flow alike only with the same order. dir1 had rs2 and rs3 first, then rs1
+    came (it sorts first): kubelvs deletes rs2 and rs3 and adds them again after it, and the
+    live connections to them go on. dir2, programmed afresh, holds the same order."""
+    vip, port = topo.vip4(12), 7
+    receive_dr(topo, vip)
+    rs = rs_ips(topo)
+    spec = {"scheduler": "mh", "schedulerFlags": ["mh-port"], "ports": [{"name": "echo", "port": port}]}
+    dir1, dir2 = Director(topo, "dir1", tmp_path), Director(topo, "dir2", tmp_path)
+    try:
+        dir1.apply(virtual_server("hash", vip, backends=addresses(*rs[1:]), **spec))
+        with EchoServers(topo, port), Flows(topo.ns("client"), vip, port, 8) as flows:
+            before = flows.servers()
+            reordered = time.monotonic()
+            out = dir1.apply(virtual_server("hash", vip, backends=addresses(*rs), **spec))
+            wait_for("every flow to echo after the reorder", lambda: flows.all_echoed_since(reordered), 20, 0.2)
+            assert not flows.failed() and flows.servers() == before, f"{out}\n{flows.describe()}"
+        assert _real_server_order(topo, "dir1", vip, port) == [f"{a}:{port}" for a in rs], out
+        dir2.apply(virtual_server("hash", vip, backends=addresses(*rs), **spec))
+        assert _real_server_order(topo, "dir2", vip, port) == _real_server_order(topo, "dir1", vip, port)
+    finally:
+        for node in ("dir1", "dir2"):
+            topo.ipvsadm(node, "-C", check=False)
+            topo.exec(node, ["ip", "link", "del", "kubelvs0"], check=False)
 
 
 def test_persistence_keeps_a_client_on_one_server(topo: Topology, director: Director) -> None:

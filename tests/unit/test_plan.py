@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubelvs.core.model import AF_INET, Destination, Method, ServiceKey, VirtualService
 from kubelvs.core.plan import (
+    ORDER_SENSITIVE_SCHEDULERS,
     AddressPlan,
+    Operation,
     Verb,
     apply_operations,
     kept_origins,
@@ -76,6 +78,77 @@ def test_draining_weight_zero_is_an_edit() -> None:
     have = _svc(KEY, "rr", Destination("10.0.0.1", 80, weight=1))
     want = _svc(KEY, "rr", Destination("10.0.0.1", 80, weight=0))
     assert [op.verb for op in plan({KEY: want}, {KEY: have}, {KEY})] == [Verb.EDIT_DEST]
+
+
+# --- hashing schedulers: the kernel's real-server list stays in canonical order -------------
+
+
+def _kernel_list(order: list[Destination], ops: list[Operation]) -> list[Destination]:
+    """The kernel's real-server list of one service after ``ops``: an add appends, a delete
+    removes, an edit changes in place (ip_vs_add_dest / __ip_vs_del_dest / ip_vs_edit_dest)."""
+    result = list(order)
+    for op in ops:
+        assert op.dest is not None
+        if op.verb is Verb.ADD_DEST:
+            assert all(d.key != op.dest.key for d in result), f"{op} exists"
+            result.append(op.dest)
+        elif op.verb is Verb.DELETE_DEST:
+            result = [d for d in result if d.key != op.dest.key]
+        elif op.verb is Verb.EDIT_DEST:
+            result = [op.dest if d.key == op.dest.key else d for d in result]
+    return result
+
+
+def _dests(*last_octets: int) -> list[Destination]:
+    return [Destination(f"10.0.0.{n}", 80) for n in last_octets]
+
+
+def test_a_real_server_sorting_first_is_added_before_the_present_ones_for_mh() -> None:
+    have, want = _svc(KEY, "mh", *_dests(2, 3)), _svc(KEY, "mh", *_dests(1, 2, 3))
+    ops = plan({KEY: want}, {KEY: have}, {KEY}).operations
+    assert [(op.verb, op.dest.address if op.dest else "") for op in ops] == [
+        (Verb.DELETE_DEST, "10.0.0.2"),
+        (Verb.DELETE_DEST, "10.0.0.3"),
+        (Verb.ADD_DEST, "10.0.0.1"),
+        (Verb.ADD_DEST, "10.0.0.2"),
+        (Verb.ADD_DEST, "10.0.0.3"),
+    ]
+    assert _kernel_list(_dests(2, 3), ops) == list(want.destinations)
+
+
+def test_a_real_server_sorting_last_is_only_added_and_rr_is_never_reordered() -> None:
+    have, want = _svc(KEY, "mh", *_dests(1, 2)), _svc(KEY, "mh", *_dests(1, 2, 3))
+    assert [op.verb for op in plan({KEY: want}, {KEY: have}, {KEY})] == [Verb.ADD_DEST]
+    have, want = _svc(KEY, "rr", *_dests(2, 3)), _svc(KEY, "rr", *_dests(1, 2, 3))
+    assert [op.verb for op in plan({KEY: want}, {KEY: have}, {KEY})] == [Verb.ADD_DEST]
+
+
+def test_switching_to_a_hashing_scheduler_adds_every_real_server_again_in_order() -> None:
+    have, want = _svc(KEY, "rr", *_dests(1, 2)), _svc(KEY, "sh", *_dests(1, 2))
+    verbs = [op.verb for op in plan({KEY: want}, {KEY: have}, {KEY})]
+    assert verbs == [Verb.EDIT_SERVICE, Verb.DELETE_DEST, Verb.DELETE_DEST, Verb.ADD_DEST, Verb.ADD_DEST]
+    assert [op.verb for op in plan({KEY: want}, {KEY: want}, {KEY})] == []  # and nothing once in place
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scheduler=st.sampled_from(sorted(ORDER_SENSITIVE_SCHEDULERS)),
+    history=st.lists(st.sets(st.integers(1, 8)), min_size=1, max_size=8),
+)
+def test_any_history_leaves_a_hashing_schedulers_list_as_a_fresh_director_builds_it(
+    scheduler: str, history: list[set[int]]
+) -> None:
+    """Two directors map a flow alike only with the same list order: whatever sequence of real
+    server sets one of them went through, its kernel list equals a fresh director's."""
+    kernel: list[Destination] = []
+    observed: dict[ServiceKey, VirtualService] = {}
+    for step in history:
+        want = _svc(KEY, scheduler, *_dests(*sorted(step)))
+        ops = plan({KEY: want}, observed, {KEY}).operations
+        kernel = _kernel_list(kernel, [op for op in ops if op.dest is not None])
+        observed = {KEY: replace(want, destinations=tuple(kernel))}
+        fresh = _kernel_list([], [op for op in plan({KEY: want}, {}, set()).operations if op.dest is not None])
+        assert kernel == fresh == list(want.destinations)
 
 
 # --- property: plan then apply gives the desired owned state; foreign state is untouched -----

@@ -94,23 +94,49 @@ def plan(
             continue
         if not want.same_settings(have):
             edits.append(Operation(Verb.EDIT_SERVICE, want))  # its settings are encoded, not its real servers
-        edits.extend(_dest_operations(want, have))
+        # A service that becomes order-sensitive keeps whatever order its old scheduler left: re-add all.
+        reorder_all = want.scheduler in ORDER_SENSITIVE_SCHEDULERS and have.scheduler != want.scheduler
+        edits.extend(_dest_operations(want, have, reorder_all))
     result.operations = deletes + adds + edits
     return result
 
 
-def _dest_operations(want: VirtualService, have: VirtualService) -> list[Operation]:
+# Schedulers whose lookup table the kernel builds by walking the real servers in the order they
+# were added (ip_vs_sh_reassign, ip_vs_dh_reassign, ip_vs_mh_populate: contested slots go to the
+# first in the list). Two directors map a flow to the same real server without any sync state
+# only if their lists are in the same order, so kubelvs keeps these lists in its canonical order
+# (VirtualService.destinations: by address, then port) on every director.
+ORDER_SENSITIVE_SCHEDULERS = frozenset({"sh", "dh", "mh"})
+
+
+def _dest_operations(want: VirtualService, have: VirtualService, reorder_all: bool = False) -> list[Operation]:
+    """Real-server operations for one service: deletes first, then adds and edits in canonical order.
+
+    The kernel appends an added real server to the end of the service's list. For an
+    order-sensitive scheduler a new real server that sorts before present ones would break the
+    canonical order, so those present ones are deleted and added again after it: their
+    connections go on (a deleted real server waits in the kernel's trash and the add revives it,
+    with ``expire_nodest_conn`` at its default 0), and the table comes out as a director started
+    afresh builds it.
+    """
     wanted = want.dest_map()
     present = have.dest_map()
     service = want  # only its key is encoded; whole, it lets apply_operations share it with the cache
-    ops = [Operation(Verb.DELETE_DEST, service, d) for k, d in present.items() if k not in wanted]
-    for k, d in wanted.items():
-        current = present.get(k)
+    deletes = [Operation(Verb.DELETE_DEST, service, d) for k, d in present.items() if k not in wanted]
+    changes: list[Operation] = []
+    after_an_add = reorder_all and want.scheduler in ORDER_SENSITIVE_SCHEDULERS
+    reorder = want.scheduler in ORDER_SENSITIVE_SCHEDULERS
+    for d in want.destinations:  # canonical order
+        current = present.get(d.key)
         if current is None:
-            ops.append(Operation(Verb.ADD_DEST, service, d))
+            changes.append(Operation(Verb.ADD_DEST, service, d))
+            after_an_add = reorder
+        elif after_an_add:
+            deletes.append(Operation(Verb.DELETE_DEST, service, current))
+            changes.append(Operation(Verb.ADD_DEST, service, d))
         elif current != d:
-            ops.append(Operation(Verb.EDIT_DEST, service, d))
-    return ops
+            changes.append(Operation(Verb.EDIT_DEST, service, d))
+    return deletes + changes
 
 
 def apply_operations(state: Mapping[ServiceKey, VirtualService], operations: Iterable[Operation]) -> IPVSState:
