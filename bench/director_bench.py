@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "kernel"))
+from pod_login import pod_login_env  # noqa: E402
+
 NAMESPACE = "bench"
 NETNS = "kubelvs-dbench"
 KUBELVS = str(Path(sys.executable).with_name("kubelvs"))
@@ -225,7 +228,7 @@ class DirectorRun:
                 "--resync-seconds",
                 "600",
             ],
-            env={**os.environ, "KUBECONFIG": kubeconfig},
+            env={**os.environ, **pod_login_env(kubeconfig)},  # as a director pod logs in
             stdout=open(log, "wb"),  # noqa: SIM115 - the director outlives this call
             stderr=subprocess.STDOUT,
         )

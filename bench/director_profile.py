@@ -118,9 +118,11 @@ def budget(args: argparse.Namespace) -> int:
     """The director's memory at ``--budget`` VirtualServers against ``--budget-mb``: a control
     plane of its own, the objects, then the director (in a child: this process's own imports
     and objects must not count). Fails loudly over the budget."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernel"))  # pod_login
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # before it: tests/conftest
     import conftest  # the control plane helpers of the test suite
     from kubernetes import client, config
+    from pod_login import pod_login_env
 
     controlplane = conftest.controlplane
     controlplane.build()
@@ -134,7 +136,10 @@ def budget(args: argparse.Namespace) -> int:
         bench.create_all(str(cp.kubeconfig), bench.objects(0, args.budget, True))
         out = Path(tempfile.mkdtemp()) / "figures.json"
         command = [sys.executable, __file__, "--count", str(args.budget), "--changes", "5", "--json-out", str(out)]
-        subprocess.run(command, env={**os.environ, "KUBECONFIG": str(cp.kubeconfig)}, check=True)
+        # The child logs in as a director pod does (a ServiceAccount token): the kubeconfig loader's
+        # imports (about 15 MB) are not part of a director's footprint.
+        login = pod_login_env(str(cp.kubeconfig), Path(tempfile.mkdtemp(prefix="kubelvs-login-")))
+        subprocess.run(command, env={**os.environ, **login}, check=True)
         figures = json.loads(out.read_text())
     finally:
         cp.stop()
@@ -252,14 +257,21 @@ def main() -> int:
     if args.phases:
         return phases(args)
 
-    from kubernetes import client, config
+    from kubelvs.kube.client import load_config
+    from kubernetes import client
 
-    kubeconfig = os.environ["KUBECONFIG"]  # read when kubernetes is imported: set it in the environment
-    api = config.new_client_from_config(config_file=kubeconfig)
     if args.create:
+        from kubernetes import config
+
+        kubeconfig = os.environ["KUBECONFIG"]
+        admin = config.new_client_from_config(config_file=kubeconfig)
         with contextlib.suppress(client.ApiException):
-            client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
+            client.CoreV1Api(admin).create_namespace({"metadata": {"name": bench.NAMESPACE}})
         print(f"created in {bench.create_all(kubeconfig, bench.objects(0, args.create, True)):.1f}s")
+    # As the director logs in: a ServiceAccount's token when KUBERNETES_SERVICE_HOST is set (--budget
+    # does that), else the kubeconfig; this process's polling client shares that configuration.
+    load_config()
+    api = client.ApiClient()
 
     kernel = LinearKernel()
     if args.tracemalloc:
@@ -289,7 +301,6 @@ def main() -> int:
     stopping: list[Any] = []
 
     def run() -> None:
-        config.load_kube_config(config_file=kubeconfig)
         director_api = client.ApiClient()
         if loop_profile:
             loop_profile.enable()

@@ -46,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture import Capture, Prober, enter_netns, in_netns
+from pod_login import pod_login_env
 from topology import Topology, TopologyError, _run
 
 API_HOST = "10.0.2.2"  # the host's loopback as qemu user networking shows it
@@ -291,9 +292,9 @@ class HATopology(Topology):
             self.ip4(name),
             *args,
         ]
-        full_env = {**os.environ, **(env or {})}
-        if self.kubeconfig:
-            full_env.setdefault("KUBECONFIG", self.kubeconfig)
+        # As in a pod: a ServiceAccount's token (pod_login), not the admin kubeconfig.
+        login = pod_login_env(self.kubeconfig) if self.kubeconfig else {}
+        full_env = {**os.environ, **login, **(env or {})}
         with open(log, "ab") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} start: {shlex.join(argv)}\n".encode())
             f.flush()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pod_login import pod_login_env
 from topology import Topology, alternates
 
 KUBECONFIG = os.environ.get("KUBELVS_E2E_KUBECONFIG", "")
@@ -139,7 +140,7 @@ class DirectorProcess:
         self.lease_namespace = "default"
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": KUBECONFIG}
+        env = {**os.environ, **pod_login_env(KUBECONFIG)}  # as in a pod: a ServiceAccount token
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from ha_topology import output_dir
+from pod_login import pod_login_env
 from topology import Topology, alternates
 
 KUBECONFIG = os.environ.get("KUBELVS_E2E_KUBECONFIG", "")
@@ -212,7 +213,7 @@ class Process:
                 self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "KUBECONFIG": KUBECONFIG, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **pod_login_env(KUBECONFIG), "PYTHONUNBUFFERED": "1"},  # as in a pod
             )
 
     def stop(self) -> None:
