@@ -48,6 +48,7 @@ from kubelvs.core.plan import Operation, apply_operations
 from kubelvs.director.app import Director
 from kubelvs.director.options import DirectorConfig
 from kubelvs.kernel.ipvs import ApplyResult
+from kubelvs.kube.rest import KubeApi
 from kubelvs.kube.status_writer import StatusWriter
 from kubelvs.state.ownership import CachedStore
 
@@ -77,6 +78,16 @@ class LinearKernel(FakeIPVS):
         ops: list[Operation] = list(operations)
         self.services = apply_operations(self.services, ops)
         return ApplyResult(succeeded=ops)
+
+
+class RawDiscovery:
+    """The one call ``bench.converge`` makes, on kubelvs's raw client."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+
+    def replace_namespaced_endpoint_slice(self, name: str, namespace: str, body: dict[str, Any]) -> None:
+        self.api.call("PUT", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}", body=body)
 
 
 def rss() -> dict[str, float]:
@@ -271,7 +282,9 @@ def main() -> int:
     # As the director logs in: a ServiceAccount's token when KUBERNETES_SERVICE_HOST is set (--budget
     # does that), else the kubeconfig; this process's polling client shares that configuration.
     load_config()
-    api = client.ApiClient()
+    # This process's own requests go through kubelvs's raw client too: the typed client's models
+    # would add their 45 MB to the figure, which is the director's.
+    api = KubeApi()
 
     kernel = LinearKernel()
     if args.tracemalloc:
@@ -301,7 +314,7 @@ def main() -> int:
     stopping: list[Any] = []
 
     def run() -> None:
-        director_api = client.ApiClient()
+        director_api = KubeApi()
         if loop_profile:
             loop_profile.enable()
 
@@ -315,12 +328,12 @@ def main() -> int:
     director_thread = threading.Thread(target=run, daemon=True)
     director_thread.start()
     # How many there are, without listing them here (this process's memory is the director's figure).
-    first = client.CustomObjectsApi(api).list_cluster_custom_object("kubelvs.io", "v1alpha1", "virtualservers", limit=1)
+    first = api.call("GET", "/apis/kubelvs.io/v1alpha1/virtualservers", query={"limit": 1})
     total = len(first["items"]) + int(first["metadata"].get("remainingItemCount") or 0)
     while kernel.count_services() < total:
         time.sleep(0.05)
     result: dict[str, Any] = {"virtual_servers": total, "startup_s": time.perf_counter() - started}
-    discovery = client.DiscoveryV1Api(api)
+    discovery = RawDiscovery(api)
 
     class Poll:  # what bench.converge polls, served from the in-memory kernel
         def destinations(self, key: ServiceKey) -> list[Any]:

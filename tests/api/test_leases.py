@@ -22,6 +22,7 @@ from kubelvs.kube.leases import (
     heartbeat_name,
     lease_informer,
 )
+from kubelvs.kube.rest import KubeApi
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -35,6 +36,11 @@ def directors(kubeconfig: str) -> Iterator[tuple[client.ApiClient, client.ApiCli
     for api in (a, b):
         with contextlib.suppress(Exception):
             api.close()
+
+
+def raw(api_client: client.ApiClient) -> KubeApi:
+    """kubelvs's raw JSON client on the same configuration (its own connection pool)."""
+    return KubeApi(api_client.configuration)
 
 
 def _lease(api_client: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
@@ -58,9 +64,10 @@ HEARTBEAT_LABELS = {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "he
 
 def test_heartbeat_is_created_once_then_renewed_with_one_request_each(api_client, namespace, monkeypatch) -> None:
     kinds: list[str] = []
-    leases = LeaseClient(api_client, namespace, timeout_seconds=5.0, on_write=kinds.append)
+    api = raw(api_client)
+    leases = LeaseClient(api, namespace, timeout_seconds=5.0, on_write=kinds.append)
     sent: list[tuple[str, str]] = []
-    pool = api_client.rest_client.pool_manager
+    pool = api.rest_client.pool_manager
     real = pool.request
 
     def spy(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
@@ -95,12 +102,12 @@ def test_heartbeat_is_created_once_then_renewed_with_one_request_each(api_client
 
 
 def test_heartbeat_after_a_restart_a_foreign_write_and_a_delete(api_client, namespace) -> None:
-    before = LeaseClient(api_client, namespace)
+    before = LeaseClient(raw(api_client), namespace)
     created = before.renew_heartbeat("node-b", 10, (), "")
     acquired = _lease(api_client, namespace, heartbeat_name("node-b"))["spec"]["acquireTime"]
 
     # A restarted director knows no version: its create is refused, it reads and renews.
-    after = LeaseClient(api_client, namespace)
+    after = LeaseClient(raw(api_client), namespace)
     renewed = after.renew_heartbeat("node-b", 10, (), "198.51.100.1")
     assert renewed.version != created.version and after.writes == {"heartbeat": 2}
     assert _lease(api_client, namespace, heartbeat_name("node-b"))["spec"]["acquireTime"] == acquired
@@ -130,7 +137,7 @@ def test_a_heartbeat_held_by_another_node_is_not_overwritten(api_client, namespa
             "spec": {"holderIdentity": "somebody-else", "leaseDurationSeconds": 10},
         },
     )
-    leases = LeaseClient(api_client, namespace)
+    leases = LeaseClient(raw(api_client), namespace)
     with pytest.raises(HeartbeatTaken, match="somebody-else"):
         leases.renew_heartbeat("node-c", 10)
     assert _lease(api_client, namespace, name)["spec"]["holderIdentity"] == "somebody-else"
@@ -139,7 +146,7 @@ def test_a_heartbeat_held_by_another_node_is_not_overwritten(api_client, namespa
 
 
 def test_list_heartbeats_skips_leases_that_are_not_ours(api_client, namespace) -> None:
-    leases = LeaseClient(api_client, namespace)
+    leases = LeaseClient(raw(api_client), namespace)
     for node in ("n1", "n2.example.com", "N3_odd"):
         leases.renew_heartbeat(node, 4.2, (), "")
     coordination = client.CoordinationV1Api(api_client)
@@ -174,7 +181,7 @@ def _race(
 
 
 def test_two_directors_racing_for_a_vip_never_both_win(directors, namespace) -> None:
-    a, b = LeaseClient(directors[0], namespace), LeaseClient(directors[1], namespace)
+    a, b = LeaseClient(raw(directors[0]), namespace), LeaseClient(raw(directors[1]), namespace)
     vip = "10.20.30.40"
     expected: ClaimRecord | None = None  # the first round races two creates
     holders: list[str] = []
@@ -208,7 +215,7 @@ def test_two_directors_racing_for_a_vip_never_both_win(directors, namespace) -> 
 
 def test_stale_versions_are_refused_release_then_claim(api_client, namespace) -> None:
     kinds: list[str] = []
-    a, b = LeaseClient(api_client, namespace, on_write=kinds.append), LeaseClient(api_client, namespace)
+    a, b = LeaseClient(raw(api_client), namespace, on_write=kinds.append), LeaseClient(raw(api_client), namespace)
     vip = "fd00:0:0::1"
     first = a.claim(vip, "node-a", None)
     assert (first.vip, first.holder, first.transitions) == ("fd00::1", "node-a", 0)
@@ -249,7 +256,7 @@ def test_stale_versions_are_refused_release_then_claim(api_client, namespace) ->
 
 
 def test_list_claims(api_client, namespace) -> None:
-    leases = LeaseClient(api_client, namespace)
+    leases = LeaseClient(raw(api_client), namespace)
     for i, vip in enumerate(("10.0.0.1", "10.0.0.2", "2001:db8::", "::ffff:10.0.0.1")):
         leases.claim(vip, f"node-{i}", None)
     client.CoordinationV1Api(api_client).create_namespaced_lease(
@@ -278,13 +285,13 @@ def test_list_claims(api_client, namespace) -> None:
 
 
 def test_the_informer_sees_claims_come_change_and_go(api_client, namespace) -> None:
-    leases = LeaseClient(api_client, namespace)
+    leases = LeaseClient(raw(api_client), namespace)
     leases.renew_heartbeat("node-a", 5, (), "")
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
     relisted: list[list[dict[str, Any]]] = []
     restarts: list[tuple[str, str]] = []
     informer = lease_informer(
-        api_client,
+        raw(api_client),
         namespace,
         lambda kind, obj: events.put((kind, obj)),
         relisted.append,
@@ -361,11 +368,12 @@ def test_a_namespaced_role_without_patch_is_enough(api_client, kubectl, namespac
     cfg.api_key = {"authorization": token}
     cfg.api_key_prefix = {"authorization": "Bearer"}
     with client.ApiClient(cfg) as sa_client:
-        leases = LeaseClient(sa_client, namespace)
+        leases = LeaseClient(raw(sa_client), namespace)
         # Every path: create, renew, the 409 re-read, read, list, claim, release, delete.
         leases.renew_heartbeat("node-a", 5, {"10.0.0.1"}, "192.0.2.1")
         leases.renew_heartbeat("node-a", 5, (), "192.0.2.1")
-        assert LeaseClient(sa_client, namespace).renew_heartbeat("node-a", 5).node == "node-a"  # POST 409, GET, PUT
+        # POST 409, GET, PUT:
+        assert LeaseClient(raw(sa_client), namespace).renew_heartbeat("node-a", 5).node == "node-a"
         assert leases.get_heartbeat("node-a") is not None
         assert [r.node for r in leases.list_heartbeats()[0]] == ["node-a"]
         claim = leases.claim("10.0.0.1", "node-a", None)
@@ -375,7 +383,7 @@ def test_a_namespaced_role_without_patch_is_enough(api_client, kubectl, namespac
         leases.delete_heartbeat("node-a")
 
         events: queue.Queue[str] = queue.Queue()
-        informer = lease_informer(sa_client, namespace, lambda kind, obj: events.put(kind), lambda items: None)
+        informer = lease_informer(raw(sa_client), namespace, lambda kind, obj: events.put(kind), lambda items: None)
         _, version = informer.list()
         stop = threading.Event()
         informer.start(version, lambda callback, args: callback(*args), stop)
@@ -387,5 +395,5 @@ def test_a_namespaced_role_without_patch_is_enough(api_client, kubectl, namespac
 
         # Nothing outside its namespace.
         with pytest.raises(ApiException) as refused:
-            LeaseClient(sa_client, "default").list_claims()
+            LeaseClient(raw(sa_client), "default").list_claims()
         assert refused.value.status == 403

@@ -257,13 +257,14 @@ def silent_server() -> Iterator[tuple[int, list[bytes]]]:
 
 
 def test_a_write_that_gets_no_answer_fails_within_its_timeout_and_is_not_resent(silent_server) -> None:
+    from kubelvs.kube.rest import KubeApi
     from kubernetes import client
 
     port, received = silent_server
     cfg = client.Configuration()
     cfg.host = f"http://127.0.0.1:{port}"
     writes: list[str] = []
-    with client.ApiClient(cfg) as api:
+    with KubeApi(cfg) as api:
         leases = LeaseClient(api, "kubelvs-system", timeout_seconds=0.5, on_write=writes.append)
         started = time.monotonic()
         with pytest.raises(urllib3.exceptions.ReadTimeoutError):

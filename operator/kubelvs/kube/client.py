@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kubernetes import client as k8s
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import SERVICE_CERT_FILENAME, SERVICE_TOKEN_FILENAME, InClusterConfigLoader
+
+from kubelvs.kube.rest import KubeApi
 
 # A service account's token and CA from another directory than the pod's mount: a director run
 # outside a pod as a pod would be (the benchmarks and the VM tests, with a TokenRequest token).
@@ -33,5 +34,5 @@ def load_config() -> None:
         load_kube_config()
 
 
-def new_api_client() -> k8s.ApiClient:
-    return k8s.ApiClient()
+def new_api_client() -> KubeApi:
+    return KubeApi()

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from kubelvs.core.cluster import trim_endpoint_slice, trim_node, trim_service, trim_virtual_server
 from kubelvs.core.spec import GROUP, PLURAL, VERSION
+from kubelvs.kube.rest import KubeApi, path
 
 log = logging.getLogger("kubelvs.kube.informers")
 
@@ -120,7 +120,7 @@ def list_objects(
 @dataclass
 class Informer:
     resource: str  # for logs and metrics: "services", "endpointslices", "nodes"
-    call: Callable[..., Any]  # a list_*_for_all_namespaces (or list_node) of the kubernetes client
+    call: Callable[..., Any]  # KubeApi.lister (or a typed client's list function: the same keywords)
     trim: Callable[[Obj], Obj]  # keeps what the director reads of one object
     on_event: Callable[[str, Obj], None]  # ("ADDED" | "MODIFIED" | "DELETED", trimmed object)
     on_relist: Callable[[list[Obj]], None]  # the complete set, after a re-list
@@ -216,18 +216,14 @@ class ViewHandlers(Protocol):
 
 
 def cluster_informers(
-    api: k8s.ApiClient,
+    api: KubeApi,
     view: ViewHandlers,
     on_restart: Callable[[str, str], None],
     timeout: float = LIST_TIMEOUT,
 ) -> list[Informer]:
     """The director's four informers, VirtualServers first (so that a listing of the others
     finds them)."""
-    core, discovery, custom = k8s.CoreV1Api(api), k8s.DiscoveryV1Api(api), k8s.CustomObjectsApi(api)
-
-    def list_virtual_servers(**kwargs: Any) -> Any:
-        return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-
+    list_virtual_servers = api.lister(path("apis", GROUP, VERSION, PLURAL))
     return [
         Informer(
             "virtualservers",
@@ -240,7 +236,7 @@ def cluster_informers(
         ),
         Informer(
             "services",
-            core.list_service_for_all_namespaces,
+            api.lister("/api/v1/services"),
             trim_service,
             view.on_service,
             view.on_services_relisted,
@@ -249,12 +245,14 @@ def cluster_informers(
         ),
         Informer(
             "endpointslices",
-            discovery.list_endpoint_slice_for_all_namespaces,
+            api.lister("/apis/discovery.k8s.io/v1/endpointslices"),
             trim_endpoint_slice,
             view.on_endpoint_slice,
             view.on_endpoint_slices_relisted,
             on_restart,
             timeout,
         ),
-        Informer("nodes", core.list_node, trim_node, view.on_node, view.on_nodes_relisted, on_restart, timeout),
+        Informer(
+            "nodes", api.lister("/api/v1/nodes"), trim_node, view.on_node, view.on_nodes_relisted, on_restart, timeout
+        ),
     ]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-import json
 import math
 import re
 import threading
@@ -35,12 +34,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-import urllib3
-from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from kubelvs.core.model import normalize_address
 from kubelvs.kube.informers import LIST_TIMEOUT, PAGE_SIZE, Informer
+from kubelvs.kube.rest import KubeApi
 
 Obj = dict[str, Any]
 
@@ -244,14 +242,14 @@ class LeaseClient:
 
     def __init__(
         self,
-        api: k8s.ApiClient,
+        api: KubeApi,
         namespace: str,
         timeout_seconds: float = 5.0,
         on_write: Callable[[str], None] | None = None,
     ) -> None:
         self.api = api
         self.namespace = namespace
-        self.timeout = urllib3.Timeout(connect=min(10.0, timeout_seconds), read=timeout_seconds)
+        self.timeout = (min(10.0, timeout_seconds), timeout_seconds)  # (connect, read)
         self.on_write = on_write
         self.writes: Counter[str] = Counter()  # write requests sent, by "heartbeat" | "claim"
         self._lock = threading.Lock()
@@ -430,40 +428,18 @@ class LeaseClient:
         path = _API.format(namespace=quote(self.namespace, safe=""))
         if name is not None:
             path += "/" + quote(name, safe="")
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        # param_serialize adds the host, the query and the credentials (a refreshed token too).
-        _, url, headers, _, _ = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=query or [],
-            header_params=headers,
-            auth_settings=["BearerToken"],
-        )
         if write:
             with self._lock:
                 self.writes[write] += 1
             if self.on_write is not None:
                 self.on_write(write)
-        response = self.api.rest_client.pool_manager.request(
-            method,
-            url,
-            body=None if body is None else json.dumps(body, separators=(",", ":")),
-            headers=headers,
-            timeout=self.timeout,
-            retries=False,
-            preload_content=True,
+        return self.api.call(  # type: ignore[no-any-return]
+            method, path, query=dict(query or []), body=body, timeout=self.timeout, missing_ok=missing_ok
         )
-        if response.status == 404 and missing_ok:
-            return None
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)  # 409: ConflictException
-        return json.loads(response.data) if response.data else {}
 
 
 def lease_informer(
-    api: k8s.ApiClient,
+    api: KubeApi,
     namespace: str,
     on_event: Callable[[str, Obj], None],
     on_relisted: Callable[[list[Obj]], None],
@@ -472,6 +448,5 @@ def lease_informer(
 ) -> Informer:
     """Lists, then watches, our Leases (heartbeats and claims) in ``namespace``, trimmed; the
     director reads them with :meth:`HeartbeatRecord.from_lease` / :meth:`ClaimRecord.from_lease`."""
-    coordination = k8s.CoordinationV1Api(api)
-    call = functools.partial(coordination.list_namespaced_lease, namespace, label_selector=SELECTOR)
+    call = api.lister(_API.format(namespace=quote(namespace, safe="")), label_selector=SELECTOR)
     return Informer("leases", call, trim_lease, on_event, on_relisted, on_restart, timeout)

@@ -6,16 +6,14 @@ selectors, the VirtualServers, its Node's addresses; and the pod condition
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
-
-from kubernetes import client as k8s
 
 from kubelvs.core.cluster import trim_virtual_server
 from kubelvs.core.receive import READY_CONDITION
 from kubelvs.core.spec import GROUP, PLURAL, VERSION, meta
 from kubelvs.kube.informers import LIST_TIMEOUT, Informer, Obj
+from kubelvs.kube.rest import KubeApi, path
 
 
 def _meta(obj: Obj, *keys: str) -> dict[str, Any]:
@@ -48,20 +46,15 @@ class AgentHandlers(Protocol):
 
 
 def realserver_informers(
-    api: k8s.ApiClient,
+    api: KubeApi,
     handlers: AgentHandlers,
     node_name: str,
     on_restart: Callable[[str, str], None] = lambda resource, reason: None,
     timeout: float = LIST_TIMEOUT,
 ) -> list[Informer]:
     """Informers on VirtualServers, Services (selectors) and this node's pods."""
-    core, custom = k8s.CoreV1Api(api), k8s.CustomObjectsApi(api)
-
-    def list_virtual_servers(**kwargs: Any) -> Any:
-        return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
-
-    def list_pods(**kwargs: Any) -> Any:
-        return core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node_name}", **kwargs)
+    list_virtual_servers = api.lister(path("apis", GROUP, VERSION, PLURAL))
+    list_pods = api.lister("/api/v1/pods", field_selector=f"spec.nodeName={node_name}")
 
     def informer(kind: str, call: Callable[..., Any], trim: Callable[[Obj], Obj]) -> Informer:
         return Informer(
@@ -76,15 +69,14 @@ def realserver_informers(
 
     return [
         informer("virtualservers", list_virtual_servers, trim_virtual_server),
-        informer("services", core.list_service_for_all_namespaces, trim_service_selector),
+        informer("services", api.lister("/api/v1/services"), trim_service_selector),
         informer("pods", list_pods, trim_pod),
     ]
 
 
-def node_addresses(api: k8s.ApiClient, node_name: str) -> list[str]:
+def node_addresses(api: KubeApi, node_name: str) -> list[str]:
     """The Node's InternalIP and ExternalIP addresses (static backends that name the node)."""
-    response = k8s.CoreV1Api(api).read_node(node_name, _preload_content=False, _request_timeout=(10, LIST_TIMEOUT))
-    node = json.loads(response.data)  # type: ignore[attr-defined]  # raw, with _preload_content=False
+    node = api.call("GET", path("api", "v1", "nodes", node_name), timeout=(10, LIST_TIMEOUT))
     return [
         str(entry.get("address"))
         for entry in (node.get("status") or {}).get("addresses") or []
@@ -93,7 +85,7 @@ def node_addresses(api: k8s.ApiClient, node_name: str) -> list[str]:
 
 
 def set_receiver_ready(
-    api: k8s.ApiClient, pod: Mapping[str, str], ready: bool, message: str, now: datetime.datetime | None = None
+    api: KubeApi, pod: Mapping[str, str], ready: bool, message: str, now: datetime.datetime | None = None
 ) -> None:
     """Patch the pod condition ``kubelvs.io/receiver-ready`` (a strategic merge: conditions merge by
     type, so the kubelet's own conditions are untouched)."""
@@ -105,9 +97,10 @@ def set_receiver_ready(
         "message": message,
         "lastTransitionTime": stamp,
     }
-    k8s.CoreV1Api(api).patch_namespaced_pod_status(
-        pod["name"],
-        pod["namespace"],
-        {"status": {"conditions": [condition]}},
-        _request_timeout=(10, LIST_TIMEOUT),
+    api.call(
+        "PATCH",
+        path("api", "v1", "namespaces", pod["namespace"], "pods", pod["name"], "status"),
+        body={"status": {"conditions": [condition]}},
+        content_type="application/strategic-merge-patch+json",
+        timeout=(10, LIST_TIMEOUT),
     )

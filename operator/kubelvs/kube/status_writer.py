@@ -10,9 +10,10 @@ import enum
 import logging
 from typing import Any
 
-from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 
 from kubelvs.core.spec import GROUP, PLURAL, VERSION, ObjectRef
+from kubelvs.kube.rest import KubeApi, path
 
 log = logging.getLogger("kubelvs.kube.status")
 
@@ -24,10 +25,13 @@ class Written(enum.Enum):
 
 
 class StatusWriter:
-    def __init__(self, api: k8s.ApiClient, timeout_seconds: float = 30.0) -> None:
-        self.custom = k8s.CustomObjectsApi(api)
-        self.core = k8s.CoreV1Api(api)
+    def __init__(self, api: KubeApi, timeout_seconds: float = 30.0) -> None:
+        self.api = api
         self.timeout = (min(10.0, timeout_seconds), timeout_seconds)  # (connect, read)
+
+    @staticmethod
+    def _status_path(ref: ObjectRef) -> str:
+        return path("apis", GROUP, VERSION, "namespaces", ref.namespace, PLURAL, ref.name, "status")
 
     def apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> Written:
         """Server-side apply of ``status`` as field manager ``manager``."""
@@ -38,19 +42,15 @@ class StatusWriter:
             "status": status,
         }
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                ref.namespace,
-                PLURAL,
-                ref.name,
-                patch,
-                field_manager=manager,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-                _request_timeout=self.timeout,
+            self.api.call(
+                "PATCH",
+                self._status_path(ref),
+                query={"fieldManager": manager, "force": True},
+                body=patch,  # JSON is YAML
+                content_type="application/apply-patch+yaml",
+                timeout=self.timeout,
             )
-        except k8s.ApiException as error:
+        except ApiException as error:
             if error.status == 404:
                 return Written.GONE
             log.warning("status of %s not written: %s %s", ref, error.status, error.reason)
@@ -75,17 +75,14 @@ class StatusWriter:
         if not ops:
             return Written.OK
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                ref.namespace,
-                PLURAL,
-                ref.name,
-                ops,
-                _content_type="application/json-patch+json",
-                _request_timeout=self.timeout,
+            self.api.call(
+                "PATCH",
+                self._status_path(ref),
+                body=ops,
+                content_type="application/json-patch+json",
+                timeout=self.timeout,
             )
-        except k8s.ApiException as error:
+        except ApiException as error:
             if error.status == 404:
                 return Written.GONE
             log.info("entries of gone directors %s on %s not removed: %s %s", gone, ref, error.status, error.reason)
@@ -97,7 +94,9 @@ class StatusWriter:
 
     def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
         try:
-            self.core.create_namespaced_event(namespace, event, _request_timeout=self.timeout)  # type: ignore[arg-type]
+            self.api.call(
+                "POST", path("api", "v1", "namespaces", namespace, "events"), body=event, timeout=self.timeout
+            )
         except Exception as error:  # events are best effort
             log.debug("event not posted: %s", error)
             return False
