@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VM := $(PY) hack/vm.py
 
-.PHONY: demo test lint unit bench bench-ipvs bench-director bench-budget bench-ha cluster cluster-down bootstrap clean install-check
+.PHONY: demo test lint unit bench bench-ipvs bench-director bench-budget bench-ha bench-flows cluster cluster-down bootstrap clean install-check
 
 bootstrap:
 	bash hack/bootstrap.sh
@@ -62,6 +62,16 @@ bench-ha: bootstrap
 	out=$$($(VM) --vmout) && \
 	$(PY) bench/ha_bench.py host --out "$$out/ha_bench.json" $(HA_BENCH_ARGS) && \
 	$(PY) bench/merge_results.py "$$out/ha_bench.json" bench/results.json
+	$(PY) bench/table.py
+
+## bench-flows: established flows across repeated failovers and failbacks (tests/kernel/test_ha_flows.py
+## with KUBELVS_HA_FLOW_CYCLES; one VM run, about a minute per cycle) -> bench/results.json, README table
+FLOW_CYCLES ?= 20
+bench-flows: bootstrap
+	bash hack/bootstrap.sh --cluster
+	out=$$($(VM) --vmout) && \
+	$(PY) bench/flow_bench.py --cycles $(FLOW_CYCLES) --out "$$out/flow_bench.json" && \
+	$(PY) bench/merge_results.py "$$out/flow_bench.json" bench/results.json
 	$(PY) bench/table.py
 
 ## install-check: the install path alone: the chart (lint, kubeconform, dry-run, migration), alerts

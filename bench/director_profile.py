@@ -254,6 +254,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=1000, help="VirtualServers with Services (changes go to them)")
     parser.add_argument("--changes", type=int, default=50)
     parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument("--trace-frames", type=int, default=12, help="--tracemalloc's frames (fewer: faster)")
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--phases", action="store_true", help="the cold start step by step (no director tasks)")
     parser.add_argument("--imports", action="store_true", help="RSS and time of each import, alone")
@@ -288,7 +289,7 @@ def main() -> int:
 
     kernel = LinearKernel()
     if args.tracemalloc:
-        tracemalloc.start(12)
+        tracemalloc.start(args.trace_frames)
     loop_profile = cProfile.Profile() if args.cprofile else None  # informers, handlers, desired state
     sync_profile = cProfile.Profile() if args.cprofile else None  # the sync worker thread
     baseline = rss()

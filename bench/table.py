@@ -161,9 +161,31 @@ def _ka_profile(ka: dict[str, Any], profile: str) -> str:
     return f"VRRPv{p.get('vrrp_version', '?')}, advert_int {p.get('advert_int', '?')} s"
 
 
+def flow_rows(f: dict[str, Any]) -> list[str]:
+    """Established flows across VIP moves (bench/flow_bench.py)."""
+    if not f:
+        return []
+    flows = f.get("flows") or {}
+    total = f"{flows.get('tcp', '?')} TCP + {flows.get('udp', '?')} UDP flows"
+    late = (f.get("flows_opened_while_away_per_cycle") or {}).get("tcp", 0)
+    stopped = "" if f.get("completed") else " (stopped at the first loss)"
+    takeover, back = f.get("failover_takeover_s") or {}, f.get("failback_after_restart_s") or {}
+    rows = [
+        f"| established flows across owner SIGKILLs (failover), {total} | **{f['failover_flows_lost']} lost** "
+        f"in {f['failovers']} failovers{stopped}; new owner answering p50 {takeover.get('p50', 0):.2f} s, "
+        f"p99 {takeover.get('p99', 0):.2f} s | not measured side by side | |",
+        f"| established flows across failbacks (the killed director restarts, a VIP is handed back), "
+        f"{total} + {late} TCP opened while it was away | **{f['failback_flows_lost']} lost** in "
+        f"{f['failbacks']} failbacks ({f['failback_flows_lost_opened_while_away']} of those opened while away); "
+        f"restart to handover p50 {back.get('p50', 0):.1f} s | not measured side by side | |",
+        f"| longest time a flow went without an echo, over all moves | {f.get('max_gap_s') or 0:.2f} s | | |",
+    ]
+    return rows
+
+
 def render_ha(results: dict[str, Any]) -> str:
     lines = ["| scenario | kubelvs | reference (same VM run) | ratio |", "| --- | --- | --- | --- |"]
-    return "\n".join(lines + ha_rows(results.get("ha", {})))
+    return "\n".join(lines + ha_rows(results.get("ha", {})) + flow_rows(results.get("ha_flows", {})))
 
 
 def render(results: dict[str, Any]) -> str:
@@ -182,7 +204,7 @@ def main() -> int:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
     else:
         text = text.replace("BENCH_TABLE", block)
-    if results.get("ha"):
+    if results.get("ha") or results.get("ha_flows"):
         ha_block = f"{HA_START}\n{render_ha(results)}\n{HA_END}"
         if HA_START in text:
             text = re.sub(re.escape(HA_START) + r".*?" + re.escape(HA_END), lambda _: ha_block, text, flags=re.S)
@@ -190,7 +212,7 @@ def main() -> int:
             text = text.replace(END, f"{END}\n\nVIP failover (`make bench-ha`):\n\n{ha_block}", 1)
     readme.write_text(text)
     print(render(results))
-    if results.get("ha"):
+    if results.get("ha") or results.get("ha_flows"):
         print(render_ha(results))
     return 0
 

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Established connections across VIP moves (`make bench-flows`): repeated failovers and failbacks.
+
+Runs tests/kernel/test_ha_flows.py (three directors with their IPVS sync daemons, a real API
+server on the host, 24 TCP and 6 UDP flows that send a line every 200 ms and check the echo) with
+``KUBELVS_HA_FLOW_CYCLES`` cycles. Each cycle SIGKILLs the owner of a VIP (failover), opens 9 more
+TCP flows while that director is away (its backup sync daemon stopped, as after a reboot), then
+starts it again until a VIP is handed back to it (failback). The test stops at the first flow
+lost; the figures of every cycle run so far are kept:
+
+- flows lost at each failover and each failback (those opened while the director was away too);
+- failover: SIGKILL to the new owner's first ARP answer; failback: restart to the handover;
+- the longest time any flow went without an echo.
+
+Writes ``{"ha_flows": ...}`` to ``--out`` (then ``merge_results.py`` into bench/results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _vmout() -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kubelvs_hack_vm", REPO / "hack" / "vm.py")
+    assert spec is not None and spec.loader is not None
+    vm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vm)
+    return Path(vm.ensure_vmout(REPO))
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {
+        "p50": round(statistics.median(ordered), 2),
+        "p99": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
+        "max": round(ordered[-1], 2),
+    }
+
+
+def summary(raw: dict[str, Any], passed: bool) -> dict[str, Any]:
+    cycles = raw.get("cycles") or []
+    failovers = [c for c in cycles if "failover_lost" in c]
+    failbacks = [c for c in cycles if "failback_lost" in c]
+    return {
+        "environment": "VM: qemu TCG, 2 vCPUs; 3 directors in network namespaces, API server on the host",
+        "scheduler": "rr with the kernel's sync daemons (master and backup on every director), sloppy_tcp",
+        "flows": raw.get("flows"),
+        "flows_opened_while_away_per_cycle": raw.get("flows_opened_while_away_per_cycle"),
+        "completed": passed,
+        "failovers": len(failovers),
+        "failbacks": len(failbacks),
+        "failover_flows_lost": sum(c["failover_lost"] for c in failovers),
+        "failback_flows_lost": sum(c["failback_lost"] for c in failbacks),
+        "failback_flows_lost_opened_while_away": sum(c.get("failback_lost_opened_while_away", 0) for c in failbacks),
+        "failover_takeover_s": _stats([c["failover_takeover_s"] for c in cycles if "failover_takeover_s" in c]),
+        "failback_after_restart_s": _stats(
+            [c["failback_after_restart_s"] for c in cycles if "failback_after_restart_s" in c]
+        ),
+        "max_gap_s": max((c.get("max_gap_s", c.get("failover_max_gap_s", 0.0)) for c in cycles), default=None),
+        "overlaps": sum(c.get("overlaps", 0) for c in cycles),
+        "cycles": cycles,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=20, help="failovers and failbacks (>= 20)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    figures = _vmout() / "flow_bench.raw.json"
+    figures.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "KUBELVS_HA_FLOW_CYCLES": str(args.cycles),
+        "KUBELVS_HA_FLOW_FIGURES": str(figures),
+        "KUBELVS_VM_TIMEOUT": str(600 + 300 * args.cycles),
+    }
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "tests/kernel/test_ha_flows.py"]
+    passed = subprocess.call(command, cwd=REPO, env=env) == 0
+    if not figures.exists():
+        print("flow_bench: the test wrote no figures (see its output above)", file=sys.stderr)
+        return 1
+    report = {"ha_flows": summary(json.loads(figures.read_text()), passed)}
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report["ha_flows"].items() if k != "cycles"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
