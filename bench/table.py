@@ -168,7 +168,7 @@ def flow_rows(f: dict[str, Any]) -> list[str]:
     flows = f.get("flows") or {}
     total = f"{flows.get('tcp', '?')} TCP + {flows.get('udp', '?')} UDP flows"
     late = (f.get("flows_opened_while_away_per_cycle") or {}).get("tcp", 0)
-    stopped = "" if f.get("completed") else " (stopped at the first loss)"
+    stopped = "" if f.get("completed") else " (the run stopped at a failure: see `cycles` in results.json)"
     takeover, back = f.get("failover_takeover_s") or {}, f.get("failback_after_restart_s") or {}
     rows = [
         f"| established flows across owner SIGKILLs (failover), {total} | **{f['failover_flows_lost']} lost** "
