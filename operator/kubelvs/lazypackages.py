@@ -12,7 +12,10 @@ its ``__init__``, so ``import kubernetes.client`` runs only ``kubernetes/client/
 first attribute asked of the package itself that is not a submodule (``from pyroute2 import NetNS``,
 ``kubernetes.config.load_kube_config``) runs the real ``__init__`` on that same module object, so
 code that wants the whole package still gets it, only later. A package imported before ``defer``
-is left as it is.
+is left as it is. A name that is both a submodule and something else the ``__init__`` exports
+resolves to the submodule while the package is deferred: of the packages kubelvs defers, only
+``kubernetes.utils`` has one (``create_from_yaml``, the function and its module), and nothing in
+kubelvs uses it; who wants the function imports it from its module.
 """
 
 from __future__ import annotations
