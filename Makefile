@@ -48,8 +48,9 @@ bench-director: bootstrap
 	$(PY) bench/merge_results.py "$$out/director_bench.json" bench/results.json
 
 ## bench-budget: the director's memory at 1,000 VirtualServers against its budget (natively: a control plane
-## of its own, the kernel in memory; seconds, not a VM run); fails loudly over it. BUDGET_MB=80 by default
-BUDGET_MB ?= 80
+## of its own, the kernel in memory; seconds, not a VM run); fails loudly over it. BUDGET_MB=65 by default
+# 65 MB: the issue's target is < 80 MB; measured 51 MB, so a regression shows long before the target.
+BUDGET_MB ?= 65
 bench-budget: bootstrap
 	bash hack/bootstrap.sh --cluster
 	$(PY) bench/director_profile.py --budget 1000 --budget-mb $(BUDGET_MB)
