@@ -41,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "kernel"))
 from pod_login import pod_login_env  # noqa: E402
+from vmout import ensure_vmout  # noqa: E402
 
 NAMESPACE = "bench"
 NETNS = "kubelvs-dbench"
@@ -133,16 +134,6 @@ def create_all(kubeconfig: str, items: list[tuple[str, dict[str, Any]]]) -> floa
 # --- host half ------------------------------------------------------------------------------
 
 
-def _vmout() -> Path:
-    """This checkout's VM output directory (created; see ``ensure_vmout`` in hack/vm.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kubelvs_hack_vm", REPO / "hack" / "vm.py")
-    assert spec is not None and spec.loader is not None
-    vm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vm)
-    return Path(vm.ensure_vmout(REPO))
-
 
 def host(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests"))
@@ -164,7 +155,7 @@ def host(args: argparse.Namespace) -> int:
                 "status": {"addresses": [{"type": "InternalIP", "address": "10.0.2.15"}]},
             }
         )
-        out = _vmout()  # shared read-write with the VM: outside the checkout, which may be under /tmp
+        out = ensure_vmout()
 
         def vm_phase(phase: str, *options: str) -> dict[str, Any] | None:
             """Run the VM half of one phase; its figures, or None if the VM run failed."""

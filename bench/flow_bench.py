@@ -26,17 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vmout import ensure_vmout
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _vmout() -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kubelvs_hack_vm", REPO / "hack" / "vm.py")
-    assert spec is not None and spec.loader is not None
-    vm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vm)
-    return Path(vm.ensure_vmout(REPO))
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -80,7 +72,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=20, help="failovers and failbacks (>= 20)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    figures = _vmout() / "flow_bench.raw.json"
+    figures = ensure_vmout() / "flow_bench.raw.json"
     figures.unlink(missing_ok=True)
     env = {
         **os.environ,

@@ -55,6 +55,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "kernel"))
 sys.path.insert(0, str(REPO / "bench"))
+from vmout import ensure_vmout  # noqa: E402
 
 BULK_NAMESPACE = "ha-bulk"
 BULK_LABEL = "kubelvs.io/ha-bulk"
@@ -95,15 +96,6 @@ def flag_value(args: Sequence[str], flag: str, default: float) -> float:
 # =========================================================================== host half
 
 
-def _vmout() -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kubelvs_hack_vm", REPO / "hack" / "vm.py")
-    assert spec is not None and spec.loader is not None
-    vm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vm)
-    return Path(vm.ensure_vmout(REPO))
-
 
 def create_bulk(kubeconfig: str, count: int, rs: Sequence[str]) -> float:
     """``count`` VirtualServers over static DR backends, selecting nodes labelled BULK_LABEL
@@ -138,7 +130,7 @@ def create_bulk(kubeconfig: str, count: int, rs: Sequence[str]) -> float:
 
 
 def host(args: argparse.Namespace, passthrough: list[str]) -> int:
-    out = _vmout()
+    out = ensure_vmout()
     result = out / "ha_bench.vm.json"
     result.unlink(missing_ok=True)
     command = [sys.executable, str(REPO / "hack" / "vm.py"), "--rwdir", str(out), "--network", "user"]
