@@ -87,10 +87,13 @@ class KubeApi:
         body: Any = None,
         content_type: str = "application/json",
         timeout: Timeout | None = None,
-        retries: bool = False,
     ) -> Any:
         """Send one request and return urllib3's response, its body not read yet (a watch streams
-        it). Any non-2xx answer raises ApiException with the status and the server's message."""
+        it). Any non-2xx answer raises ApiException with the status and the server's message.
+
+        Never resent by urllib3: every caller has its own retry (the informers' backoff, the
+        status loop, the election's next renewal), and a write whose answer was lost must come
+        back to it as a failure, not be sent again behind its back."""
         url = self.configuration.host + resource_path
         if query:
             url += "?" + urlencode({name: _query_value(value) for name, value in query.items()})
@@ -104,7 +107,7 @@ class KubeApi:
             body=None if body is None else json.dumps(body, separators=(",", ":")),
             headers=self.headers(content_type if body is not None else None),
             timeout=request_timeout,
-            retries=retries,
+            retries=False,
             preload_content=False,
         )
         if not 200 <= response.status <= 299:
