@@ -9,7 +9,6 @@ RBAC is tested against the real API server in tests/api/test_deploy.py and test_
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 from pathlib import Path
@@ -25,19 +24,13 @@ def pod_login_env(kubeconfig: str, base: Path = Path("/run/kubelvs-e2e-login")) 
     (token and CA, under ``base``)."""
     if kubeconfig in _cache:
         return _cache[kubeconfig]
-    import yaml  # here: a benchmark measuring its own RSS imports this module
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
-    doc = yaml.safe_load(Path(kubeconfig).read_text())
-    cluster = doc["clusters"][0]["cluster"]
-    server = urlsplit(cluster["server"])
-    if "certificate-authority-data" in cluster:
-        ca = base64.b64decode(cluster["certificate-authority-data"])
-    else:
-        ca = Path(cluster["certificate-authority"]).read_bytes()
-
+    # The kubeconfig as the client reads it: the server, and the CA (written to a file by the loader).
     api = config.new_client_from_config(config_file=kubeconfig)
+    server = urlsplit(api.configuration.host)
+    ca = Path(api.configuration.ssl_ca_cert).read_bytes()
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     try:
         core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": ACCOUNT}})
