@@ -44,6 +44,7 @@ from pod_login import pod_login_env  # noqa: E402
 from vmout import ensure_vmout  # noqa: E402
 
 NAMESPACE = "bench"
+LEASE_NAMESPACE = "kubelvs-system"  # the director's default --lease-namespace
 NETNS = "kubelvs-dbench"
 KUBELVS = str(Path(sys.executable).with_name("kubelvs"))
 CHANGES = 100
@@ -134,7 +135,6 @@ def create_all(kubeconfig: str, items: list[tuple[str, dict[str, Any]]]) -> floa
 # --- host half ------------------------------------------------------------------------------
 
 
-
 def host(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     import conftest  # the control plane helpers of the test suite
@@ -149,6 +149,9 @@ def host(args: argparse.Namespace) -> int:
         conftest._install_crds(conftest.Kubectl(cp.kubectl, cp.kubeconfig))
         api = config.new_client_from_config(config_file=str(cp.kubeconfig))
         client.CoreV1Api(api).create_namespace({"metadata": {"name": NAMESPACE}})
+        # The election's Leases live there, as installed by the chart: without it every renewal
+        # fails and the director never holds anything (figures of a director cut off from the API).
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": LEASE_NAMESPACE}})
         client.CoreV1Api(api).create_node(
             {
                 "metadata": {"name": "director-1"},

@@ -143,6 +143,7 @@ def budget(args: argparse.Namespace) -> int:
         conftest._install_crds(conftest.Kubectl(cp.kubectl, cp.kubeconfig))
         api = config.new_client_from_config(config_file=str(cp.kubeconfig))
         client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.LEASE_NAMESPACE}})
         client.CoreV1Api(api).create_node({"metadata": {"name": "director-1"}})
         bench.create_all(str(cp.kubeconfig), bench.objects(0, args.budget, True))
         out = Path(tempfile.mkdtemp()) / "figures.json"
@@ -256,6 +257,11 @@ def main() -> int:
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--trace-frames", type=int, default=12, help="--tracemalloc's frames (fewer: faster)")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument(
+        "--cprofile-changes", action="store_true", help="profile only the changes (and churn), not the start-up"
+    )
+    parser.add_argument("--churn", type=int, default=0, help="then this many EndpointSlice changes per second")
+    parser.add_argument("--churn-seconds", type=int, default=60)
     parser.add_argument("--phases", action="store_true", help="the cold start step by step (no director tasks)")
     parser.add_argument("--imports", action="store_true", help="RSS and time of each import, alone")
     parser.add_argument("--budget", type=int, help="check the director's RSS at this many VirtualServers")
@@ -286,12 +292,21 @@ def main() -> int:
     # This process's own requests go through kubelvs's raw client too: the typed client's models
     # would add their 45 MB to the figure, which is the director's.
     api = KubeApi()
+    # The election's Leases go there (the chart creates it): without it the director runs as
+    # one cut off from the API, renewing in vain.
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": bench.LEASE_NAMESPACE}}
+    if api.call("GET", f"/api/v1/namespaces/{bench.LEASE_NAMESPACE}", missing_ok=True) is None:
+        api.call("POST", "/api/v1/namespaces", body=namespace)
 
     kernel = LinearKernel()
     if args.tracemalloc:
         tracemalloc.start(args.trace_frames)
-    loop_profile = cProfile.Profile() if args.cprofile else None  # informers, handlers, desired state
-    sync_profile = cProfile.Profile() if args.cprofile else None  # the sync worker thread
+    profiling = args.cprofile or args.cprofile_changes
+    loop_profile = cProfile.Profile() if profiling else None  # informers, handlers, desired state
+    sync_profile = cProfile.Profile() if profiling else None  # the sync worker thread
+    sync_profiled = threading.Event()  # set: sync_profile records (from the start with --cprofile)
+    if args.cprofile:
+        sync_profiled.set()
     baseline = rss()
     started = time.perf_counter()
     config_ = DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
@@ -305,6 +320,8 @@ def main() -> int:
         sync_once = director.sync.sync_once
 
         def profiled(*a: Any) -> Any:
+            if not sync_profiled.is_set():
+                return sync_once(*a)
             sync_profile.enable()
             try:
                 return sync_once(*a)
@@ -316,7 +333,7 @@ def main() -> int:
 
     def run() -> None:
         director_api = KubeApi()
-        if loop_profile:
+        if loop_profile and args.cprofile:
             loop_profile.enable()
 
         async def main() -> None:
@@ -346,9 +363,16 @@ def main() -> int:
     result["settle_s"] = time.perf_counter() - settle
     result["rss_mb"] = rss()
     result["rss_baseline_mb"] = baseline
+    if args.cprofile_changes and loop_profile:
+        stopping[0][0].call_soon_threadsafe(loop_profile.enable)  # on the event loop's thread
+        sync_profiled.set()
     latencies = sorted(bench.converge(discovery, Poll(), args.count, n, timeout=60) for n in range(1, args.changes + 1))
     result["convergence_p50_s"] = statistics.median(latencies)
     result["convergence_p99_s"] = latencies[int(0.99 * (len(latencies) - 1))]
+    result["convergence_max_s"] = latencies[-1]
+    if args.churn:
+        result.update(bench.churn(discovery, Poll(), args.count, args.churn, args.churn_seconds))
+        result["rss_after_churn_mb"] = rss()
     print(json.dumps(result, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
@@ -368,7 +392,8 @@ def main() -> int:
             time.sleep(1)
             out = io.StringIO()
             pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
-            print(f"--- {name} (start-up and changes) ---\n{out.getvalue()}")
+            what = "changes" if args.cprofile_changes else "start-up and changes"
+            print(f"--- {name} ({what}) ---\n{out.getvalue()}")
     return 0
 
 

@@ -14,15 +14,18 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kubelvs.core import election as el
 from kubelvs.core.model import AF_INET
 from kubelvs.core.resolve import Resolution
 from kubelvs.core.spec import ObjectRef
-from kubelvs.director.election import ClaimLost, Election, ElectionConfig
+from kubelvs.director import election as election_module
+from kubelvs.director.election import FULL_DECISION_PERIODS, ClaimLost, Election, ElectionConfig
 from kubelvs.director.metrics import Metrics
 from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, claim_name, heartbeat_name
 from prometheus_client import CollectorRegistry
@@ -477,3 +480,96 @@ def test_no_vips_or_ipv6_vips(vips: list[str]) -> None:
             await cluster.stop_all()
 
     asyncio.run(scenario())
+
+
+def test_a_sync_that_empties_a_vip_moves_it_to_a_director_with_ready_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a sync changes reaches the decisions through ``on_synced`` (only the VirtualServers
+    it covered are looked at): the owner's VIP with no ready backend left goes to the other."""
+    monkeypatch.setattr(election_module, "FULL_DECISION_PERIODS", 10**6)  # no safety net: on_synced alone
+
+    async def scenario() -> None:
+        async with running("ab") as cluster:
+            vip = VIPS[0]
+            (owner,) = cluster.owners()[vip]
+            election = cluster.elections[owner]
+            ref = next(ref for ref, res in election.sync_state.desired.resolutions.items() if res.vip == vip)
+            resolutions = dict(election.sync_state.desired.resolutions)
+            resolutions[ref] = replace(resolutions[ref], ready_backends=0)
+            election.sync_state.desired = _Desired(resolutions)
+            election.on_synced({ref})
+            (other,) = set("ab") - {owner}
+            await until(f"{vip} on {other}", lambda: cluster.owners()[vip] == {other})
+            assert election.unfit.get(vip) == "NoReadyBackends"
+
+    asyncio.run(scenario())
+
+
+def test_when_only_the_clock_moves_the_election_does_not_decide_about_every_vip_again() -> None:
+    """The loop wakes every retry period; with nothing changed it only keeps its addresses
+    and announcements (a decision over every VIP each time was the cost of 10,000 VIPs)."""
+
+    async def scenario() -> None:
+        async with running("ab") as cluster:
+            elections = list(cluster.elections.values())
+            calls = [0]
+            real = elections[0].decide
+
+            def counted(now: float, vips: Any) -> Any:
+                calls[0] += 1
+                return real(now, vips)
+
+            elections[0].decide = counted  # type: ignore[method-assign]
+            await asyncio.sleep(10 * TIMINGS.retry_period)
+            # At most one decision: the safety net every FULL_DECISION_PERIODS retry periods.
+            assert calls[0] <= 10 // FULL_DECISION_PERIODS + 1, calls[0]
+            assert balanced(cluster, "ab")
+
+    asyncio.run(scenario())
+
+
+_REFS = [ObjectRef("default", f"vs{i}") for i in range(6)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sets(st.sampled_from(_REFS), min_size=1),  # the scope of one sync
+            st.lists(st.tuples(st.sampled_from(["", *VIPS[:3]]), st.booleans(), st.booleans()), min_size=6, max_size=6),
+        ),
+        max_size=6,
+    )
+)
+def test_the_vips_kept_up_by_each_sync_equal_the_vips_found_anew(
+    syncs: list[tuple[set[ObjectRef], list[tuple[str, bool, bool]]]],
+) -> None:
+    """``on_synced`` updates the VIPs from the VirtualServers a sync covered; the result is what
+    a pass over every VirtualServer finds, and it wakes the loop exactly when a VIP changed."""
+    view = FakeView(VIPS[: len(_REFS)], ["a"])
+    sync = FakeSync(_Desired({ref: Resolution(ref, vip=VIPS[0], ready_backends=1) for ref in _REFS}))
+    election = Election(
+        ElectionConfig(node="a", timings=TIMINGS, peer_port=0),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        view,  # type: ignore[arg-type]
+        Metrics(CollectorRegistry()),
+        sync,
+    )
+    election.vips()
+    election.on_synced(None)  # the first sync: everything
+    for scope, states in syncs:
+        before = dict(election.vips())
+        election.wake.clear()
+        resolutions = dict(sync.desired.resolutions)
+        errors = {ref: errors for ref, errors in sync.errors_by_ref.items() if ref not in scope}
+        for ref, (vip, ready, failed) in zip(_REFS, states, strict=True):
+            if ref in scope:
+                resolutions[ref] = Resolution(ref, vip=vip, ready_backends=int(ready))
+                if failed:
+                    errors[ref] = ["boom"]
+        sync.desired, sync.errors_by_ref = _Desired(resolutions), errors
+        election.on_synced(scope)
+        kept = election.vips()
+        fresh = Election(election.config, None, None, view, Metrics(CollectorRegistry()), sync)  # type: ignore[arg-type]
+        assert kept == fresh.vips()
+        assert election.wake.is_set() == (kept != before)

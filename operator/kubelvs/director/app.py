@@ -203,7 +203,7 @@ class Director:
         if self.status is not None:
             self.status.request(scope)
         if self.election is not None:
-            self.election.wake.set()  # VIPs may have come, gone, or failed to program
+            self.election.on_synced(scope)  # VIPs may have come, gone, or failed to program
 
     # --- health ----------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +39,9 @@ from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, LeaseCli
 log = logging.getLogger("kubelvs.director.election")
 _NO_ERRORS: Mapping[ObjectRef, Any] = {}
 _KEEP = el.Decision(el.Action.HOLD, "Owner")
+# A decision over every VIP at least every this many retry periods, even when nothing it
+# depends on was seen to change.
+FULL_DECISION_PERIODS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,14 @@ class Election:
         self._drain_started = math.inf
         self._decided_draining = False  # a decision was made since draining began (and announced)
         self._vips_from: tuple[Any, Any] = (None, None)
+        self._vip_of: dict[ObjectRef, str] = {}  # VirtualServer -> its VIP, as in self._vips
+        self._synced_desired: Any = None  # the desired state of the last on_synced
+        # The inputs of the last full decision (VIPs, uplinks, moment, actions) and when the
+        # next one is due anyway; the HOLD decisions among them.
+        self._decided_on: tuple[Any, ...] = (None, None, None, -1, -math.inf)
+        self._holding: list[str] = []
+        self._actions = 0  # claims written, addresses added or removed: counted, to decide again
+        self._watched: dict[str, set[str]] | None = None  # the claims the conflict monitors watch
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -238,32 +249,76 @@ class Election:
                 self._arm_fence(asyncio.get_running_loop())
 
     def vips(self) -> dict[str, VipInfo]:
-        """Every VIP of an accepted VirtualServer, with what the election needs of it (found
-        again only when a sync produced a new desired state or new errors)."""
+        """Every VIP of an accepted VirtualServer, with what the election needs of it: kept up
+        to date by :meth:`on_synced`, found again in full only when it could not be."""
         desired = self.sync_state.desired
         errors: Mapping[ObjectRef, Any] = getattr(self.sync_state, "errors_by_ref", None) or _NO_ERRORS
         # Both are replaced, never changed in place, by each sync (and the desired state by
         # every change of a VirtualServer's spec).
         if self._vips is not None and self._vips_from[0] is desired and self._vips_from[1] is errors:
             return self._vips
-        found = self._find_vips(desired, errors)
+        self._vip_of = {}
+        found: dict[str, VipInfo] = {}
+        if desired is not None:
+            by_vip: dict[str, list[ObjectRef]] = {}
+            for ref in desired.resolutions:
+                vip = self._vip_of_ref(desired, ref)
+                if vip:
+                    self._vip_of[ref] = vip
+                    by_vip.setdefault(vip, []).append(ref)
+            found = {vip: self._vip_info(desired, errors, sorted(refs)) for vip, refs in by_vip.items()}
         self._vips, self._vips_from = found, (desired, errors)
         return found
 
-    def _find_vips(self, desired: Any, errors: Mapping[ObjectRef, Any]) -> dict[str, VipInfo]:
-        found: dict[str, VipInfo] = {}
-        if desired is None:
-            return found
-        for ref, resolution in desired.resolutions.items():
-            entry = self.view.memo.get(ref)
-            if resolution.error is not None or entry is None or not resolution.vip:
-                continue
-            info = found.setdefault(resolution.vip, VipInfo(entry.spec.family))
-            info.refs.append(ref)
-            info.selectors.append(entry.spec.node_selector)
-            info.ready |= resolution.ready_backends > 0
+    def on_synced(self, scope: Collection[ObjectRef] | None) -> None:
+        """A sync succeeded (event loop thread): bring the VIPs up to date with its desired state,
+        looking only at the VirtualServers it covered, and decide again only if a VIP changed.
+        Under churn most syncs move real servers of VIPs that keep ready backends: they change
+        nothing here, and a decision over every VIP after each (a tenth of a second at 10,000
+        natively, a second under emulation) held up the event loop and with it the next sync."""
+        desired = self.sync_state.desired
+        errors: Mapping[ObjectRef, Any] = getattr(self.sync_state, "errors_by_ref", None) or _NO_ERRORS
+        previous, self._synced_desired = self._synced_desired, desired
+        # ``scope`` is relative to the previous successful sync: usable only on VIPs found from it.
+        if scope is None or self._vips is None or previous is None or self._vips_from[0] is not previous:
+            self._vips = None
+            self.wake.set()
+            return
+        affected: set[str] = set()
+        for ref in scope:
+            old, new = self._vip_of.pop(ref, None), self._vip_of_ref(desired, ref)
+            if new:
+                self._vip_of[ref] = new
+            affected.update(vip for vip in (old, new) if vip)
+        changed = False
+        vips = dict(self._vips)  # a new object: the loop tells a changed set of VIPs by identity
+        for vip in affected:
+            before = vips.pop(vip, None)
+            refs = [ref for ref in (before.refs if before else ()) if ref not in scope]
+            refs += [ref for ref in scope if self._vip_of.get(ref) == vip]
+            after = self._vip_info(desired, errors, sorted(refs)) if refs else None
+            if after is not None:
+                vips[vip] = after
+            changed |= after != before
+        self._vips_from = (desired, errors)
+        if changed:
+            self._vips = vips
+            self.wake.set()
+
+    def _vip_of_ref(self, desired: Any, ref: ObjectRef) -> str:
+        """The VIP a VirtualServer claims ("": none, or not accepted)."""
+        resolution = desired.resolutions.get(ref)
+        if resolution is None or resolution.error is not None or ref not in self.view.memo:
+            return ""
+        return str(resolution.vip or "")
+
+    def _vip_info(self, desired: Any, errors: Mapping[ObjectRef, Any], refs: list[ObjectRef]) -> VipInfo:
+        info = VipInfo(self.view.memo[refs[0]].spec.family, refs)
+        for ref in refs:
+            info.selectors.append(self.view.memo[ref].spec.node_selector)
+            info.ready |= desired.resolutions[ref].ready_backends > 0
             info.failed |= bool(errors.get(ref))
-        return found
+        return info
 
     # --- the decision -------------------------------------------------------------------------
 
@@ -360,19 +415,21 @@ class Election:
         renewer = asyncio.create_task(self._renew_loop(loop), name="heartbeat")
         beater = asyncio.create_task(self._beat_loop(loop), name="peer-beats")
         try:
+            woken = True  # by an event (anything may have changed), not only by the clock
             while True:
                 for task in (renewer, beater):
                     if task.done():
                         task.result()  # they never end by themselves: raise what killed them
                 started = self.clock()
-                await self._evaluate(loop)
+                await self._evaluate(loop, woken)
                 took = self.clock() - started
                 timeout = max(0.0, self._next_deadline() - self.clock())
                 await wait_event(self.wake, timeout)
-                # Coalesce a burst of wake-ups (every sync wakes us; under churn, dozens a
-                # second): a decision over 10,000 VIPs takes a tenth of a second, so the next
-                # one waits twice as long as the last took. The fence does not wait for this.
+                # Coalesce a burst of wake-ups (a VIP's sync, claims, heartbeats coming back): a
+                # decision over 10,000 VIPs takes a tenth of a second, so the next one waits
+                # twice as long as the last took. The fence does not wait for this.
                 await asyncio.sleep(max(0.0, started + 3 * took - self.clock()))
+                woken = self.wake.is_set()
                 self.wake.clear()
         finally:
             renewer.cancel()
@@ -391,7 +448,9 @@ class Election:
             was_valid = started < self.valid_until()
             await self._renew(loop)
             self._arm_fence(loop)
-            if not was_valid or self.lapsed:  # valid again: decide now (else the deadline wakes us)
+            # Valid again: decide now (else the deadline wakes us). Not while renewals fail:
+            # nothing changes, and a decision at each retry is a pass over every VIP.
+            if (not was_valid or self.lapsed) and self.clock() < self.valid_until():
                 self.wake.set()
             if self.draining and not self._decided_draining and self._drain_announced():
                 self.wake.set()  # our peers can see that we leave: hand over now
@@ -433,8 +492,9 @@ class Election:
         """The next moment a decision can change without any event: our validity ending, a
         holder going silent, a pending announcement."""
         moments = [self.valid_until(), self.clock() + self.timings.retry_period]
-        moments += [self.obs.expires_at(claim.holder) for claim in self.claims.values() if claim.holder]
-        moments += [self.obs.expires_at(node) for node in self.heartbeats]
+        # Every director seen (holders of claims and heartbeats among them), not every claim:
+        # 10,000 claims were a pass over each at every turn of the loop.
+        moments += [self.obs.expires_at(node) for node in self.obs.seen]
         for held in self.held.values():
             if held.bursts_left:
                 moments.append(held.announced_at + self.config.announce_interval)
@@ -541,7 +601,25 @@ class Election:
             self.held[vip] = Held(interface, family, now, announced_at=now)
             log.info("found the claim address %s on %s from an earlier run", vip, interface)
 
-    async def _evaluate(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _moment(self, now: float) -> tuple[Any, ...]:
+        """What the passing of time alone can change in the decisions (a handful of directors:
+        cheap). Equal at two evaluations with no event between them: the same decisions."""
+        seen, delay = self.obs.seen, self.timings.handover_delay
+        return (
+            now < self.valid_until(),
+            self.lapsed,
+            self.api_ok,
+            self.draining,
+            self.draining and self._drain_announced(),
+            frozenset(node for node in seen if self.obs.api_live(node, now)),
+            frozenset(node for node in seen if self.obs.peer_live(node, now)),
+            frozenset(node for node in seen if self.obs.settled(node, now, delay)),
+        )
+
+    async def _evaluate(self, loop: asyncio.AbstractEventLoop, woken: bool = True) -> None:
+        """Decide about every VIP and act, or, when only the clock moved and nothing a decision
+        depends on changed since the last one (the common case: the loop wakes every retry
+        period), only keep the held VIPs' addresses and announcements going."""
         if not self.listed:
             return  # until the Leases are listed we know neither the claims nor the other directors
         now = self.clock()
@@ -554,10 +632,29 @@ class Election:
             self.lapsed = False
         if self.suspects:
             await self._settle_conflicts(loop)
+            woken = True
         vips = self.vips()
-        self.vip_refs = {vip: info.refs for vip, info in vips.items()}
         await self._read_uplinks(loop, vips)
-        self.unfit = self._unfit_reasons(vips)
+        moment = self._moment(now)
+        last_vips, last_uplinks, last_moment, last_actions, full_due = self._decided_on
+        unchanged = (
+            vips is last_vips
+            and self.uplinks is last_uplinks
+            and (moment, self._actions)
+            == (
+                last_moment,
+                last_actions,
+            )
+        )
+        if unchanged and not woken and now < full_due:
+            if await self._hold(loop, self._holding, vips):
+                self._watch_conflicts(loop)
+                self._publish(now, vips)
+            return
+        if vips is not last_vips:
+            self.vip_refs = {vip: info.refs for vip, info in vips.items()}
+        if vips is not last_vips or self.uplinks is not last_uplinks or moment[3] != (last_moment or moment)[3]:
+            self.unfit = self._unfit_reasons(vips)
         decisions = self.decide(now, vips)
         Action = el.Action
         announced = self._drain_announced()
@@ -582,14 +679,15 @@ class Election:
         claims = {vip: decision for vip, decision in decisions.items() if decision.action is Action.CLAIM}
         if claims:
             await self._claim(loop, claims, vips)
-        await self._hold(loop, [vip for vip, decision in decisions.items() if decision.action is Action.HOLD], vips)
+        self._holding = [vip for vip, decision in decisions.items() if decision.action is Action.HOLD]
+        await self._hold(loop, self._holding, vips)
         self.decisions = decisions
         self._decided_draining = self.draining and announced
-        try:
-            self._watch_conflicts(loop)
-        except OSError as error:
-            log.warning("conflict monitor: %s", error)
+        self._watch_conflicts(loop)
         self._publish(now, vips)
+        # A safety net, as the sync loop's full resync: decide in full now and then anyway.
+        full_due = self.clock() + FULL_DECISION_PERIODS * self.timings.retry_period
+        self._decided_on = (vips, self.uplinks, moment, self._actions, full_due)
 
     async def _read_uplinks(self, loop: asyncio.AbstractEventLoop, vips: Mapping[str, VipInfo]) -> None:
         """Which interface carries each VIP, and is it up: read again when the VIPs change and
@@ -598,7 +696,9 @@ class Election:
         wanted = frozenset(vips)
         if wanted == read_for and self.clock() < read_at + self.timings.retry_period:
             return
-        self.uplinks = await loop.run_in_executor(None, self.net.uplinks, list(wanted))
+        uplinks = await loop.run_in_executor(None, self.net.uplinks, list(wanted))
+        if uplinks != self.uplinks:  # else the same object: the loop tells a change by identity
+            self.uplinks = uplinks
         self._uplinks_read = (self.clock(), wanted)
 
     async def _claim(
@@ -671,6 +771,7 @@ class Election:
         expected: ClaimRecord | None = None,
     ) -> bool:
         expected = expected if expected is not None else self.claims.get(vip)
+        self._actions += 1
         try:
             record = await loop.run_in_executor(None, self.leases.claim, vip, holder, expected)
         except Conflict as conflict:
@@ -693,11 +794,12 @@ class Election:
                 self.post_event(ref, "Normal", "VIPOwnerChanged", message)
         return True
 
-    async def _hold(self, loop: asyncio.AbstractEventLoop, vips: list[str], infos: Mapping[str, VipInfo]) -> None:
+    async def _hold(self, loop: asyncio.AbstractEventLoop, vips: list[str], infos: Mapping[str, VipInfo]) -> bool:
         """Make the claim address of each VIP present (added at a takeover; refreshed by the
         renewals) and announce those whose announcement is due, in one kernel call per
-        interface for each."""
+        interface for each. Whether any address was added."""
         now = self.clock()
+        actions = self._actions
         added: dict[str, list[tuple[str, int]]] = {}
         for vip in vips:
             uplink = self.uplinks.get(vip)
@@ -717,6 +819,7 @@ class Election:
                 if vip in failed or vip in self.held:
                     continue
                 self.held[vip] = Held(interface, family, now, bursts_left=self.config.announce_count)
+                self._actions += 1
                 if fenced:
                     self._release([vip], "LeaseLapsed")
         due = []
@@ -741,6 +844,7 @@ class Election:
                 if held is not None:
                     held.announced_at = now
                     held.bursts_left = max(0, held.bursts_left - 1)
+        return self._actions != actions
 
     def _release(self, vips: Iterable[str], reason: str) -> Future[None] | None:
         """Stop answering for these VIPs now: forgotten here at once, their addresses removed
@@ -749,6 +853,7 @@ class Election:
         dropped = {vip: self.held.pop(vip) for vip in list(vips) if vip in self.held}
         if not dropped:
             return None
+        self._actions += 1
         grouped: dict[str, list[tuple[str, int]]] = {}
         for vip, held in dropped.items():
             grouped.setdefault(held.interface, []).append((vip, held.family))
@@ -769,18 +874,26 @@ class Election:
     # --- conflicts ------------------------------------------------------------------------------
 
     def _watch_conflicts(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Listen on every interface that carries one of our claims for others claiming them."""
+        """Listen on every interface that carries one of our claims for others claiming them
+        (the monitors are told again only when the claims we hold changed)."""
         by_interface: dict[str, set[str]] = {}
         for vip, held in self.held.items():
             by_interface.setdefault(held.interface, set()).add(vip)
-        for interface in set(by_interface) | set(self.monitored):
-            monitor = self.net.monitor(interface)
-            if monitor is None:
-                continue
-            monitor.watch(by_interface.get(interface, set()))
-            if interface not in self.monitored:
-                loop.add_reader(monitor.fileno(), self._on_frames, monitor)
-                self.monitored.add(interface)
+        if by_interface == self._watched:
+            return
+        try:
+            for interface in set(by_interface) | set(self.monitored):
+                monitor = self.net.monitor(interface)
+                if monitor is None:
+                    continue
+                monitor.watch(by_interface.get(interface, set()))
+                if interface not in self.monitored:
+                    loop.add_reader(monitor.fileno(), self._on_frames, monitor)
+                    self.monitored.add(interface)
+        except OSError as error:
+            log.warning("conflict monitor: %s", error)
+            return  # tried again at the next evaluation
+        self._watched = by_interface
 
     def _on_frames(self, monitor: Any) -> None:
         for conflict in monitor.read():
