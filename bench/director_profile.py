@@ -80,16 +80,6 @@ class LinearKernel(FakeIPVS):
         return ApplyResult(succeeded=ops)
 
 
-class RawDiscovery:
-    """The one call ``bench.converge`` makes, on kubelvs's raw client."""
-
-    def __init__(self, api: KubeApi) -> None:
-        self.api = api
-
-    def replace_namespaced_endpoint_slice(self, name: str, namespace: str, body: dict[str, Any]) -> None:
-        self.api.call("PUT", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}", body=body)
-
-
 def rss() -> dict[str, float]:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -351,7 +341,7 @@ def main() -> int:
     while kernel.count_services() < total:
         time.sleep(0.05)
     result: dict[str, Any] = {"virtual_servers": total, "startup_s": time.perf_counter() - started}
-    discovery = RawDiscovery(api)
+    discovery = bench.RawDiscovery(api)
 
     class Poll:  # what bench.converge polls, served from the in-memory kernel
         def destinations(self, key: ServiceKey) -> list[Any]:
