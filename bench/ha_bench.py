@@ -153,12 +153,16 @@ def host(args: argparse.Namespace, passthrough: list[str]) -> int:
                 print(f"created {args.bulk} bulk VirtualServers in {seconds:.1f}s", flush=True)
             command += ["--kubeconfig", str(cp.kubeconfig_vm)]
         rc = subprocess.call(command)
-    if rc or not result.exists():
-        print(f"ha_bench: the VM half failed (exit status {rc})", file=sys.stderr)
+    if not result.exists():
+        print(f"ha_bench: the VM half failed (exit status {rc}) before any figure", file=sys.stderr)
         return rc or 1
     figures = json.loads(result.read_text())
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(_headline(figures), indent=2))
+    if rc or figures["ha"].get("partial"):
+        # The figures so far are in --out: merge them by hand if they are worth keeping.
+        print(f"ha_bench: the VM half stopped early (exit status {rc}); partial figures in {args.out}", file=sys.stderr)
+        return rc or 1
     return 0
 
 
@@ -422,50 +426,59 @@ class KubelvsBed:
         return out
 
 
-def kubelvs_phase(bed: Bed, args: argparse.Namespace) -> dict[str, Any]:
+def kubelvs_phase(
+    bed: Bed, args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]], None] = lambda out: None
+) -> dict[str, Any]:
+    """Both profiles' link-down and SIGKILL runs first (the comparison with keepalived), then
+    the other faults and split brain, then the API writes; ``checkpoint`` gets the figures so
+    far after every run, so that a run cut short (hours at the full counts) still reports."""
     kb = KubelvsBed(bed, args)
     vip = bed.vips[0]
     out: dict[str, Any] = {}
+    rounds: list[list[tuple[str, int, str]]] = [
+        [("link_down", args.runs, "service_s"), ("sigkill", args.runs, "service_s")],
+        [
+            ("sigstop", args.other_runs, "service_s"),
+            ("api_partition", args.other_runs, "outage_s"),
+            ("api_down", args.other_runs, "outage_s"),
+        ],
+    ]
     try:
-        for profile in args.profiles:
-            kb.timings = shlex.split(args.default_timings if profile == "default" else args.tuned_timings)
-            lease = flag_value(kb.timings, "--lease-duration", 3.0)
-            kb.hold = max(3.0, 2 * lease + 1)  # past the handover delay (default: the lease duration)
-            kb.start_all()
-            kb.settle()
-            result: dict[str, Any] = {"director_flags": kb.director_args()}
-            with bed.connect_prober(vip) as probe:
-                plan: list[tuple[str, int, str]] = [
-                    ("link_down", args.runs, "service_s"),
-                    ("sigkill", args.runs, "service_s"),
-                    ("sigstop", args.other_runs, "service_s"),
-                    ("api_partition", args.other_runs, "outage_s"),
-                    ("api_down", args.other_runs, "outage_s"),
-                ]
-                for fault, count, metric in plan:
-                    runs = []
-                    for i in range(count):
-                        runs.append(kubelvs_run(kb, probe, fault, lease))
-                        print(f"kubelvs {profile} {fault} {i}: {_brief(runs[-1])}", flush=True)
-                    result[fault] = faults_summary(runs, metric)
-                if profile == args.split_brain_profile:
-                    result_sb: dict[str, Any] = {}
-                    for fault, count in (("api_partition", args.partition_runs), ("sigstop", args.freeze_runs)):
-                        runs = [kubelvs_run(kb, probe, fault, lease) for _ in range(count)]
-                        result_sb[fault] = {
-                            "runs": count,
-                            "split_brain_runs": sum(1 for r in runs if r.get("overlaps")),
-                            "errors": sum(1 for r in runs if r.get("error")),
-                            "details": [r for r in runs if r.get("overlaps") or r.get("error")],
-                        }
-                        print(
-                            f"kubelvs split brain {fault}: {result_sb[fault]['split_brain_runs']}/{count}", flush=True
-                        )
-                    out["split_brain"] = {"profile": profile, **result_sb}
-            kb.stop_all()
-            out[profile] = result
+        for number, plan in enumerate(rounds):
+            for profile in args.profiles:
+                kb.timings = shlex.split(args.default_timings if profile == "default" else args.tuned_timings)
+                lease = flag_value(kb.timings, "--lease-duration", 3.0)
+                kb.hold = max(3.0, 2 * lease + 1)  # past the handover delay (default: the lease duration)
+                kb.start_all()
+                kb.settle()
+                result = out.setdefault(profile, {"director_flags": kb.director_args()})
+                with bed.connect_prober(vip) as probe:
+                    for fault, count, metric in plan:
+                        runs: list[dict[str, Any]] = []
+                        for i in range(count):
+                            runs.append(kubelvs_run(kb, probe, fault, lease))
+                            print(f"kubelvs {profile} {fault} {i}: {_brief(runs[-1])}", flush=True)
+                            result[fault] = faults_summary(runs, metric)
+                            checkpoint(out)
+                    if number == len(rounds) - 1 and profile == args.split_brain_profile:
+                        out["split_brain"] = {"profile": profile}
+                        for fault, count in (("api_partition", args.partition_runs), ("sigstop", args.freeze_runs)):
+                            runs = []
+                            for _ in range(count):
+                                runs.append(kubelvs_run(kb, probe, fault, lease))
+                                out["split_brain"][fault] = {
+                                    "runs": len(runs),
+                                    "split_brain_runs": sum(1 for r in runs if r.get("overlaps")),
+                                    "errors": sum(1 for r in runs if r.get("error")),
+                                    "details": [r for r in runs if r.get("overlaps") or r.get("error")],
+                                }
+                                checkpoint(out)
+                            found = out["split_brain"][fault]["split_brain_runs"]
+                            print(f"kubelvs split brain {fault}: {found}/{count}", flush=True)
+                kb.stop_all()
         if args.bulk:
             out["api_writes"] = api_writes_phase(kb, args)
+            checkpoint(out)
     finally:
         kb.stop_all()
         with contextlib.suppress(Exception):
@@ -604,20 +617,31 @@ def vm(args: argparse.Namespace) -> int:
         "runs": args.runs,
     }
     bed = Bed(args, logdir)
-    try:
-        if args.only in ("all", "keepalived"):
-            report["keepalived"] = keepalived_phase(bed, args, logdir)
-        if args.only in ("all", "kubelvs"):
-            if not args.kubeconfig:
-                raise SystemExit("the kubelvs part needs --kubeconfig (the host half passes it)")
-            report["kubelvs"] = kubelvs_phase(bed, args)
+
+    def write(partial: bool) -> None:
+        """The report so far (``partial``: the run is still going, or was cut short)."""
         if "keepalived" in report and "kubelvs" in report:
             report["ratios"] = ratios(report["keepalived"], report["kubelvs"])
         frames, drops = bed.capture.stats()
         report["capture"] = {"frames": frames, "drops": drops}
+        report["partial"] = partial
+        Path(args.out).write_text(json.dumps({"ha": report}, indent=2) + "\n")
+
+    def kubelvs_checkpoint(figures: dict[str, Any]) -> None:
+        report["kubelvs"] = figures
+        write(partial=True)
+
+    try:
+        if args.only in ("all", "keepalived"):
+            report["keepalived"] = keepalived_phase(bed, args, logdir)
+            write(partial=True)
+        if args.only in ("all", "kubelvs"):
+            if not args.kubeconfig:
+                raise SystemExit("the kubelvs part needs --kubeconfig (the host half passes it)")
+            report["kubelvs"] = kubelvs_phase(bed, args, kubelvs_checkpoint)
+        write(partial=False)
     finally:
         bed.close()
-    Path(args.out).write_text(json.dumps({"ha": report}, indent=2) + "\n")
     print(json.dumps(_headline({"ha": report}), indent=2), flush=True)
     return 0
 
