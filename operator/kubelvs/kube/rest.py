@@ -144,6 +144,25 @@ class KubeApi:
             response.release_conn()
         return json.loads(data) if data else {}
 
+    def send(
+        self,
+        method: str,
+        resource_path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: Timeout | None = None,
+    ) -> None:
+        """One write whose answer is not needed: its body is read and dropped, never parsed. A
+        status write answers with the whole object (managedFields and all): at a director's
+        start, 10,000 of them were parsed in the writer threads only to be thrown away."""
+        response = self.open(method, resource_path, query=query, body=body, content_type=content_type, timeout=timeout)
+        try:
+            response.drain_conn()  # read to the end: the connection goes back to the pool
+        finally:
+            response.release_conn()
+
     def lister(self, resource_path: str, **fixed: Any) -> Callable[..., Any]:
         """A list (and watch) function for :class:`kubelvs.kube.informers.Informer`, with the typed
         client's keywords (``limit``, ``_continue``, ``watch``, ``_request_timeout``...); it

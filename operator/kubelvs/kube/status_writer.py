@@ -42,7 +42,7 @@ class StatusWriter:
             "status": status,
         }
         try:
-            self.api.call(
+            self.api.send(
                 "PATCH",
                 self._status_path(ref),
                 query={"fieldManager": manager, "force": True},
@@ -75,7 +75,7 @@ class StatusWriter:
         if not ops:
             return Written.OK
         try:
-            self.api.call(
+            self.api.send(
                 "PATCH",
                 self._status_path(ref),
                 body=ops,
@@ -94,7 +94,7 @@ class StatusWriter:
 
     def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
         try:
-            self.api.call(
+            self.api.send(
                 "POST", path("api", "v1", "namespaces", namespace, "events"), body=event, timeout=self.timeout
             )
         except Exception as error:  # events are best effort
