@@ -115,6 +115,7 @@ class Reconciler:
         of an interrupted sync must be settled (that needs a fresh dump).
         """
         owned = self.store.load()
+        dumped = observed is None or owned.has_pending  # the kernel's state read afresh
         with self.vips.session():  # one rtnetlink socket for every VIP of this sync
             settled = False
             if owned.has_pending:
@@ -171,14 +172,21 @@ class Reconciler:
                 raise
         if changed:  # (a JSON rendering of the whole record costs O(owned): not on every event)
             self.store.save(owned)
-        self._filter_ports(owned, report, full=keys is None)
+        self._filter_ports(owned, report, full=keys is None, dumped=dumped)
         return report
 
-    def _filter_ports(self, owned: Ownership, report: SyncReport, full: bool) -> None:
+    def _filter_ports(self, owned: Ownership, report: SyncReport, full: bool, dumped: bool = True) -> None:
         """Let each VIP kubelvs owns answer only on the ports of its IPVS services (kubelvs's,
         kept or foreign alike: the filter must never cut a service off). A filter error is
         reported, not raised: the IPVS rules are in place, only the exposure is not narrowed."""
         if self.port_filter is None or report.observed is None:
+            return
+        if not (full or dumped or report.vips_added or report.vips_removed) and not any(
+            op.verb in (Verb.ADD_SERVICE, Verb.DELETE_SERVICE) for op in report.result.succeeded
+        ):
+            # No VIP and no service came or went, and the services known are the cache's: the
+            # ports are as last filtered. (A pass over every VIP and service costs 9 ms natively
+            # at 10,000, a third of a second under emulation, on every endpoint change.)
             return
         present = set(report.observed.services)
         for op in report.result.succeeded:

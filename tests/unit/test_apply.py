@@ -366,3 +366,27 @@ def test_a_value_the_filter_refuses_is_reported_not_raised(tmp_path: Path) -> No
     ipvs, vips = kernel_with_foreign()
     report = Reconciler(ipvs, store(tmp_path), vips, Refusing()).sync(desired_state([static_vs("a", "192.0.2.1", 80)]))
     assert report.ok and "70000" in report.filter_error
+
+
+def test_incremental_syncs_keep_the_port_filter_right(tmp_path: Path) -> None:
+    """The cached reconciler skips the filter's pass over every VIP when no VIP or service came or
+    went; whenever one did, the filter follows."""
+    ipvs, vips = kernel_with_foreign()
+    port_filter = RecordingFilter()
+    reconciler = CachedReconciler(ipvs, CachedStore(tmp_path), vips, port_filter)
+    a, b = ObjectRef("ns", "a"), ObjectRef("ns", "b")
+    reconciler.sync_cached(desired_state([static_vs("a", "192.0.2.1", 80)]), None, full=True)
+    assert port_filter.calls[-1] == {"192.0.2.1": {(6, 80)}}
+    # Other backends only: the ports are as they were.
+    reconciler.sync_cached(desired_state([static_vs("a", "192.0.2.1", 80, backends=3)]), [a], full=False)
+    assert len(port_filter.calls) == 1
+    # A port more: a service came.
+    reconciler.sync_cached(desired_state([static_vs("a", "192.0.2.1", 80, 81)]), [a], full=False)
+    assert port_filter.calls[-1] == {"192.0.2.1": {(6, 80), (6, 81)}}
+    # A new VIP.
+    both = [static_vs("a", "192.0.2.1", 80, 81), static_vs("b", "192.0.2.2", 443)]
+    reconciler.sync_cached(desired_state(both), [b], full=False)
+    assert port_filter.calls[-1] == {"192.0.2.1": {(6, 80), (6, 81)}, "192.0.2.2": {(6, 443)}}
+    # A VIP gone.
+    reconciler.sync_cached(desired_state(both[:1]), [b], full=False)
+    assert port_filter.calls[-1] == {"192.0.2.1": {(6, 80), (6, 81)}}
