@@ -102,6 +102,24 @@ def test_uplink_for_picks_the_interface_by_subnet(netns: str, uplink: str) -> No
     assert uplink_for("127.0.0.5", netns=netns) is None  # lo is never an uplink
 
 
+def test_the_director_matches_vips_to_uplinks_again_only_when_the_links_change(
+    netns: str, uplink: str, tmp_path: Path
+) -> None:
+    from kubelvs.director.vipnet import KernelVipNet
+
+    net = KernelVipNet(tmp_path, netns)
+    first = net.uplinks(["10.60.0.100", "10.61.0.100"])
+    assert first == {"10.60.0.100": ("eth0", True), "10.61.0.100": None}
+    assert net.uplinks(["10.61.0.100", "10.60.0.100"]) is first  # nothing changed: the same answer
+    more = net.uplinks(["10.60.0.100", "10.61.0.100", "fd60::7"])  # a new VIP: matched on its own
+    assert more == {**first, "fd60::7": ("eth0", True)}
+    _must("-n", netns, "link", "set", "eth0", "down")  # (which drops its IPv6 addresses)
+    assert net.uplinks(["10.60.0.100", "fd60::7"]) == {"10.60.0.100": ("eth0", False), "fd60::7": None}
+    _must("-n", netns, "addr", "add", "10.61.0.1/24", "dev", "eth0")
+    assert net.uplinks(["10.61.0.100"]) == {"10.61.0.100": ("eth0", False)}  # a new subnet
+    net.close()
+
+
 def test_uplink_for_ignores_host_routes_the_dummy_and_prefers_the_longest_prefix(netns: str, uplink: str) -> None:
     _must("-n", netns, "addr", "add", "10.62.0.5/32", "dev", "eth0")  # a host address: no subnet
     assert uplink_for("10.62.0.5", netns=netns) is None

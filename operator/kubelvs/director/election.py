@@ -697,7 +697,7 @@ class Election:
         if wanted == read_for and self.clock() < read_at + self.timings.retry_period:
             return
         uplinks = await loop.run_in_executor(None, self.net.uplinks, list(wanted))
-        if uplinks != self.uplinks:  # else the same object: the loop tells a change by identity
+        if uplinks is not self.uplinks and uplinks != self.uplinks:  # else the loop sees the same object
             self.uplinks = uplinks
         self._uplinks_read = (self.clock(), wanted)
 

@@ -130,15 +130,18 @@ def _addresses(rtnl: _Rtnl, index: int | None = None) -> list[_Address]:
     return found
 
 
-def uplinks_for(vips: Iterable[str], netns: str | None = None, named: str | None = None) -> dict[str, Uplink | None]:
-    """:func:`uplink_for` of each VIP, from one dump of the links and one of the addresses."""
-    vips = list(vips)
+# Where VIPs go: the interface named (with ``named``), or every candidate subnet with its link,
+# the longest prefix first. Hashable: equal tables give equal answers.
+UplinkTable = tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Uplink], ...] | Uplink | None
+
+
+def uplink_table(netns: str | None = None, named: str | None = None) -> UplinkTable:
+    """One dump of the links and one of the addresses: what :func:`match_uplinks` needs."""
     rtnl = _Rtnl(netns)
     try:
         links = _links(rtnl)
         if named is not None:
-            link = next((link for link, _flags in links if link.name == named), None)
-            return dict.fromkeys(vips, link)
+            return next((link for link, _flags in links if link.name == named), None)
         candidates = {
             link.index: link
             for link, flags in links
@@ -152,13 +155,25 @@ def uplinks_for(vips: Iterable[str], netns: str | None = None, named: str | None
     finally:
         rtnl.close()
     subnets.sort(key=lambda entry: -entry[0].prefixlen)  # the longest prefix first
+    return tuple(subnets)
+
+
+def match_uplinks(vips: Iterable[str], table: UplinkTable) -> dict[str, Uplink | None]:
+    """The uplink of each VIP in ``table`` (None: no subnet contains it)."""
+    if not isinstance(table, tuple):  # an interface named, found or not
+        return dict.fromkeys(vips, table)
     found: dict[str, Uplink | None] = {}
     for vip in vips:
         target = ipaddress.ip_address(vip)
         found[vip] = next(
-            (link for subnet, link in subnets if subnet.version == target.version and target in subnet), None
+            (link for subnet, link in table if subnet.version == target.version and target in subnet), None
         )
     return found
+
+
+def uplinks_for(vips: Iterable[str], netns: str | None = None, named: str | None = None) -> dict[str, Uplink | None]:
+    """:func:`uplink_for` of each VIP, from one dump of the links and one of the addresses."""
+    return match_uplinks(vips, uplink_table(netns, named))
 
 
 def uplink_for(vip: str, netns: str | None = None, named: str | None = None) -> Uplink | None:
