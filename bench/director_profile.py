@@ -89,6 +89,14 @@ def rss() -> dict[str, float]:
     return fields
 
 
+class NoFilter:
+    """The VIP port filter's seam without nftables: the reconciler still works out what to allow
+    (its cost is the director's), nothing is applied."""
+
+    def sync(self, allowed: Any) -> None:
+        pass
+
+
 class NoNet:
     """The election's node side with no interface for any VIP: this host's interfaces are never
     touched (the election still runs its Leases; no VIP is claimed)."""
@@ -303,7 +311,7 @@ def main() -> int:
     # The kernel is injected through the director's seam (no IPVS on this host).
     director = Director(
         config_,
-        make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), FakeVips()),
+        make_reconciler=lambda: CachedReconciler(kernel, CachedStore(config_.state_dir), FakeVips(), NoFilter()),
         make_vipnet=NoNet,
     )
     if sync_profile:

@@ -147,6 +147,7 @@ class Election:
         self.on_owners_changed = on_owners_changed  # their status (owner, Announced) is to be written again
         self.clock = clock
         self.obs = el.Observations(self.timings.lease_duration)
+        self._own_heartbeat = heartbeat_name(self.me)
         self.heartbeats: dict[str, HeartbeatRecord] = {}
         self.claims: dict[str, ClaimRecord] = {}
         self.renewed_at: float | None = None  # send time of our last good renewal
@@ -191,6 +192,8 @@ class Election:
 
     def on_lease(self, event_type: str, obj: dict[str, Any]) -> None:
         """A Lease event (event loop thread)."""
+        if (obj.get("metadata") or {}).get("name") == self._own_heartbeat:
+            return  # our own renewal coming back: nothing to learn, and its unfit list may be long
         now = self.clock()
         heartbeat = HeartbeatRecord.from_lease(obj)
         if heartbeat is not None and heartbeat.node != self.me:

@@ -264,6 +264,7 @@ class LeaseClient:
         """Create or renew ``node``'s heartbeat: one PUT with the version last written, else (the
         first call, a restart, a Lease someone else touched) a fresh read and one more try."""
         name = heartbeat_name(node)
+        unfit = frozenset(unfit)
         with self._lock:
             last = self._heartbeats.get(node)
         body = {
@@ -273,12 +274,12 @@ class LeaseClient:
                 "name": name,
                 "namespace": self.namespace,
                 "labels": _labels(HEARTBEAT),
-                "annotations": {UNFIT_ANNOTATION: ",".join(sorted(set(unfit))), PEER_ADDRESS_ANNOTATION: peer_address},
+                "annotations": {UNFIT_ANNOTATION: ",".join(sorted(unfit)), PEER_ADDRESS_ANNOTATION: peer_address},
             },
             "spec": {"holderIdentity": node, "leaseDurationSeconds": math.ceil(duration_seconds)},
         }
         try:
-            return self._write_heartbeat(node, body, last)
+            return self._write_heartbeat(node, body, last, unfit)
         except ApiException as error:
             # Left by an earlier run of this director, or touched by someone else. (A deleted one
             # gives no 404: Leases allow create-on-update, the PUT re-creates it.)
@@ -294,13 +295,15 @@ class LeaseClient:
                 raise HeartbeatTaken(f"Lease {self.namespace}/{name} is held by {holder!r}, not by node {node!r}")
             last = (str(meta.get("resourceVersion") or ""), str(spec.get("acquireTime") or ""))
         try:
-            return self._write_heartbeat(node, body, last)
+            return self._write_heartbeat(node, body, last, unfit)
         except ApiException as error:
             if error.status != 409:
                 raise
             raise Conflict(f"heartbeat {name} changed twice while being renewed") from error
 
-    def _write_heartbeat(self, node: str, body: Obj, last: tuple[str, str] | None) -> HeartbeatRecord:
+    def _write_heartbeat(
+        self, node: str, body: Obj, last: tuple[str, str] | None, unfit: frozenset[str]
+    ) -> HeartbeatRecord:
         now = _now()
         body["spec"]["renewTime"] = now
         body["spec"]["acquireTime"] = last[1] if last and last[1] else now
@@ -311,9 +314,13 @@ class LeaseClient:
             body["metadata"]["resourceVersion"] = last[0]
             obj = self._request("PUT", body["metadata"]["name"], body, write="heartbeat")
         assert obj is not None
-        record = HeartbeatRecord.from_lease(obj)
-        if record is None:  # the server answers with what was written; this is a bug here
-            raise ValueError(f"the API server returned a heartbeat this client cannot read: {obj!r:.500}")
+        version = _mapping(_mapping(obj).get("metadata")).get("resourceVersion")
+        if not isinstance(version, str) or not version:  # the server answers with what was written
+            raise ValueError(f"the API server returned a heartbeat without a resourceVersion: {obj!r:.500}")
+        # The record of what we wrote, not parsed back from the answer: its unfit list can hold
+        # every VIP (a director with no interface for any), split again at every renewal.
+        peer = body["metadata"]["annotations"][PEER_ADDRESS_ANNOTATION]
+        record = HeartbeatRecord(node, version, body["spec"]["leaseDurationSeconds"], unfit, peer)
         with self._lock:
             self._heartbeats[node] = (record.version, body["spec"]["acquireTime"])
         return record
