@@ -625,7 +625,10 @@ def vm(args: argparse.Namespace) -> int:
         frames, drops = bed.capture.stats()
         report["capture"] = {"frames": frames, "drops": drops}
         report["partial"] = partial
-        Path(args.out).write_text(json.dumps({"ha": report}, indent=2) + "\n")
+        out = Path(args.out)
+        staged = out.with_suffix(".tmp")
+        staged.write_text(json.dumps({"ha": report}, indent=2) + "\n")
+        staged.replace(out)  # whole or not at all: the run may be cut off at any moment
 
     def kubelvs_checkpoint(figures: dict[str, Any]) -> None:
         report["kubelvs"] = figures
