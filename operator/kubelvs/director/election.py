@@ -640,24 +640,15 @@ class Election:
         await self._read_uplinks(loop, vips)
         moment = self._moment(now)
         last_vips, last_uplinks, last_moment, last_actions, full_due = self._decided_on
-        unchanged = (
-            vips is last_vips
-            and self.uplinks is last_uplinks
-            and (moment, self._actions)
-            == (
-                last_moment,
-                last_actions,
-            )
-        )
-        if unchanged and not woken and now < full_due:
+        same_inputs = vips is last_vips and self.uplinks is last_uplinks and self._actions == last_actions
+        if same_inputs and moment == last_moment and not woken and now < full_due:
             if await self._hold(loop, self._holding, vips):
                 self._watch_conflicts(loop)
                 self._publish(now, vips)
             return
         if vips is not last_vips:
             self.vip_refs = {vip: info.refs for vip, info in vips.items()}
-        if vips is not last_vips or self.uplinks is not last_uplinks or moment[3] != (last_moment or moment)[3]:
-            self.unfit = self._unfit_reasons(vips)
+        self.unfit = self._unfit_reasons(vips)
         decisions = self.decide(now, vips)
         Action = el.Action
         announced = self._drain_announced()
