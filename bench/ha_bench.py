@@ -436,7 +436,9 @@ def kubelvs_phase(
     vip = bed.vips[0]
     out: dict[str, Any] = {}
     rounds: list[list[tuple[str, int, str]]] = [
-        [("link_down", args.runs, "service_s"), ("sigkill", args.runs, "service_s")],
+        # As keepalived's: a SIGKILLed owner's kernel keeps forwarding (until its claim address's
+        # lifetime ends), so service does not stop; the failover is the other director's answer.
+        [("link_down", args.runs, "service_s"), ("sigkill", args.runs, "takeover_s")],
         [
             ("sigstop", args.other_runs, "service_s"),
             ("api_partition", args.other_runs, "outage_s"),
