@@ -141,7 +141,6 @@ def budget(args: argparse.Namespace) -> int:
         conftest._install_crds(conftest.Kubectl(cp.kubectl, cp.kubeconfig))
         api = config.new_client_from_config(config_file=str(cp.kubeconfig))
         client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.NAMESPACE}})
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": bench.LEASE_NAMESPACE}})
         client.CoreV1Api(api).create_node({"metadata": {"name": "director-1"}})
         bench.create_all(str(cp.kubeconfig), bench.objects(0, args.budget, True))
         out = Path(tempfile.mkdtemp()) / "figures.json"

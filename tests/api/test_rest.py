@@ -51,16 +51,16 @@ def test_queries_and_the_informers_list_function(api_client, namespace) -> None:
         assert patched["data"] == {"k": "w"}
 
 
-def test_send_writes_and_drops_the_answer(api_client, namespace) -> None:
-    """``send``: the status writer's call (the answer, a whole object, is read but not parsed)."""
+def test_a_write_whose_answer_is_dropped(api_client, namespace) -> None:
+    """``parse=False``: the status writer's calls (the answer, a whole object, is read but not parsed)."""
     with KubeApi(api_client.configuration) as api:
         collection = path("api", "v1", "namespaces", namespace, "configmaps")
         api.call("POST", collection, body=_configmap("sent", {}))
         for value in ("a", "b", "c"):  # the connection goes back to the pool each time
             patch = [{"op": "replace", "path": "/data/k", "value": value}]
             kind = "application/json-patch+json"
-            assert api.send("PATCH", collection + "/sent", body=patch, content_type=kind) is None
+            assert api.call("PATCH", collection + "/sent", body=patch, content_type=kind, parse=False) is None
         assert api.call("GET", collection + "/sent")["data"] == {"k": "c"}
         with pytest.raises(ApiException) as refused:
-            api.send("POST", collection, body=_configmap("Not_A_Name", {}))
+            api.call("POST", collection, body=_configmap("Not_A_Name", {}), parse=False)
         assert refused.value.status == 422

@@ -254,10 +254,7 @@ class Election:
     def vips(self) -> dict[str, VipInfo]:
         """Every VIP of an accepted VirtualServer, with what the election needs of it: kept up
         to date by :meth:`on_synced`, found again in full only when it could not be."""
-        desired = self.sync_state.desired
-        errors: Mapping[ObjectRef, Any] = getattr(self.sync_state, "errors_by_ref", None) or _NO_ERRORS
-        # Both are replaced, never changed in place, by each sync (and the desired state by
-        # every change of a VirtualServer's spec).
+        desired, errors = self._synced_state()
         if self._vips is not None and self._vips_from[0] is desired and self._vips_from[1] is errors:
             return self._vips
         self._vip_of = {}
@@ -279,8 +276,7 @@ class Election:
         Under churn most syncs move real servers of VIPs that keep ready backends: they change
         nothing here, and a decision over every VIP after each (a tenth of a second at 10,000
         natively, a second under emulation) held up the event loop and with it the next sync."""
-        desired = self.sync_state.desired
-        errors: Mapping[ObjectRef, Any] = getattr(self.sync_state, "errors_by_ref", None) or _NO_ERRORS
+        desired, errors = self._synced_state()
         previous, self._synced_desired = self._synced_desired, desired
         # ``scope`` is relative to the previous successful sync: usable only on VIPs found from it.
         if scope is None or self._vips is None or previous is None or self._vips_from[0] is not previous:
@@ -307,6 +303,11 @@ class Election:
         if changed:
             self._vips = vips
             self.wake.set()
+
+    def _synced_state(self) -> tuple[Any, Mapping[ObjectRef, Any]]:
+        """The sync loop's latest desired state and kernel errors. Both are replaced, never
+        changed in place, by each sync (and the desired state by every change of a spec)."""
+        return self.sync_state.desired, getattr(self.sync_state, "errors_by_ref", None) or _NO_ERRORS
 
     def _vip_of_ref(self, desired: Any, ref: ObjectRef) -> str:
         """The VIP a VirtualServer claims ("": none, or not accepted)."""

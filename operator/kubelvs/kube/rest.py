@@ -128,8 +128,12 @@ class KubeApi:
         content_type: str = "application/json",
         timeout: Timeout | None = None,
         missing_ok: bool = False,
+        parse: bool = True,
     ) -> Any:
-        """One request, the answer parsed; None for a 404 when ``missing_ok``."""
+        """One request, the answer parsed; None for a 404 when ``missing_ok``. ``parse=False``: a
+        write whose answer is not needed, read to the end and dropped (None). A status write
+        answers with the whole object, managedFields and all: at a director's start, 10,000 of
+        them were parsed in the writer threads only to be thrown away."""
         try:
             response = self.open(
                 method, resource_path, query=query, body=body, content_type=content_type, timeout=timeout
@@ -139,29 +143,13 @@ class KubeApi:
                 return None
             raise
         try:
+            if not parse:
+                response.drain_conn()  # read to the end: the connection goes back to the pool
+                return None
             data = response.data
         finally:
             response.release_conn()
         return json.loads(data) if data else {}
-
-    def send(
-        self,
-        method: str,
-        resource_path: str,
-        *,
-        query: Mapping[str, Any] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-        timeout: Timeout | None = None,
-    ) -> None:
-        """One write whose answer is not needed: its body is read and dropped, never parsed. A
-        status write answers with the whole object (managedFields and all): at a director's
-        start, 10,000 of them were parsed in the writer threads only to be thrown away."""
-        response = self.open(method, resource_path, query=query, body=body, content_type=content_type, timeout=timeout)
-        try:
-            response.drain_conn()  # read to the end: the connection goes back to the pool
-        finally:
-            response.release_conn()
 
     def lister(self, resource_path: str, **fixed: Any) -> Callable[..., Any]:
         """A list (and watch) function for :class:`kubelvs.kube.informers.Informer`, with the typed

@@ -42,13 +42,14 @@ class StatusWriter:
             "status": status,
         }
         try:
-            self.api.send(
+            self.api.call(
                 "PATCH",
                 self._status_path(ref),
                 query={"fieldManager": manager, "force": True},
                 body=patch,  # JSON is YAML
                 content_type="application/apply-patch+yaml",
                 timeout=self.timeout,
+                parse=False,
             )
         except ApiException as error:
             if error.status == 404:
@@ -75,12 +76,13 @@ class StatusWriter:
         if not ops:
             return Written.OK
         try:
-            self.api.send(
+            self.api.call(
                 "PATCH",
                 self._status_path(ref),
                 body=ops,
                 content_type="application/json-patch+json",
                 timeout=self.timeout,
+                parse=False,
             )
         except ApiException as error:
             if error.status == 404:
@@ -94,8 +96,12 @@ class StatusWriter:
 
     def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
         try:
-            self.api.send(
-                "POST", path("api", "v1", "namespaces", namespace, "events"), body=event, timeout=self.timeout
+            self.api.call(
+                "POST",
+                path("api", "v1", "namespaces", namespace, "events"),
+                body=event,
+                timeout=self.timeout,
+                parse=False,
             )
         except Exception as error:  # events are best effort
             log.debug("event not posted: %s", error)
