@@ -18,9 +18,11 @@ from kubelvs.kube.leases import (
     HeartbeatRecord,
     HeartbeatTaken,
     LeaseClient,
+    UnfitRecord,
     claim_name,
     heartbeat_name,
     lease_informer,
+    unfit_name,
 )
 from kubelvs.kube.rest import KubeApi
 from kubernetes import client, config
@@ -76,14 +78,14 @@ def test_heartbeat_is_created_once_then_renewed_with_one_request_each(api_client
 
     monkeypatch.setattr(pool, "request", spy)
 
-    first = leases.renew_heartbeat("node-a", 7.5, {"10.0.0.2", "fd00::1"}, "192.0.2.10")
-    assert first == HeartbeatRecord("node-a", first.version, 8, frozenset({"10.0.0.2", "fd00::1"}), "192.0.2.10")
+    first = leases.renew_heartbeat("node-a", 7.5, False, "192.0.2.10")
+    assert first == HeartbeatRecord("node-a", first.version, 8, False, "192.0.2.10")
     assert [m for m, _ in sent] == ["POST"]
     versions = [first.version]
     for i in range(5):
-        unfit = {"10.0.0.2"} if i % 2 == 0 else set()  # the last one: unfit
-        record = leases.renew_heartbeat("node-a", 7.5, unfit, "192.0.2.10")
-        assert record.unfit == frozenset(unfit) and record.peer_address == "192.0.2.10"
+        draining = i % 2 == 0  # the last one: shutting down
+        record = leases.renew_heartbeat("node-a", 7.5, draining, "192.0.2.10")
+        assert record.draining == draining and record.peer_address == "192.0.2.10"
         versions.append(record.version)
     # One PUT per renewal, no GET before it; every renewal moves the resourceVersion.
     assert [m for m, _ in sent] == ["POST"] + ["PUT"] * 5
@@ -92,34 +94,64 @@ def test_heartbeat_is_created_once_then_renewed_with_one_request_each(api_client
 
     lease = _lease(api_client, namespace, heartbeat_name("node-a"))
     assert lease["metadata"]["labels"] == HEARTBEAT_LABELS
-    assert lease["metadata"]["annotations"] == {"kubelvs.io/unfit": "10.0.0.2", "kubelvs.io/peer-address": "192.0.2.10"}
+    assert lease["metadata"]["annotations"] == {
+        "kubelvs.io/shutting-down": "true",
+        "kubelvs.io/peer-address": "192.0.2.10",
+    }
     assert lease["spec"]["holderIdentity"] == "node-a" and lease["spec"]["leaseDurationSeconds"] == 8
     assert lease["spec"]["renewTime"] and lease["spec"]["acquireTime"]
-    assert HeartbeatRecord.from_lease(lease) == HeartbeatRecord(
-        "node-a", versions[-1], 8, frozenset({"10.0.0.2"}), "192.0.2.10"
-    )
+    assert HeartbeatRecord.from_lease(lease) == HeartbeatRecord("node-a", versions[-1], 8, True, "192.0.2.10")
     assert leases.get_heartbeat("node-a") == HeartbeatRecord.from_lease(lease)
+    # Renewed without the flag: the annotation goes (a PUT replaces the whole object).
+    leases.renew_heartbeat("node-a", 7.5, False, "192.0.2.10")
+    annotations = _lease(api_client, namespace, heartbeat_name("node-a"))["metadata"]["annotations"]
+    assert "kubelvs.io/shutting-down" not in annotations
+
+
+def test_unfit_report_is_its_own_lease_and_holds_10000_ipv6_vips(api_client, namespace) -> None:
+    """The VIPs a director cannot serve go in a Lease of their own, written when they change:
+    the heartbeat stays small. 10,000 IPv6 VIPs are more than an annotation may hold as text;
+    compressed they fit, and they read back the same."""
+    kinds: list[str] = []
+    leases = LeaseClient(raw(api_client), namespace, on_write=kinds.append)
+    small = leases.report_unfit("node-a", {"10.0.0.2", "fd00::1"})
+    assert small == UnfitRecord("node-a", small.version, frozenset({"10.0.0.2", "fd00::1"}))
+    lease = _lease(api_client, namespace, unfit_name("node-a"))
+    assert lease["metadata"]["labels"] == {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "unfit"}
+    assert lease["metadata"]["annotations"] == {"kubelvs.io/unfit": "10.0.0.2,fd00::1"}
+    assert UnfitRecord.from_lease(lease) == small
+
+    many = frozenset(f"fd00:1234:5678:9abc::{i:x}:{i * 7 % 65536:x}" for i in range(10_000))
+    assert len(",".join(many)) > 256 * 1024  # too long for an annotation as text
+    big = leases.report_unfit("node-a", many)
+    lease = _lease(api_client, namespace, unfit_name("node-a"))
+    assert UnfitRecord.from_lease(lease) == big and big.vips == many
+    assert leases.report_unfit("node-a", ()).vips == frozenset()
+    assert kinds == ["unfit"] * 3
+    # A restarted director (no version known) overwrites the report of its earlier run.
+    again = LeaseClient(raw(api_client), namespace).report_unfit("node-a", {"10.0.0.3"})
+    assert UnfitRecord.from_lease(_lease(api_client, namespace, unfit_name("node-a"))) == again
 
 
 def test_heartbeat_after_a_restart_a_foreign_write_and_a_delete(api_client, namespace) -> None:
     before = LeaseClient(raw(api_client), namespace)
-    created = before.renew_heartbeat("node-b", 10, (), "")
+    created = before.renew_heartbeat("node-b", 10, False, "")
     acquired = _lease(api_client, namespace, heartbeat_name("node-b"))["spec"]["acquireTime"]
 
     # A restarted director knows no version: its create is refused, it reads and renews.
     after = LeaseClient(raw(api_client), namespace)
-    renewed = after.renew_heartbeat("node-b", 10, (), "198.51.100.1")
+    renewed = after.renew_heartbeat("node-b", 10, False, "198.51.100.1")
     assert renewed.version != created.version and after.writes == {"heartbeat": 2}
     assert _lease(api_client, namespace, heartbeat_name("node-b"))["spec"]["acquireTime"] == acquired
 
     # Its earlier incarnation still has the old version: 409, a fresh read, one more PUT.
-    again = before.renew_heartbeat("node-b", 10, (), "")
+    again = before.renew_heartbeat("node-b", 10, False, "")
     assert again.version != renewed.version and before.writes == {"heartbeat": 3}
 
     # Deleted under it: the PUT creates it again (Leases allow create-on-update), one write.
     client.CoordinationV1Api(api_client).delete_namespaced_lease(heartbeat_name("node-b"), namespace)
     assert after.get_heartbeat("node-b") is None
-    assert before.renew_heartbeat("node-b", 10, (), "").node == "node-b" and before.writes == {"heartbeat": 4}
+    assert before.renew_heartbeat("node-b", 10, False, "").node == "node-b" and before.writes == {"heartbeat": 4}
 
     # Clean shutdown; a second delete finds nothing and is fine.
     before.delete_heartbeat("node-b")
@@ -148,7 +180,7 @@ def test_a_heartbeat_held_by_another_node_is_not_overwritten(api_client, namespa
 def test_list_heartbeats_skips_leases_that_are_not_ours(api_client, namespace) -> None:
     leases = LeaseClient(raw(api_client), namespace)
     for node in ("n1", "n2.example.com", "N3_odd"):
-        leases.renew_heartbeat(node, 4.2, (), "")
+        leases.renew_heartbeat(node, 4.2, False, "")
     coordination = client.CoordinationV1Api(api_client)
     coordination.create_namespaced_lease(namespace, {"metadata": {"name": "unrelated"}, "spec": {}})
     coordination.create_namespaced_lease(
@@ -286,7 +318,7 @@ def test_list_claims(api_client, namespace) -> None:
 
 def test_the_informer_sees_claims_come_change_and_go(api_client, namespace) -> None:
     leases = LeaseClient(raw(api_client), namespace)
-    leases.renew_heartbeat("node-a", 5, (), "")
+    leases.renew_heartbeat("node-a", 5, False, "")
     events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
     relisted: list[list[dict[str, Any]]] = []
     restarts: list[tuple[str, str]] = []
@@ -315,10 +347,13 @@ def test_the_informer_sees_claims_come_change_and_go(api_client, namespace) -> N
         assert records[2] is not None and (records[2].holder, records[2].transitions) == ("node-b", 1)
         assert all(set(obj["metadata"]) <= {"name", "namespace", "uid", "resourceVersion", "labels", "annotations"}
                    for _, obj in seen)  # fmt: skip
-        # A heartbeat renewal comes through as well.
-        renewed = leases.renew_heartbeat("node-a", 5, {"10.1.2.3"}, "")
+        # A heartbeat renewal and an unfit report come through as well.
+        renewed = leases.renew_heartbeat("node-a", 5, True, "")
         kind, obj = events.get(timeout=30)
         assert kind == "MODIFIED" and HeartbeatRecord.from_lease(obj) == renewed
+        report = leases.report_unfit("node-a", {"10.1.2.3"})
+        kind, obj = events.get(timeout=30)
+        assert kind == "ADDED" and UnfitRecord.from_lease(obj) == report
     finally:
         stop.set()
     assert not relisted and not restarts
@@ -370,8 +405,10 @@ def test_a_namespaced_role_without_patch_is_enough(api_client, kubectl, namespac
     with client.ApiClient(cfg) as sa_client:
         leases = LeaseClient(raw(sa_client), namespace)
         # Every path: create, renew, the 409 re-read, read, list, claim, release, delete.
-        leases.renew_heartbeat("node-a", 5, {"10.0.0.1"}, "192.0.2.1")
-        leases.renew_heartbeat("node-a", 5, (), "192.0.2.1")
+        leases.renew_heartbeat("node-a", 5, False, "192.0.2.1")
+        leases.renew_heartbeat("node-a", 5, True, "192.0.2.1")
+        leases.report_unfit("node-a", {"10.0.0.1"})
+        leases.report_unfit("node-a", ())
         # POST 409, GET, PUT:
         assert LeaseClient(raw(sa_client), namespace).renew_heartbeat("node-a", 5).node == "node-a"
         assert leases.get_heartbeat("node-a") is not None

@@ -27,7 +27,16 @@ from kubelvs.core.spec import ObjectRef
 from kubelvs.director import election as election_module
 from kubelvs.director.election import FULL_DECISION_PERIODS, ClaimLost, Election, ElectionConfig
 from kubelvs.director.metrics import Metrics
-from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, claim_name, heartbeat_name
+from kubelvs.kube.leases import (
+    ClaimRecord,
+    Conflict,
+    HeartbeatRecord,
+    UnfitRecord,
+    claim_name,
+    encode_vips,
+    heartbeat_name,
+    unfit_name,
+)
 from prometheus_client import CollectorRegistry
 
 TIMINGS = el.Timings(lease_duration=0.8, renew_deadline=0.5, retry_period=0.1, handover_delay=0.8)
@@ -41,7 +50,7 @@ class LeaseStore:
         self.leases: dict[str, dict[str, Any]] = {}
         self.version = itertools.count(1)
         self.watchers: list[tuple[asyncio.AbstractEventLoop, Callable[[str, dict[str, Any]], None]]] = []
-        self.writes: dict[str, int] = {"heartbeat": 0, "claim": 0}
+        self.writes: dict[str, int] = {"heartbeat": 0, "unfit": 0, "claim": 0}
         self.claim_log: list[tuple[str, str, str]] = []  # (writer, vip, new holder)
         self.down: set[str] = set()  # nodes cut off from the API
         self.slow: dict[str, float] = {}  # node -> seconds each of its heartbeat renewals takes
@@ -71,21 +80,38 @@ class FakeLeases:
             raise ConnectionError(f"{self.node} cannot reach the API server")
 
     def renew_heartbeat(
-        self, node: str, duration_seconds: float, unfit: Iterable[str] = (), peer_address: str = ""
+        self, node: str, duration_seconds: float, draining: bool = False, peer_address: str = ""
     ) -> HeartbeatRecord:
         self._check()
         time.sleep(self.store.slow.get(self.node, 0.0))
         with self.store.lock:
             self.store.writes["heartbeat"] += 1
+            annotations = {"kubelvs.io/peer-address": ""} | ({"kubelvs.io/shutting-down": "true"} if draining else {})
             obj = {
                 "metadata": {
                     "name": heartbeat_name(node),
                     "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "heartbeat"},
-                    "annotations": {"kubelvs.io/unfit": ",".join(sorted(unfit)), "kubelvs.io/peer-address": ""},
+                    "annotations": annotations,
                 },
                 "spec": {"holderIdentity": node, "leaseDurationSeconds": 1},
             }
             record = HeartbeatRecord.from_lease(self.store._put(obj, "MODIFIED"))
+        assert record is not None
+        return record
+
+    def report_unfit(self, node: str, vips: Iterable[str]) -> UnfitRecord:
+        self._check()
+        with self.store.lock:
+            self.store.writes["unfit"] += 1
+            obj = {
+                "metadata": {
+                    "name": unfit_name(node),
+                    "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "unfit"},
+                    "annotations": {"kubelvs.io/unfit": encode_vips(vips)},
+                },
+                "spec": {"holderIdentity": node},
+            }
+            record = UnfitRecord.from_lease(self.store._put(obj, "MODIFIED"))
         assert record is not None
         return record
 
@@ -324,8 +350,10 @@ def test_one_owner_per_vip_balanced_and_claims_written_only_on_change() -> None:
         async with running("abc") as cluster:
             claims_before = cluster.store.writes["claim"]
             heartbeats_before = cluster.store.writes["heartbeat"]
+            reports_before = cluster.store.writes["unfit"]
             await asyncio.sleep(1.0)
             assert cluster.store.writes["claim"] == claims_before, "claims are written only when an owner changes"
+            assert cluster.store.writes["unfit"] == reports_before, "unfit reports only when they change"
             beats = cluster.store.writes["heartbeat"] - heartbeats_before
             assert beats <= 3 * (1.0 / TIMINGS.retry_period + 2), beats  # directors / retry period
             assert balanced(cluster, "abc")

@@ -18,10 +18,14 @@ from kubelvs.kube.leases import (
     ClaimRecord,
     HeartbeatRecord,
     LeaseClient,
+    UnfitRecord,
     _ipv6_hex,
     claim_name,
+    decode_vips,
+    encode_vips,
     heartbeat_name,
     trim_lease,
+    unfit_name,
 )
 
 # What the API server checks of a Lease name (IsDNS1123Subdomain), and the stricter label.
@@ -118,6 +122,30 @@ def test_heartbeat_names_stay_distinct() -> None:
 @given(st.text(max_size=300))
 def test_every_heartbeat_name_is_valid(node: str) -> None:
     assert valid_subdomain(heartbeat_name(node))
+    assert valid_subdomain(unfit_name(node))
+
+
+def test_a_nodes_own_leases_have_distinct_names() -> None:
+    assert heartbeat_name("node-a") == "kubelvs-director-node-a" and unfit_name("node-a") == "kubelvs-unfit-node-a"
+    assert unfit_name("Node_A") != unfit_name("node-a")
+
+
+ADDRESSES = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
+
+
+@given(st.frozensets(ADDRESSES, max_size=50))
+def test_unfit_vips_round_trip(vips: frozenset[str]) -> None:
+    assert decode_vips(encode_vips(vips)) == vips
+
+
+def test_a_long_unfit_report_is_compressed_to_fit_an_annotation() -> None:
+    many = frozenset(str(ipaddress.IPv6Address(0xFD00 << 112) + i * 7919) for i in range(10_000))
+    encoded = encode_vips(many)
+    assert encoded.startswith("zlib+base64:") and len(encoded) < 128 * 1024  # annotations: 256 KiB in all
+    assert decode_vips(encoded) == many
+    assert encode_vips({"10.0.0.2", "10.0.0.1"}) == "10.0.0.1,10.0.0.2"  # short: readable
+    with pytest.raises(ValueError, match="corrupt"):
+        decode_vips("zlib+base64:bm90IHpsaWI=")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +160,7 @@ def _heartbeat(**overrides: Any) -> dict[str, Any]:
             "uid": "u1",
             "resourceVersion": "42",
             "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "heartbeat"},
-            "annotations": {"kubelvs.io/unfit": "10.0.0.1, fd00::1,", "kubelvs.io/peer-address": "192.0.2.1"},
+            "annotations": {"kubelvs.io/shutting-down": "true", "kubelvs.io/peer-address": "192.0.2.1"},
             "managedFields": [{"manager": "kubelvs"}],
         },
         "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 15, "renewTime": "2025-01-01T00:00:00.000000Z"},
@@ -162,10 +190,50 @@ def _claim(**overrides: Any) -> dict[str, Any]:
 
 def test_heartbeat_record() -> None:
     record = HeartbeatRecord.from_lease(_heartbeat())
-    assert record == HeartbeatRecord("node-a", "42", 15, frozenset({"10.0.0.1", "fd00::1"}), "192.0.2.1")
+    assert record == HeartbeatRecord("node-a", "42", 15, True, "192.0.2.1")
     assert HeartbeatRecord.from_lease(trim_lease(_heartbeat())) == record
     no_annotations = HeartbeatRecord.from_lease(_heartbeat(metadata__annotations=None))
-    assert no_annotations is not None and no_annotations.unfit == frozenset() and no_annotations.peer_address == ""
+    assert no_annotations == HeartbeatRecord("node-a", "42", 15, False, "")
+
+
+def _report(**overrides: Any) -> dict[str, Any]:
+    lease: dict[str, Any] = {
+        "metadata": {
+            "name": "kubelvs-unfit-node-a",
+            "resourceVersion": "43",
+            "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "unfit"},
+            "annotations": {"kubelvs.io/unfit": "10.0.0.1, fd00::1,"},
+        },
+        "spec": {"holderIdentity": "node-a"},
+    }
+    for path, value in overrides.items():
+        section, key = path.split("__")
+        lease[section][key] = value
+    return lease
+
+
+def test_unfit_record() -> None:
+    assert UnfitRecord.from_lease(_report()) == UnfitRecord("node-a", "43", frozenset({"10.0.0.1", "fd00::1"}))
+    assert UnfitRecord.from_lease(_report(metadata__annotations=None)) == UnfitRecord("node-a", "43", frozenset())
+    many = [f"10.0.{i // 256}.{i % 256}" for i in range(5000)]
+    compressed = _report(metadata__annotations={"kubelvs.io/unfit": encode_vips(many)})
+    record = UnfitRecord.from_lease(compressed)
+    assert record is not None and len(record.vips) == 5000
+
+
+@pytest.mark.parametrize(
+    "lease",
+    [
+        {},
+        _report(metadata__name="kubelvs-unfit-node-b"),  # not the name of its holder
+        _report(spec__holderIdentity=None),
+        _report(metadata__annotations={"kubelvs.io/unfit": "zlib+base64:!!"}),  # corrupt: ignored
+        _heartbeat(),
+        _claim(),
+    ],
+)
+def test_unfit_record_of_a_lease_not_ours(lease: dict[str, Any]) -> None:
+    assert UnfitRecord.from_lease(lease) is None
 
 
 @pytest.mark.parametrize(

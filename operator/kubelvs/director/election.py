@@ -34,7 +34,16 @@ from kubelvs.director.loop import wait_event
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.peers import PeerChannel, PeerState
 from kubelvs.director.view import ClusterView
-from kubelvs.kube.leases import ClaimRecord, Conflict, HeartbeatRecord, LeaseClient, claim_name, heartbeat_name
+from kubelvs.kube.leases import (
+    ClaimRecord,
+    Conflict,
+    HeartbeatRecord,
+    LeaseClient,
+    UnfitRecord,
+    claim_name,
+    heartbeat_name,
+    unfit_name,
+)
 
 log = logging.getLogger("kubelvs.director.election")
 _NO_ERRORS: Mapping[ObjectRef, Any] = {}
@@ -147,8 +156,9 @@ class Election:
         self.on_owners_changed = on_owners_changed  # their status (owner, Announced) is to be written again
         self.clock = clock
         self.obs = el.Observations(self.timings.lease_duration)
-        self._own_heartbeat = heartbeat_name(self.me)
+        self._own_leases = {heartbeat_name(self.me), unfit_name(self.me)}
         self.heartbeats: dict[str, HeartbeatRecord] = {}
+        self.unfit_reports: dict[str, UnfitRecord] = {}  # node -> the VIPs it reported it cannot serve
         self.claims: dict[str, ClaimRecord] = {}
         self.renewed_at: float | None = None  # send time of our last good renewal
         self.api_ok = False
@@ -156,6 +166,11 @@ class Election:
         self.held: dict[str, Held] = {}
         self.decisions: dict[str, el.Decision] = {}
         self.unfit: dict[str, str] = {}  # VIP -> why we cannot serve it
+        self._unfit_vips: frozenset[str] = frozenset()  # its keys: the same object while they stay
+        # The VIPs our unfit report says, as last written (None: not yet since we started), and
+        # the write in flight: the report is written beside the renewals, only when it changes.
+        self._reported_unfit: frozenset[str] | None = None
+        self._reporting: asyncio.Future[UnfitRecord] | None = None
         self.known_peers: set[str] = set()
         self.peer_state = PeerState(self.me)
         self.peer_sources: dict[str, str] = {}  # node -> address its beats come from
@@ -192,8 +207,8 @@ class Election:
 
     def on_lease(self, event_type: str, obj: dict[str, Any]) -> None:
         """A Lease event (event loop thread)."""
-        if (obj.get("metadata") or {}).get("name") == self._own_heartbeat:
-            return  # our own renewal coming back: nothing to learn, and its unfit list may be long
+        if (obj.get("metadata") or {}).get("name") in self._own_leases:
+            return  # our own renewal or report coming back: nothing to learn
         now = self.clock()
         heartbeat = HeartbeatRecord.from_lease(obj)
         if heartbeat is not None and heartbeat.node != self.me:
@@ -211,9 +226,17 @@ class Election:
             if before is None:
                 self.view.set_director_nodes({*self.heartbeats, self.me})
             # A renewal of a live director changes no decision (its expiry moves, which the
-            # loop's next deadline follows): decide again only when it comes back or its
-            # report changes. Three directors renew 6 times a second; a thousand VIPs each.
-            if not was_live or before is None or before.unfit != heartbeat.unfit:
+            # loop's next deadline follows): decide again only when it comes back or starts
+            # shutting down. Three directors renew 6 times a second; a thousand VIPs each.
+            if not was_live or before is None or before.draining != heartbeat.draining:
+                self.wake.set()
+            return
+        report = UnfitRecord.from_lease(obj)
+        if report is not None:
+            reported = self.unfit_reports.pop(report.node, None)
+            if event_type != "DELETED":
+                self.unfit_reports[report.node] = report
+            if reported is None or event_type == "DELETED" or reported.vips != report.vips:
                 self.wake.set()
             return
         claim = ClaimRecord.from_lease(obj)
@@ -236,6 +259,8 @@ class Election:
             names.add((obj.get("metadata") or {}).get("name"))
         for node in [n for n in self.heartbeats if heartbeat_name(n) not in names]:
             self.heartbeats.pop(node, None)
+        for node in [n for n in self.unfit_reports if unfit_name(n) not in names]:
+            self.unfit_reports.pop(node, None)
         self.view.set_director_nodes({*self.heartbeats, self.me})
         for vip in [v for v in self.claims if claim_name(v) not in names]:
             self.claims.pop(vip, None)
@@ -351,14 +376,24 @@ class Election:
                 reasons[vip] = "NoReadyBackends"
         return reasons
 
+    def _set_unfit(self, reasons: dict[str, str]) -> None:
+        self.unfit = reasons
+        vips = frozenset(reasons)
+        if vips != self._unfit_vips:
+            self._unfit_vips = vips
+
     def decide(self, now: float, vips: Mapping[str, VipInfo]) -> dict[str, el.Decision]:
         valid = now < self.valid_until()
         live = self.obs.api_live_nodes(now) - {self.me}
         if valid:
             live |= {self.me}
         labels = self.view.labels_by_node
-        unfit: dict[str, frozenset[str]] = {node: record.unfit for node, record in self.heartbeats.items()}
-        unfit[self.me] = frozenset(self.unfit)
+        unfit: dict[str, frozenset[str]] = {node: report.vips for node, report in self.unfit_reports.items()}
+        draining = [node for node, record in self.heartbeats.items() if record.draining]
+        if draining:  # a director shutting down serves none of them
+            every_vip = frozenset(vips)
+            unfit.update(dict.fromkeys(draining, every_vip))
+        unfit[self.me] = self._unfit_vips
         # Per distinct selection, not per VIP: most VIPs share one (or none).
         selections: dict[tuple[tuple[tuple[str, str], ...], ...], tuple[frozenset[str], bool]] = {}
         candidates: dict[str, frozenset[str]] = {}
@@ -515,7 +550,7 @@ class Election:
                 self.leases.renew_heartbeat,
                 self.me,
                 math.ceil(self.timings.lease_duration),
-                frozenset(self.unfit),
+                self.draining,
                 self.config.peer_address or self.view.node_address,
             )
         except Exception as error:
@@ -527,11 +562,35 @@ class Election:
         answered = self.clock()
         del record
         self.api_ok = True
+        self._report_unfit(loop)
         self.renewed_at = sent
         if self.known_peers != (self.obs.api_live_nodes(answered) | self._peer_live(answered)):
             self.known_peers = set(self.obs.api_live_nodes(answered) | self._peer_live(answered)) - {self.me}
         if self.timings.may_refresh_address(answered - sent):
             await asyncio.wrap_future(self._refresh_addresses(self.valid_until()))
+
+    def _report_unfit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write our unfit report if it changed, beside the renewals (one write at a time, not
+        awaited: a slow one must not delay the next renewal). Not while shutting down: the
+        heartbeat's flag says it for every VIP."""
+        if self.draining or (self._reporting is not None and not self._reporting.done()):
+            return
+        vips = self._unfit_vips
+        if vips is self._reported_unfit:
+            return
+
+        def written(future: asyncio.Future[UnfitRecord]) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is None:
+                self._reported_unfit = vips
+                return
+            log.warning("writing the unfit report (%d VIPs) failed: %s", len(vips), error)
+            self.metrics.api_errors.inc()
+
+        self._reporting = loop.run_in_executor(None, self.leases.report_unfit, self.me, vips)
+        self._reporting.add_done_callback(written)
 
     def _refresh_from_peers(self) -> None:
         """The API is away but every peer acknowledges our beats: keep the claim addresses
@@ -649,12 +708,12 @@ class Election:
             return
         if vips is not last_vips:
             self.vip_refs = {vip: info.refs for vip, info in vips.items()}
-        self.unfit = self._unfit_reasons(vips)
+        self._set_unfit(self._unfit_reasons(vips))
         decisions = self.decide(now, vips)
         Action = el.Action
         announced = self._drain_announced()
         if self.draining and not announced:
-            # No handover before a heartbeat that says ShuttingDown is written (see drain).
+            # No handover before a heartbeat that says we shut down is written (see drain).
             decisions = {v: _KEEP if d.action is Action.HAND_OVER else d for v, d in decisions.items()}
         self._release([v for v in self.held if v not in decisions], "NotUsed")  # no VirtualServer uses it
         handed_off: list[Future[None]] = []
@@ -936,14 +995,15 @@ class Election:
     # --- shutting down ----------------------------------------------------------------------------
 
     def _drain_announced(self) -> bool:
-        """A heartbeat renewal sent after draining began has been written: it says ShuttingDown."""
+        """A heartbeat renewal sent after draining began has been written: it says we are
+        shutting down."""
         return self.renewed_at is not None and self.renewed_at >= self._drain_started
 
     async def drain(self, timeout: float) -> set[str]:
         """Hand every VIP we hold to another director before we exit (SIGTERM: a rolling
         update, a node drain), and wait until each is answered by the new owner: its clients
-        move without waiting for a lease to expire. Our heartbeat reports every VIP unfit
-        (``ShuttingDown``), so nobody hands one back; a VIP no other director can take is kept
+        move without waiting for a lease to expire. Our heartbeat says we are shutting down
+        (every VIP unfit here), so nobody hands one back; a VIP no other director can take is kept
         until we exit (its address then ends with its lifetime). Returns the VIPs not confirmed
         taken over within ``timeout``."""
         loop = asyncio.get_running_loop()
@@ -952,13 +1012,13 @@ class Election:
         if not held_before:
             return set()
         log.info("shutting down: handing over %s", ", ".join(sorted(held_before)))
-        # Our heartbeat says ShuttingDown before any claim is handed over: a peer that is handed
+        # Our heartbeat says we shut down before any claim is handed over: a peer that is handed
         # a VIP while it still sees us fit (and preferred) hands it back as a rebalance, and the
         # two ping-pong until our timeout (seen in the VM's rolling restart). The next renewal
         # carries it; heartbeats and claims reach the peers in one ordered watch stream.
         self.draining, self._decided_draining = True, False
         self._drain_started = self.clock()
-        self.unfit = self._unfit_reasons(self.vips())
+        self._set_unfit(self._unfit_reasons(self.vips()))
         self.wake.set()
         while self.clock() < deadline and (
             not self._decided_draining

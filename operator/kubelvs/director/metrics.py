@@ -109,7 +109,7 @@ class Metrics:
         )
         self.election_writes = Counter(
             "kubelvs_election_api_writes_total",
-            "API writes the election made: heartbeat renewals and claim changes.",
+            "API writes the election made: heartbeat renewals, unfit reports and claim changes.",
             ["kind"],
             registry=registry,
         )

@@ -1,10 +1,14 @@
 """The directors' election Leases (coordination.k8s.io/v1) in the director's namespace.
 
-Two kinds, both labelled ``app.kubernetes.io/name: kubelvs``:
+Three kinds, all labelled ``app.kubernetes.io/name: kubelvs``:
 
 * a heartbeat per director (``kubelvs-director-<node>``, ``kubelvs.io/lease: heartbeat``),
-  renewed every retry period with one PUT, carrying what the other directors need to know of
-  it (the VIPs it cannot serve now, its address for direct peer heartbeats);
+  renewed every retry period with one PUT, small and of fixed size: whether the director is
+  shutting down, its address for direct peer heartbeats;
+* an unfit report per director (``kubelvs-unfit-<node>``, ``kubelvs.io/lease: unfit``): the VIPs
+  it cannot serve now, written only when that set changes. It can hold every VIP (a director
+  with no interface for any), so it does not ride on the heartbeat: 10,000 VIPs were 120 KB
+  written to etcd and parsed by every peer at each renewal;
 * a claim per VIP (``kubelvs-vip-<vip>``, ``kubelvs.io/lease: vip``), written only when its
   owner changes, always with the resourceVersion last seen: a create fails if the Lease exists,
   an update if it changed meanwhile, so two directors can never both win.
@@ -21,12 +25,14 @@ would stretch one call to four timeouts). Deciding what to write is the director
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import ipaddress
 import math
 import re
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -46,34 +52,69 @@ APP_LABEL = "app.kubernetes.io/name"
 APP = "kubelvs"
 KIND_LABEL = "kubelvs.io/lease"
 HEARTBEAT = "heartbeat"
+UNFIT = "unfit"
 VIP = "vip"
 VIP_ANNOTATION = "kubelvs.io/vip"
 UNFIT_ANNOTATION = "kubelvs.io/unfit"
+DRAINING_ANNOTATION = "kubelvs.io/shutting-down"
 PEER_ADDRESS_ANNOTATION = "kubelvs.io/peer-address"
 HEARTBEAT_PREFIX = "kubelvs-director-"
+UNFIT_PREFIX = "kubelvs-unfit-"
 CLAIM_PREFIX = "kubelvs-vip-"
 SELECTOR = f"{APP_LABEL}={APP}"
 
 _API = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 _MAX_NAME = 253  # a Lease name is a DNS-1123 subdomain
 _INVALID = re.compile(r"[^a-z0-9.-]+")
+# An unfit report longer than this is compressed: the API server refuses annotations over
+# 256 KiB in all, and 10,000 IPv6 VIPs are ~250 KB as text, ~70 KB compressed.
+_COMPRESS_OVER = 32 * 1024
+_COMPRESSED = "zlib+base64:"
 
 
 # ---------------------------------------------------------------------------------------------
 # Names
 
 
-def heartbeat_name(node: str) -> str:
-    """``kubelvs-director-<node>``; a node name that had to be changed (or cut) to make a valid
-    name gets a hash of the original appended, so distinct nodes keep distinct Leases."""
+def _node_lease_name(prefix: str, node: str) -> str:
+    """``<prefix><node>``; a node name that had to be changed (or cut) to make a valid name gets
+    a hash of the original appended, so distinct nodes keep distinct Leases."""
     labels = (label.strip("-") for label in _INVALID.sub("-", node.lower()).split("."))
     text = ".".join(label for label in labels if label)
-    name = HEARTBEAT_PREFIX + text
+    name = prefix + text
     if text and text == node and len(name) <= _MAX_NAME:
         return name
     digest = hashlib.sha256(node.encode()).hexdigest()[:10]
-    text = text[: _MAX_NAME - len(HEARTBEAT_PREFIX) - len(digest) - 1].rstrip("-.")
-    return f"{HEARTBEAT_PREFIX}{text}-{digest}" if text else HEARTBEAT_PREFIX + digest
+    text = text[: _MAX_NAME - len(prefix) - len(digest) - 1].rstrip("-.")
+    return f"{prefix}{text}-{digest}" if text else prefix + digest
+
+
+def heartbeat_name(node: str) -> str:
+    """``kubelvs-director-<node>``."""
+    return _node_lease_name(HEARTBEAT_PREFIX, node)
+
+
+def unfit_name(node: str) -> str:
+    """``kubelvs-unfit-<node>``."""
+    return _node_lease_name(UNFIT_PREFIX, node)
+
+
+def encode_vips(vips: Iterable[str]) -> str:
+    """The sorted VIPs, comma-separated; compressed (``zlib+base64:...``) when long."""
+    text = ",".join(sorted(vips))
+    if len(text) <= _COMPRESS_OVER:
+        return text
+    return _COMPRESSED + base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+
+
+def decode_vips(value: str) -> frozenset[str]:
+    """What :func:`encode_vips` wrote. Raises ValueError for a corrupt compressed value."""
+    if value.startswith(_COMPRESSED):
+        try:
+            value = zlib.decompress(base64.b64decode(value[len(_COMPRESSED) :], validate=True)).decode()
+        except (zlib.error, ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"corrupt unfit report: {error}") from error
+    return frozenset(v for v in map(str.strip, value.split(",")) if v)
 
 
 def _ipv6_hex(address: ipaddress.IPv6Address) -> str:
@@ -131,12 +172,18 @@ def _parts(obj: Any, kind: str) -> tuple[Mapping[str, Any], Mapping[str, Any], M
     return meta, _mapping(meta.get("annotations")), _mapping(_mapping(obj).get("spec")), version
 
 
+def _holder(meta: Mapping[str, Any], spec: Mapping[str, Any], name: Callable[[str], str]) -> str | None:
+    """The node a director's own Lease belongs to, if its name is the one that node writes."""
+    node = spec.get("holderIdentity")
+    return node if isinstance(node, str) and node and meta.get("name") == name(node) else None
+
+
 @dataclass(frozen=True, slots=True)
 class HeartbeatRecord:
     node: str
     version: str  # resourceVersion: a director is alive while this keeps changing
     duration_seconds: int
-    unfit: frozenset[str]  # VIPs it cannot serve now
+    draining: bool  # shutting down: it serves no VIP any more (hands every one over)
     peer_address: str  # for direct peer heartbeats; "" if none
 
     @classmethod
@@ -145,19 +192,35 @@ class HeartbeatRecord:
         if parts is None:
             return None
         meta, annotations, spec, version = parts
-        node, duration = spec.get("holderIdentity"), spec.get("leaseDurationSeconds")
-        if not isinstance(node, str) or not node or meta.get("name") != heartbeat_name(node):
+        node, duration = _holder(meta, spec, heartbeat_name), spec.get("leaseDurationSeconds")
+        if node is None or not isinstance(duration, int) or isinstance(duration, bool) or duration <= 0:
             return None
-        if not isinstance(duration, int) or isinstance(duration, bool) or duration <= 0:
+        peer = annotations.get(PEER_ADDRESS_ANNOTATION)
+        draining = annotations.get(DRAINING_ANNOTATION) == "true"
+        return cls(node, version, duration, draining, peer if isinstance(peer, str) else "")
+
+
+@dataclass(frozen=True, slots=True)
+class UnfitRecord:
+    """The VIPs a director cannot serve now (reported when that set changes)."""
+
+    node: str
+    version: str
+    vips: frozenset[str]
+
+    @classmethod
+    def from_lease(cls, obj: Any) -> UnfitRecord | None:
+        parts = _parts(obj, UNFIT)
+        if parts is None:
             return None
-        unfit, peer = annotations.get(UNFIT_ANNOTATION), annotations.get(PEER_ADDRESS_ANNOTATION)
-        return cls(
-            node,
-            version,
-            duration,
-            frozenset(v.strip() for v in unfit.split(",") if v.strip()) if isinstance(unfit, str) else frozenset(),
-            peer if isinstance(peer, str) else "",
-        )
+        meta, annotations, spec, version = parts
+        node, value = _holder(meta, spec, unfit_name), annotations.get(UNFIT_ANNOTATION, "")
+        if node is None or not isinstance(value, str):
+            return None
+        try:
+            return cls(node, version, decode_vips(value))
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,35 +314,53 @@ class LeaseClient:
         self.namespace = namespace
         self.timeout = (min(10.0, timeout_seconds), timeout_seconds)  # (connect, read)
         self.on_write = on_write
-        self.writes: Counter[str] = Counter()  # write requests sent, by "heartbeat" | "claim"
+        self.writes: Counter[str] = Counter()  # write requests sent, by "heartbeat" | "unfit" | "claim"
         self._lock = threading.Lock()
-        # node -> (resourceVersion, acquireTime) last written: a renewal is one PUT, no GET first.
-        self._heartbeats: dict[str, tuple[str, str]] = {}
+        # Lease name -> (resourceVersion, acquireTime) last written, for a director's own Leases:
+        # a renewal is one PUT, no GET first.
+        self._own: dict[str, tuple[str, str]] = {}
 
-    # -- heartbeats -------------------------------------------------------------------------
+    # -- a director's own Leases: heartbeat, unfit report ------------------------------------
 
     def renew_heartbeat(
-        self, node: str, duration_seconds: float, unfit: Iterable[str] = (), peer_address: str = ""
+        self, node: str, duration_seconds: float, draining: bool = False, peer_address: str = ""
     ) -> HeartbeatRecord:
         """Create or renew ``node``'s heartbeat: one PUT with the version last written, else (the
         first call, a restart, a Lease someone else touched) a fresh read and one more try."""
-        name = heartbeat_name(node)
-        unfit = frozenset(unfit)
+        annotations = {PEER_ADDRESS_ANNOTATION: peer_address}
+        if draining:
+            annotations[DRAINING_ANNOTATION] = "true"
+        duration = math.ceil(duration_seconds)
+        version = self._write_own(HEARTBEAT, node, annotations, {"leaseDurationSeconds": duration})
+        return HeartbeatRecord(node, version, duration, draining, peer_address)
+
+    def report_unfit(self, node: str, vips: Iterable[str]) -> UnfitRecord:
+        """Write the VIPs ``node`` cannot serve now (the caller writes only when they change)."""
+        vips = frozenset(vips)
+        version = self._write_own(UNFIT, node, {UNFIT_ANNOTATION: encode_vips(vips)}, {})
+        return UnfitRecord(node, version, vips)
+
+    def _write_own(self, kind: str, node: str, annotations: dict[str, str], spec: Obj) -> str:
+        """Create or update one of ``node``'s own Leases: one PUT with the version last written,
+        else (the first call, a restart, a Lease someone else touched) a fresh read and one more
+        try. Returns the new resourceVersion; the answer is not parsed (an unfit report can hold
+        every VIP)."""
+        name = heartbeat_name(node) if kind == HEARTBEAT else unfit_name(node)
         with self._lock:
-            last = self._heartbeats.get(node)
+            last = self._own.get(name)
         body = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {
                 "name": name,
                 "namespace": self.namespace,
-                "labels": _labels(HEARTBEAT),
-                "annotations": {UNFIT_ANNOTATION: ",".join(sorted(unfit)), PEER_ADDRESS_ANNOTATION: peer_address},
+                "labels": _labels(kind),
+                "annotations": annotations,
             },
-            "spec": {"holderIdentity": node, "leaseDurationSeconds": math.ceil(duration_seconds)},
+            "spec": {"holderIdentity": node, **spec},
         }
         try:
-            return self._write_heartbeat(node, body, last, unfit)
+            return self._write_own_once(name, body, last)
         except ApiException as error:
             # Left by an earlier run of this director, or touched by someone else. (A deleted one
             # gives no 404: Leases allow create-on-update, the PUT re-creates it.)
@@ -289,41 +370,36 @@ class LeaseClient:
         if fresh is None:
             last = None
         else:
-            spec, meta = _mapping(fresh.get("spec")), _mapping(fresh.get("metadata"))
-            holder = spec.get("holderIdentity")
+            fresh_spec, meta = _mapping(fresh.get("spec")), _mapping(fresh.get("metadata"))
+            holder = fresh_spec.get("holderIdentity")
             if holder and holder != node:
                 raise HeartbeatTaken(f"Lease {self.namespace}/{name} is held by {holder!r}, not by node {node!r}")
-            last = (str(meta.get("resourceVersion") or ""), str(spec.get("acquireTime") or ""))
+            last = (str(meta.get("resourceVersion") or ""), str(fresh_spec.get("acquireTime") or ""))
         try:
-            return self._write_heartbeat(node, body, last, unfit)
+            return self._write_own_once(name, body, last)
         except ApiException as error:
             if error.status != 409:
                 raise
-            raise Conflict(f"heartbeat {name} changed twice while being renewed") from error
+            raise Conflict(f"Lease {name} changed twice while being written") from error
 
-    def _write_heartbeat(
-        self, node: str, body: Obj, last: tuple[str, str] | None, unfit: frozenset[str]
-    ) -> HeartbeatRecord:
+    def _write_own_once(self, name: str, body: Obj, last: tuple[str, str] | None) -> str:
         now = _now()
         body["spec"]["renewTime"] = now
         body["spec"]["acquireTime"] = last[1] if last and last[1] else now
+        kind = body["metadata"]["labels"][KIND_LABEL]
         if last is None:
             body["metadata"].pop("resourceVersion", None)
-            obj = self._request("POST", None, body, write="heartbeat")
+            obj = self._request("POST", None, body, write=kind)
         else:
             body["metadata"]["resourceVersion"] = last[0]
-            obj = self._request("PUT", body["metadata"]["name"], body, write="heartbeat")
+            obj = self._request("PUT", name, body, write=kind)
         assert obj is not None
         version = _mapping(_mapping(obj).get("metadata")).get("resourceVersion")
         if not isinstance(version, str) or not version:  # the server answers with what was written
-            raise ValueError(f"the API server returned a heartbeat without a resourceVersion: {obj!r:.500}")
-        # The record of what we wrote, not parsed back from the answer: its unfit list can hold
-        # every VIP (a director with no interface for any), split again at every renewal.
-        peer = body["metadata"]["annotations"][PEER_ADDRESS_ANNOTATION]
-        record = HeartbeatRecord(node, version, body["spec"]["leaseDurationSeconds"], unfit, peer)
+            raise ValueError(f"the API server returned Lease {name} without a resourceVersion: {obj!r:.500}")
         with self._lock:
-            self._heartbeats[node] = (record.version, body["spec"]["acquireTime"])
-        return record
+            self._own[name] = (version, body["spec"]["acquireTime"])
+        return version
 
     def get_heartbeat(self, node: str) -> HeartbeatRecord | None:
         """A fresh read (not the watch cache): None if there is none (or it is not a heartbeat)."""
@@ -333,8 +409,8 @@ class LeaseClient:
     def delete_heartbeat(self, node: str) -> None:
         """On a clean shutdown: the others need not wait for it to expire. Gone already is fine."""
         with self._lock:
-            self._heartbeats.pop(node, None)
-        self._request("DELETE", heartbeat_name(node), write="heartbeat", missing_ok=True)
+            self._own.pop(heartbeat_name(node), None)
+        self._request("DELETE", heartbeat_name(node), write=HEARTBEAT, missing_ok=True)
 
     def list_heartbeats(self) -> tuple[list[HeartbeatRecord], str]:
         items, version = self._list(HEARTBEAT)
