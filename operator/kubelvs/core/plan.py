@@ -8,6 +8,7 @@ desired state names the same key (that is reported as a conflict instead).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Container, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
@@ -52,10 +53,9 @@ class Plan:
         return iter(self.operations)
 
     def counts(self) -> dict[str, int]:
-        result: dict[str, int] = {}
-        for op in self.operations:
-            result[op.verb.value] = result.get(op.verb.value, 0) + 1
-        return result
+        # By identity first: an enum's hash and .value are Python-level calls, 0.2 s for 110,000.
+        by_id = Counter(id(op.verb) for op in self.operations)
+        return {verb.value: by_id[id(verb)] for verb in Verb if id(verb) in by_id}
 
 
 def plan(

@@ -159,7 +159,7 @@ class Ownership:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_data(), indent=1)
+        return json.dumps(self.to_data(), separators=(",", ":"))
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Ownership:
@@ -193,7 +193,7 @@ class OwnershipStore:
         self.netns = netns
         self._identity = identity
         self.discarded: str | None = None  # why a stale record was discarded at the last load
-        self._written: str | None = None  # the record as last read or written (to skip rewrites)
+        self._written: dict[str, Any] | None = None  # the record as last read or written (to skip rewrites)
 
     @property
     def identity(self) -> Identity:
@@ -207,7 +207,7 @@ class OwnershipStore:
         Raises :class:`OwnershipError` (unreadable), :class:`FutureSchemaError`,
         :class:`ForeignRecordError` (another network namespace)."""
         ownership = self._read()
-        self._written = ownership.to_json()
+        self._written = ownership.to_data()
         return ownership
 
     def _read(self) -> Ownership:
@@ -253,18 +253,22 @@ class OwnershipStore:
                 f"the ownership record is not valid ({error!r}); move it away and run `kubelvs adopt` to rebuild it",
             ) from error
 
-    def document(self, ownership: Ownership) -> str:
+    def document(self, ownership: Ownership, data: dict[str, Any] | None = None) -> str:
+        """The file's text. Compact: the C encoder takes a fifth of the time of an indented
+        rendering, which at 50,000 services was 0.25 s natively (twice per sync that adds a
+        service: the intent, then the outcome), several seconds under emulation."""
         mine = self.identity
-        data = {"schema": SCHEMA, "netns": list(mine.netns), "bootId": mine.boot_id, **ownership.to_data()}
-        return json.dumps(data, indent=1)
+        data = ownership.to_data() if data is None else data
+        document = {"schema": SCHEMA, "netns": list(mine.netns), "bootId": mine.boot_id, **data}
+        return json.dumps(document, separators=(",", ":"))
 
     def save(self, ownership: Ownership) -> None:
         """Replace the record atomically and durably (the write-ahead intents depend on it); a
         record equal to the one last read or written is not written again."""
-        text = ownership.to_json()
-        if text != self._written:
-            self._write(self.document(ownership))
-            self._written = text
+        data = ownership.to_data()
+        if data != self._written:
+            self._write(self.document(ownership, data))
+            self._written = data
 
     def _write(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
