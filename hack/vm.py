@@ -205,21 +205,39 @@ def _guest_env(extra_env: dict[str, str] | None, network_user: bool = False) -> 
 SQUASHFS_EXCLUDES = ["lib/python3*/test", "lib/python3*/idlelib", "lib/python3*/tkinter", "lib/python3*/ensurepip"]
 
 
-def _newest_mtime(root: Path) -> float:
+def _newest_mtime(root: Path, files: bool = False) -> float:
+    """The newest mtime of ``root``'s directories (a package installed or removed), and of its
+    files too with ``files`` (a source edited in place changes no directory)."""
     newest = root.stat().st_mtime
-    for dirpath, _dirs, _files in os.walk(root):
+    for dirpath, _dirs, names in os.walk(root):
         newest = max(newest, os.stat(dirpath).st_mtime)
+        if files:
+            newest = max([newest, *(os.stat(os.path.join(dirpath, n)).st_mtime for n in names)])
     return newest
 
 
+def source_trees() -> list[Path]:
+    """The directories kubelvs is imported from: this checkout's operator/ (the venv's editable
+    install), and any PYTHONPATH entry holding a kubelvs package (another checkout's)."""
+    trees = [REPO / "operator"]
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and (Path(entry) / "kubelvs").is_dir() and Path(entry).resolve() not in trees:
+            trees.append(Path(entry).resolve())
+    return [t for t in trees if (t / "kubelvs").is_dir()]
+
+
 def python_images() -> list[tuple[Path, Path]]:
-    """Squashfs images of this Python and its venv, as (image, mount point) pairs.
+    """Squashfs images of this Python, its venv and kubelvs's sources (:func:`source_trees`),
+    as (image, mount point) pairs.
 
     Under emulation every file lookup over the shared 9p root costs a virtio round trip:
     importing pyroute2 takes a minute that way. From a loop-mounted image (one file, read in
-    large blocks and cached by the guest) the same import takes a second. Images are rebuilt
-    when a directory of the tree changed (a package installed or removed); without mksquashfs
-    the VM still works, slowly.
+    large blocks and cached by the guest) the same import takes a second. kubelvs's own modules
+    cost 50-200 ms each over 9p, 4 s for the CLI's imports (an installed kubelvs, in
+    site-packages on a local disk, has no such cost). Images are rebuilt when a directory of
+    the tree changed (a package installed or removed), a source tree's when any file did (its
+    bytecode is compiled first, as the image is read-only); without mksquashfs the VM still
+    works, slowly.
     """
     mksquashfs = shutil.which("mksquashfs")
     if mksquashfs is None:
@@ -230,10 +248,14 @@ def python_images() -> list[tuple[Path, Path]]:
     in_venv = sys.prefix != sys.base_prefix
     if in_venv:
         trees.append(Path(sys.prefix).resolve())
+    sources = source_trees()
+    for tree in sources:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "kubelvs")], check=False)
+    trees += sources
     images = []
     for tree in trees:
         image = cache / (re.sub(r"[^A-Za-z0-9]+", "-", str(tree)).strip("-") + ".sqfs")
-        if not image.exists() or image.stat().st_mtime < _newest_mtime(tree):
+        if not image.exists() or image.stat().st_mtime < _newest_mtime(tree, files=tree in sources):
             excludes = list(SQUASHFS_EXCLUDES)
             if in_venv and tree == trees[0]:
                 excludes.append("lib/python3*/site-packages")  # the venv's own packages are used
