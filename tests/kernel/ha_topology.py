@@ -331,6 +331,17 @@ class HATopology(Topology):
     def cont(self, name: str) -> None:
         self.kill(name, signal.SIGCONT)
 
+    def ipvs_connections(self, director: str, client: str) -> set[tuple[str, int]]:
+        """(protocol, client port) of ``client``'s live connections (TCP established, UDP) in
+        ``director``'s IPVS table."""
+        found = set()
+        for line in self.exec(director, ["ipvsadm", "-Lnc"]).stdout.splitlines():
+            words = line.split()
+            live = len(words) == 6 and (words[0] == "UDP" or (words[0] == "TCP" and words[2] == "ESTABLISHED"))
+            if live and words[3].startswith(f"{client}:"):
+                found.add((words[0], int(words[3].rsplit(":", 1)[1])))
+        return found
+
     def director_log(self, name: str, tail: int = 4000) -> str:
         d = self.running.get(name)
         path = d.log if d is not None else self.logdir / f"{name}.log"

@@ -49,6 +49,7 @@ from kubelvs.kernel.vipfilter import VipPortFilter
 from kubelvs.kube import client as kube
 from kubelvs.kube.informers import BACKOFF_SECONDS, Informer, cluster_informers
 from kubelvs.kube.leases import LeaseClient, lease_informer
+from kubelvs.kube.rest import KubeApi
 from kubelvs.kube.status_writer import StatusWriter
 from kubelvs.state.lock import StateLock
 from kubelvs.state.ownership import CachedStore, OwnershipError
@@ -300,8 +301,10 @@ class Director:
         """The per-VIP owner election; returns the informer of its Leases."""
         config = self.config
         timings = el.Timings(config.lease_duration, config.renew_deadline, config.retry_period, config.handover_delay)
+        # A connection pool of its own (same configuration): a renewal must not wait for a
+        # connection behind the watches and a burst of status writes.
         leases = LeaseClient(
-            api,
+            KubeApi(api.configuration),
             config.lease_namespace,
             min(config.api_timeout_seconds, config.renew_deadline),  # a renewal later than that is useless
             on_write=lambda kind: self.metrics.election_writes.labels(kind).inc(),
