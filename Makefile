@@ -66,7 +66,8 @@ bench-ha: bootstrap
 	$(PY) bench/table.py
 
 ## bench-flows: established flows across repeated failovers and failbacks (tests/kernel/test_ha_flows.py
-## with KUBELVS_HA_FLOW_CYCLES; one VM run, about a minute per cycle) -> bench/results.json, README table
+## with KUBELVS_HA_FLOW_CYCLES), then keepalived with lvs_sync_daemon in the same topology
+## (bench/keepalived_flows.py); two VM runs, about a minute per cycle -> bench/results.json, README table
 FLOW_CYCLES ?= 20
 bench-flows: bootstrap
 	bash hack/bootstrap.sh --cluster

@@ -7,6 +7,10 @@ files (``-f``, ``-p/-r/-c``) under a work directory, and runs in the foreground 
 only (``-P``), logging to its console (our log file).
 
 Profiles: ``default`` (VRRPv2, ``advert_int 1``) and ``tuned`` (VRRPv3, ``advert_int 0.1``).
+
+With ``sync_interface`` set, keepalived also runs the kernel's IPVS connection sync
+(``lvs_sync_daemon`` in ``global_defs``, tied to the instance): the master daemon while the
+instance is MASTER, the backup daemon while it is BACKUP (bench/keepalived_flows.py).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class Keepalived:
     version: int = 2
     vrid: int = 51
     interface: str = "eth0"
+    more_vips: tuple[str, ...] = ()  # further virtual_ipaddress entries of the same instance
+    sync_interface: str = ""  # lvs_sync_daemon on this interface ("": none)
+    sync_id: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -51,11 +58,15 @@ class Keepalived:
         self.log = self.workdir / f"{self.name}.log"
 
     def config(self) -> str:
-        prefix = "/128" if ":" in self.vip else "/32"
+        addresses = "".join(
+            f"    {vip}{'/128' if ':' in vip else '/32'} dev {self.interface}\n" for vip in (self.vip, *self.more_vips)
+        )
+        sync = f"  lvs_sync_daemon {self.sync_interface} VI_1 id {self.sync_id}\n" if self.sync_interface else ""
         return (
             "global_defs {\n"
             f"  router_id {self.name}\n"
             f"  vrrp_version {self.version}\n"
+            f"{sync}"
             "}\n"
             "vrrp_instance VI_1 {\n"
             "  state BACKUP\n"
@@ -63,7 +74,7 @@ class Keepalived:
             f"  virtual_router_id {self.vrid}\n"
             f"  priority {self.priority}\n"
             f"  advert_int {self.advert_int:g}\n"
-            f"  virtual_ipaddress {{\n    {self.vip}{prefix} dev {self.interface}\n  }}\n"
+            f"  virtual_ipaddress {{\n{addresses}  }}\n"
             "}\n"
         )
 
@@ -127,9 +138,10 @@ class Keepalived:
         return f" {self.vip}/" in out
 
     def drop_vip(self) -> None:
-        """Remove the VIP a crashed instance left behind."""
-        prefix = "/128" if ":" in self.vip else "/32"
-        self.topo.exec(self.name, ["ip", "addr", "del", f"{self.vip}{prefix}", "dev", self.interface], check=False)
+        """Remove the VIPs a crashed instance left behind."""
+        for vip in (self.vip, *self.more_vips):
+            prefix = "/128" if ":" in vip else "/32"
+            self.topo.exec(self.name, ["ip", "addr", "del", f"{vip}{prefix}", "dev", self.interface], check=False)
 
     def log_tail(self, n: int = 2000) -> str:
         try:

@@ -161,31 +161,69 @@ def _ka_profile(ka: dict[str, Any], profile: str) -> str:
     return f"VRRPv{p.get('vrrp_version', '?')}, advert_int {p.get('advert_int', '?')} s"
 
 
-def flow_rows(f: dict[str, Any]) -> list[str]:
-    """Established flows across VIP moves (bench/flow_bench.py)."""
+def _ka_flows(ka: dict[str, Any], move: str) -> str:
+    """keepalived's figure for ``move`` ("failover" | "failback"), per kernel setting."""
+    parts = []
+    for kernel, label in (("defaults", "kernel defaults"), ("kubelvs", "kubelvs's sync settings")):
+        r = ka.get(kernel) or {}
+        runs = r.get(f"{move}s")
+        if not runs:
+            continue
+        text = f"{r[f'{move}_flows_lost']} of {r[f'{move}_flows']} lost in {runs} {move}s"
+        if move == "failback":
+            text += (
+                f" ({r['failback_flows_lost_opened_while_away']} opened while away, "
+                f"{r['failback_flows_lost_slow_opened_while_away']} of them slow)"
+            )
+        parts.append(f"{label}: {text}")
+    return "keepalived + `lvs_sync_daemon`, " + "; ".join(parts) if parts else "not measured side by side"
+
+
+def flow_rows(f: dict[str, Any], ka: dict[str, Any] | None = None) -> list[str]:
+    """Established flows across VIP moves (bench/flow_bench.py), keepalived's beside them
+    (bench/keepalived_flows.py)."""
     if not f:
         return []
+    ka = ka or {}
     flows = f.get("flows") or {}
     total = f"{flows.get('tcp', '?')} TCP + {flows.get('udp', '?')} UDP flows"
-    late = (f.get("flows_opened_while_away_per_cycle") or {}).get("tcp", 0)
+    away = f.get("flows_opened_while_away_per_cycle") or {}
+    late = f"{away.get('tcp', 0)} busy" + (f" + {away['tcp_slow']} slow" if away.get("tcp_slow") else "")
+    slow_lost = f.get("failback_flows_lost_slow_opened_while_away")
+    slow = "" if slow_lost is None else f", {slow_lost} of them slow"
     stopped = "" if f.get("completed") else " (the run stopped at a failure: see `cycles` in results.json)"
     takeover, back = f.get("failover_takeover_s") or {}, f.get("failback_after_restart_s") or {}
     rows = [
         f"| established flows across owner SIGKILLs (failover), {total} | **{f['failover_flows_lost']} lost** "
         f"in {f['failovers']} failovers{stopped}; new owner answering p50 {takeover.get('p50', 0):.2f} s, "
-        f"p99 {takeover.get('p99', 0):.2f} s | not measured side by side | |",
+        f"p99 {takeover.get('p99', 0):.2f} s | {_ka_flows(ka, 'failover')} | |",
         f"| established flows across failbacks (the killed director restarts, a VIP is handed back), "
         f"{total} + {late} TCP opened while it was away | **{f['failback_flows_lost']} lost** in "
-        f"{f['failbacks']} failbacks ({f['failback_flows_lost_opened_while_away']} of those opened while away); "
-        f"restart to handover p50 {back.get('p50', 0):.1f} s | not measured side by side | |",
+        f"{f['failbacks']} failbacks ({f['failback_flows_lost_opened_while_away']} of those opened while away"
+        f"{slow}); restart to handover p50 {back.get('p50', 0):.1f} s | {_ka_flows(ka, 'failback')} | |",
         f"| longest time a flow went without an echo, over all moves | {f.get('max_gap_s') or 0:.2f} s | | |",
     ]
     return rows
 
 
+def rolling_rows(r: dict[str, Any] | None) -> list[str]:
+    """Requests failed during rolling restarts of every director (bench/flow_bench.py)."""
+    if not r:
+        return []
+    exits = r.get("exit_after_sigterm_s") or {}
+    stopped = "" if r.get("completed") else " (stopped early: see results.json)"
+    return [
+        f"| requests failed during rolling restarts of the 3 directors under load ({r.get('scheduler')}) | "
+        f"**{r.get('failed')} of {r.get('requests')}** in {r.get('rounds')} rounds ({r.get('restarts')} restarts)"
+        f"{stopped}; SIGTERM to exit p50 {exits.get('p50', 0):.1f} s | | |",
+    ]
+
+
 def render_ha(results: dict[str, Any]) -> str:
     lines = ["| scenario | kubelvs | reference (same VM run) | ratio |", "| --- | --- | --- | --- |"]
-    return "\n".join(lines + ha_rows(results.get("ha", {})) + flow_rows(results.get("ha_flows", {})))
+    flows = flow_rows(results.get("ha_flows", {}), results.get("keepalived_flows"))
+    flows += rolling_rows(results.get("rolling_restart"))
+    return "\n".join(lines + ha_rows(results.get("ha", {})) + flows)
 
 
 def render(results: dict[str, Any]) -> str:

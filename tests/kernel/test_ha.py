@@ -23,6 +23,7 @@ election timings keep the module within a few minutes in the emulated VM.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -30,6 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +53,9 @@ DIRECTOR_ARGS = shlex.split(os.environ.get("KUBELVS_HA_DIRECTOR_ARGS", "--lease-
 # Service gap allowed after a fault: a lease duration for the takeover to be allowed, plus the
 # claim write through qemu's user network and the emulator's slowness.
 BOUND = float(os.environ.get("KUBELVS_HA_BOUND", str(2 * LEASE_DURATION + 6)))
+# Rounds of the rolling restart (1 in CI; bench/flow_bench.py runs more), and where its figures go.
+ROLLING_ROUNDS = int(os.environ.get("KUBELVS_HA_ROLLING_ROUNDS", "1"))
+ROLLING_FIGURES = os.environ.get("KUBELVS_HA_ROLLING_FIGURES")
 # A placement counts as stable once it held this long (longer than the handover delay, which
 # defaults to the lease duration, so a rebalance due to a joiner has started by then).
 HOLD = max(3.0, 2 * LEASE_DURATION + 1)
@@ -370,18 +375,23 @@ def test_rolling_restart_loses_no_request(ha: HA, healthy: float) -> None:
     def context() -> str:
         return "\n".join(view.context(t0 - 1, probe) for probe in probes)
 
+    figures: dict[str, Any] = {"rounds": 0, "restarts": 0, "exits_s": []}
     try:
-        for d in DIRECTORS:
-            capture.mark(f"SIGTERM {d}")
-            stopped = time.monotonic()
-            topo.kill(d, signal.SIGTERM)
-            exited = time.monotonic() - stopped
-            log = topo.director_log(d)
-            assert "shutting down: every VIP is answered by its new owner" in log or "handing over" not in log, (
-                f"{d} exited after {exited:.1f}s without confirming its VIPs taken over\n{context()}"
-            )
-            topo.start_director(d, *ha.args())
-            view.wait_stable(DIRECTORS, HOLD, SETTLE_TIMEOUT, context=context)
+        for _ in range(ROLLING_ROUNDS):
+            for d in DIRECTORS:
+                capture.mark(f"SIGTERM {d}")
+                stopped = time.monotonic()
+                topo.kill(d, signal.SIGTERM)
+                exited = time.monotonic() - stopped
+                figures["exits_s"].append(round(exited, 2))
+                log = topo.director_log(d)
+                assert "shutting down: every VIP is answered by its new owner" in log or "handing over" not in log, (
+                    f"{d} exited after {exited:.1f}s without confirming its VIPs taken over\n{context()}"
+                )
+                topo.start_director(d, *ha.args())
+                view.wait_stable(DIRECTORS, HOLD, SETTLE_TIMEOUT, context=context)
+                figures["restarts"] += 1
+            figures["rounds"] += 1
         failed = [(probe.host, a) for probe in probes for a in probe.results(t0) if not a.ok]
         assert failed == [], f"{len(failed)} requests failed during the rolling restart: {failed[:10]}\n{context()}"
         total = sum(len(probe.results(t0)) for probe in probes)
@@ -392,6 +402,11 @@ def test_rolling_restart_loses_no_request(ha: HA, healthy: float) -> None:
     finally:
         for probe in probes:
             probe.stop()
+        results = [a for probe in probes for a in probe.results(t0)]
+        figures.update(requests=len(results), failed=sum(1 for a in results if not a.ok))
+        figures["overlaps"] = len(capture.overlaps(since=t0))
+        if ROLLING_FIGURES:
+            Path(ROLLING_FIGURES).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 def test_vip_owner_metric_and_announced_condition(ha: HA, healthy: float) -> None:
