@@ -193,14 +193,24 @@ def flow_rows(f: dict[str, Any], ka: dict[str, Any] | None = None) -> list[str]:
     slow = "" if slow_lost is None else f", {slow_lost} of them slow"
     stopped = "" if f.get("completed") else " (the run stopped at a failure: see `cycles` in results.json)"
     takeover, back = f.get("failover_takeover_s") or {}, f.get("failback_after_restart_s") or {}
+    young = ""
+    if f.get("failover_young_flows"):
+        age = (f.get("failover_young_age_at_takeover_s") or {}).get("p50", 0)
+        young = (
+            f"; TCP flows opened just before the SIGKILL (p50 {age:.1f} s old when the VIP moved), counted "
+            f"apart: {f['failover_young_flows_lost']} of {f['failover_young_flows']} lost"
+        )
+    per_move = int(flows.get("tcp", 0)) + int(flows.get("udp", 0))
+    per_back = per_move + int(away.get("tcp", 0)) + int(away.get("tcp_slow", 0))
     rows = [
-        f"| established flows across owner SIGKILLs (failover), {total} | **{f['failover_flows_lost']} lost** "
-        f"in {f['failovers']} failovers{stopped}; new owner answering p50 {takeover.get('p50', 0):.2f} s, "
-        f"p99 {takeover.get('p99', 0):.2f} s | {_ka_flows(ka, 'failover')} | |",
+        f"| established flows across owner SIGKILLs (failover), {total} | **{f['failover_flows_lost']} of "
+        f"{per_move * f['failovers']} lost** in {f['failovers']} failovers{stopped}; new owner answering p50 "
+        f"{takeover.get('p50', 0):.2f} s, p99 {takeover.get('p99', 0):.2f} s{young} | {_ka_flows(ka, 'failover')} | |",
         f"| established flows across failbacks (the killed director restarts, a VIP is handed back), "
-        f"{total} + {late} TCP opened while it was away | **{f['failback_flows_lost']} lost** in "
-        f"{f['failbacks']} failbacks ({f['failback_flows_lost_opened_while_away']} of those opened while away"
-        f"{slow}); restart to handover p50 {back.get('p50', 0):.1f} s | {_ka_flows(ka, 'failback')} | |",
+        f"{total} + {late} TCP opened while it was away | **{f['failback_flows_lost']} of "
+        f"{per_back * f['failbacks']} lost** in {f['failbacks']} failbacks "
+        f"({f['failback_flows_lost_opened_while_away']} of those opened while away{slow}); restart to handover "
+        f"p50 {back.get('p50', 0):.1f} s | {_ka_flows(ka, 'failback')} | |",
         f"| longest time a flow went without an echo, over all moves | {f.get('max_gap_s') or 0:.2f} s | | |",
     ]
     return rows
