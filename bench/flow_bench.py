@@ -61,6 +61,11 @@ def summary(raw: dict[str, Any], passed: bool) -> dict[str, Any]:
         "failover_flows_lost": sum(c["failover_lost"] for c in failovers),
         "failback_flows_lost": sum(c["failback_lost"] for c in failbacks),
         "failback_flows_lost_opened_while_away": sum(c.get("failback_lost_opened_while_away", 0) for c in failbacks),
+        "failover_young_flows": sum(c.get("failover_young", 0) for c in failovers),
+        "failover_young_flows_lost": sum(c.get("failover_young_lost", 0) for c in failovers),
+        "failover_young_age_at_takeover_s": _stats(
+            [c["failover_young_age_at_takeover_s"] for c in failovers if "failover_young_age_at_takeover_s" in c]
+        ),
         "failback_flows_lost_slow_opened_while_away": sum(
             c.get("failback_lost_slow_opened_while_away", 0) for c in failbacks
         ),
