@@ -67,7 +67,7 @@ _API = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 _MAX_NAME = 253  # a Lease name is a DNS-1123 subdomain
 _INVALID = re.compile(r"[^a-z0-9.-]+")
 # An unfit report longer than this is compressed: the API server refuses annotations over
-# 256 KiB in all, and 10,000 IPv6 VIPs are ~250 KB as text, ~70 KB compressed.
+# 256 KiB in all, and 10,000 IPv6 VIPs are 150-300 KB as text, 55-70 KB compressed.
 _COMPRESS_OVER = 32 * 1024
 _COMPRESSED = "zlib+base64:"
 
