@@ -35,7 +35,8 @@ from vmout import ensure_vmout
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stats(values: list[float]) -> dict[str, float] | None:
+def distribution(values: list[float]) -> dict[str, float] | None:
+    """p50, p99 and max of ``values`` (None for none); bench/keepalived_flows.py uses it too."""
     if not values:
         return None
     ordered = sorted(values)
@@ -63,14 +64,14 @@ def summary(raw: dict[str, Any], passed: bool) -> dict[str, Any]:
         "failback_flows_lost_opened_while_away": sum(c.get("failback_lost_opened_while_away", 0) for c in failbacks),
         "failover_young_flows": sum(c.get("failover_young", 0) for c in failovers),
         "failover_young_flows_lost": sum(c.get("failover_young_lost", 0) for c in failovers),
-        "failover_young_age_at_takeover_s": _stats(
+        "failover_young_age_at_takeover_s": distribution(
             [c["failover_young_age_at_takeover_s"] for c in failovers if "failover_young_age_at_takeover_s" in c]
         ),
         "failback_flows_lost_slow_opened_while_away": sum(
             c.get("failback_lost_slow_opened_while_away", 0) for c in failbacks
         ),
-        "failover_takeover_s": _stats([c["failover_takeover_s"] for c in cycles if "failover_takeover_s" in c]),
-        "failback_after_restart_s": _stats(
+        "failover_takeover_s": distribution([c["failover_takeover_s"] for c in cycles if "failover_takeover_s" in c]),
+        "failback_after_restart_s": distribution(
             [c["failback_after_restart_s"] for c in cycles if "failback_after_restart_s" in c]
         ),
         "max_gap_s": max((c.get("max_gap_s", c.get("failover_max_gap_s", 0.0)) for c in cycles), default=None),
@@ -139,7 +140,7 @@ def rolling(rounds: int) -> dict[str, Any]:
             "scheduler": "mh (mh-port), 3 VIPs, a request every 200 ms to each",
             "completed": passed,
             **{k: raw.get(k) for k in ("rounds", "restarts", "requests", "failed", "overlaps")},
-            "exit_after_sigterm_s": _stats(raw.get("exits_s") or []),
+            "exit_after_sigterm_s": distribution(raw.get("exits_s") or []),
         }
     }
 

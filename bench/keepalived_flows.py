@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "kernel"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from flow_bench import distribution  # noqa: E402
 from flows import EchoServers, Flows  # noqa: E402
 from ha_topology import HATopology, output_dir, wait_for  # noqa: E402
 from keepalived import Keepalived  # noqa: E402
@@ -61,17 +61,6 @@ KERNEL_DEFAULTS = {
     "net/ipv4/vs/sync_refresh_period": 0,
     "net/ipv4/vs/sloppy_tcp": 0,
 }
-
-
-def _stats(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return {
-        "p50": round(statistics.median(ordered), 2),
-        "p99": round(ordered[int(0.99 * (len(ordered) - 1))], 2),
-        "max": round(ordered[-1], 2),
-    }
 
 
 class Bed:
@@ -122,16 +111,17 @@ class Bed:
     def close(self) -> None:
         for ka in self.keepalived.values():
             ka.stop()
-        for thing in (self.prober, self.capture, self.echo):
-            if thing is not None:
-                thing.stop() if hasattr(thing, "stop") else thing.close()
+        for watcher in (self.prober, self.capture):
+            if watcher is not None:
+                watcher.stop()
+        if self.echo is not None:
+            self.echo.close()
         self.topo.close()
 
     def owner(self, vip: str, since: float) -> str | None:
         """The one director that answered for ``vip`` since ``since`` (None: none or several)."""
         seen = self.capture.responders(since, vip=vip)
-        names = self.topo.names_by_mac()
-        return names.get(next(iter(seen))) if len(seen) == 1 else None
+        return self.capture.name(next(iter(seen))) if len(seen) == 1 else None
 
     def owned_by(self, director: str, window: float = 1.0) -> bool:
         since = time.monotonic() - window
@@ -149,9 +139,10 @@ def _open(bed: Bed, per_vip: int, udp: bool = False, interval: float = 0.2) -> l
     return [Flows(client, vip, PORT, per_vip, udp=udp, interval=interval).start() for vip in bed.vips]
 
 
-def _lost_after(groups: list[Flows], since: float) -> dict[tuple[str, str, float, int], str]:
+def _lost_after(groups: list[Flows], since: float) -> dict[tuple[int, int], str]:
     """The flows lost by a move at ``since``: failed (reset, closed, another real server) or
-    without an echo since (stalled), once each one echoed or failed (at most BOUND later)."""
+    without an echo since (stalled), once each one echoed or failed (at most BOUND later).
+    Keyed by (the group's id, the flow's index): groups to one VIP number their flows alike."""
     deadline = time.monotonic() + BOUND
     while True:
         flows = [(g, f) for g in groups for f in g.snapshot()]
@@ -159,7 +150,11 @@ def _lost_after(groups: list[Flows], since: float) -> dict[tuple[str, str, float
         if not [f for _, f in lost if f.ok] or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    return {(g.host, "UDP" if g.udp else "TCP", g.interval, f.index): f.failure or "stalled" for g, f in lost}
+    return {
+        (id(g), f.index): f"{g.host} {'UDP' if g.udp else 'TCP'} every {g.interval:g} s #{f.index}: "
+        f"{f.failure or 'stalled'}"
+        for g, f in lost
+    }
 
 
 def cycle(bed: Bed, figures: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -219,13 +214,11 @@ def cycle(bed: Bed, figures: dict[str, Any], log: Callable[[str], None]) -> None
         late_keys = {("UDP" if g.udp else "TCP", port) for g in late for port in g.client_ports().values()}
         figures["late_flows_known_at_failback"] = len(late_keys & topo.ipvs_connections("dirA", client))
         lost_back = {k: v for k, v in _lost_after(groups + late, back.t).items() if k not in lost}
-        lost_late = _lost_after(late, back.t)
+        late_ids = {id(g): g.interval == SLOW_INTERVAL for g in late}  # -> slow
         figures["failback_lost"] = len(lost_back)
-        figures["failback_lost_opened_while_away"] = len(lost_late)
-        figures["failback_lost_slow_opened_while_away"] = sum(1 for key in lost_late if key[2] == SLOW_INTERVAL)
-        figures["lost_flows"] = [
-            f"{h} {p} every {every:g} s #{i}: {why}" for (h, p, every, i), why in [*lost.items(), *lost_back.items()]
-        ][:20]
+        figures["failback_lost_opened_while_away"] = sum(1 for group, _ in lost_back if group in late_ids)
+        figures["failback_lost_slow_opened_while_away"] = sum(1 for group, _ in lost_back if late_ids.get(group))
+        figures["lost_flows"] = [*lost.values(), *lost_back.values()][:20]
         log(
             f"failover lost {figures['failover_lost']}, failback lost {figures['failback_lost']} "
             f"(+{figures['failback_lost_opened_while_away']} of {3 * (LATE_PER_VIP + LATE_SLOW_PER_VIP)} opened "
@@ -257,8 +250,8 @@ def summary(cycles: list[dict[str, Any]], kernel: str, completed: bool) -> dict[
         "failback_flows_lost_opened_while_away": sum(c["failback_lost_opened_while_away"] for c in done),
         "failback_flows_lost_slow_opened_while_away": sum(c["failback_lost_slow_opened_while_away"] for c in done),
         "failback_flows": (flows + (LATE_PER_VIP + LATE_SLOW_PER_VIP) * 3) * len(done),
-        "failover_takeover_s": _stats([c["failover_takeover_s"] for c in cycles if "failover_takeover_s" in c]),
-        "failback_after_restart_s": _stats([c["failback_after_restart_s"] for c in done]),
+        "failover_takeover_s": distribution([c["failover_takeover_s"] for c in cycles if "failover_takeover_s" in c]),
+        "failback_after_restart_s": distribution([c["failback_after_restart_s"] for c in done]),
         "cycles": cycles,
     }
 
