@@ -30,6 +30,7 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -164,11 +165,21 @@ class HATopology(Topology):
         self._hosts = {self.client: 10}
         self._hosts.update({d: 2 + i for i, d in enumerate(self.directors)})
         self._hosts.update({r: 100 + i for i, r in enumerate(self.real_servers, start=1)})
+        # New namespaces are new nodes: a state directory left by an earlier topology with the same
+        # index (another test module in this VM) records other namespaces, and the director rightly
+        # refuses it (OwnershipRecordOfOtherNamespace).
+        shutil.rmtree(self.state_root, ignore_errors=True)
         super()._build()
         for node in self.nodes:
             self.exec(node, ["ip", "link", "set", "eth0", "address", self.mac(node)])
         if self.api:
             self._build_api_path()
+
+    @property
+    def state_root(self) -> Path:
+        """Where this topology's directors keep their state directories (one per director, kept
+        across restarts of the director, removed with the topology)."""
+        return Path("/run/kubelvs-ha") / str(self.index)
 
     def mac(self, node: str) -> str:
         """The fixed MAC of ``node``'s eth0 ("root": the VM root namespace's bridge port)."""
@@ -272,7 +283,7 @@ class HATopology(Topology):
         old = self.running.get(name)
         if old is not None and old.alive():
             raise TopologyError(f"director {name} already runs (pid {old.pid})")
-        state = Path("/run/kubelvs-ha") / str(self.index) / name
+        state = self.state_root / name
         state.mkdir(parents=True, exist_ok=True)
         log = self.logdir / f"{name}.log"
         argv = [
@@ -432,6 +443,7 @@ class HATopology(Topology):
             HATopology._forwarding_users -= 1
             if HATopology._forwarding_users == 0 and self._saved_forward is not None:
                 Path("/proc/sys/net/ipv4/ip_forward").write_text(self._saved_forward + "\n")
+        shutil.rmtree(self.state_root, ignore_errors=True)
         super().close()
 
     def __enter__(self) -> HATopology:
