@@ -465,6 +465,8 @@ def kubelvs_phase(
                     if number == len(rounds) - 1 and profile == args.split_brain_profile:
                         out["split_brain"] = {"profile": profile}
                         for fault, count in (("api_partition", args.partition_runs), ("sigstop", args.freeze_runs)):
+                            if not count:
+                                continue
                             runs = []
                             for _ in range(count):
                                 runs.append(kubelvs_run(kb, probe, fault, lease))

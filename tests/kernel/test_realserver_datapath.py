@@ -444,8 +444,6 @@ def test_tun_gue(env: dict[str, Any]) -> None:
     assert 1428 - 12 <= client_mss(topo, vip) <= 1428  # 1500 - IP, UDP and GUE headers (32) - 40
 
 
-
-
 def test_ipv6_dr(env: dict[str, Any]) -> None:
     topo, cluster = env["topo"], env["cluster"]
     vip = topo.vip6(0)

@@ -75,6 +75,7 @@ def test_the_alerts_cover_what_an_operator_must_know() -> None:
         "KubelvsAllBackendsDown",
         "KubelvsSyncStale",
         "KubelvsAPIErrors",
+        "KubelvsSlowHeartbeats",
     }
     tested = (REPO / "tests" / "unit" / "promtool" / "alerts_test.yaml").read_text()
     for alert in alerts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -601,3 +602,28 @@ def test_the_vips_kept_up_by_each_sync_equal_the_vips_found_anew(
         fresh = Election(election.config, None, None, view, Metrics(CollectorRegistry()), sync)  # type: ignore[arg-type]
         assert kept == fresh.vips()
         assert election.wake.is_set() == (kept != before)
+
+
+def test_renewal_round_trips_are_measured_and_a_slow_one_says_where_its_time_went(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with running("ab") as cluster:
+            election = cluster.elections["a"]
+            registry = election.metrics.registry
+            before = registry.get_sample_value("kubelvs_heartbeat_renewal_seconds_count") or 0.0
+            cluster.store.slow["a"] = TIMINGS.renew_deadline / 2  # slow, but one alone keeps the VIPs
+            with caplog.at_level(logging.INFO, logger="kubelvs.director.election"):
+                await until(
+                    "a slow renewal logged",
+                    lambda: any("slow heartbeat renewal" in r.getMessage() for r in caplog.records),
+                )
+            cluster.store.slow["a"] = 0.0
+            assert (registry.get_sample_value("kubelvs_heartbeat_renewal_seconds_count") or 0.0) > before
+            slow = registry.get_sample_value("kubelvs_heartbeat_renewal_seconds_bucket", {"le": "0.2"}) or 0.0
+            total = registry.get_sample_value("kubelvs_heartbeat_renewal_seconds_count") or 0.0
+            assert total > slow, "the slow renewals fall in the buckets above 0.2 s"
+            line = next(r.getMessage() for r in caplog.records if "slow heartbeat" in r.getMessage())
+            assert "in the request" in line and "before its thread ran it" in line, line
+
+    asyncio.run(scenario())

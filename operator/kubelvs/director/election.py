@@ -188,6 +188,9 @@ class Election:
         # Kernel work on the claim addresses and announcements: one thread, in order, never on
         # the event loop (hundreds of VIPs at a time would stall the renewals and the fence).
         self.kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vipnet")
+        # Renewals on a thread of their own: in the shared pool they could queue behind a burst
+        # of status writes, and a renewal late by its wait for a thread lapses VIPs all the same.
+        self.renewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeat")
         self._uplinks_read: tuple[float, frozenset[str]] = (-math.inf, frozenset())
         self._vips: dict[str, VipInfo] | None = None
         self.draining = False  # shutting down: every VIP goes to another director
@@ -478,6 +481,7 @@ class Election:
             if self.peer_channel is not None:
                 self.peer_channel.close()
             self.kernel.shutdown(wait=False)
+            self.renewer.shutdown(wait=False)
 
     async def _renew_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Renew, beat, re-arm the fence, wake the decisions; every ``retry_period``, on its own
@@ -544,15 +548,22 @@ class Election:
 
     async def _renew(self, loop: asyncio.AbstractEventLoop) -> None:
         sent = self.clock()
+        request: list[float] = []  # when the request started and ended, in the renewer's thread
+
+        def renew() -> HeartbeatRecord:
+            request.append(self.clock())
+            try:
+                return self.leases.renew_heartbeat(
+                    self.me,
+                    math.ceil(self.timings.lease_duration),
+                    self.draining,
+                    self.config.peer_address or self.view.node_address,
+                )
+            finally:
+                request.append(self.clock())
+
         try:
-            record = await loop.run_in_executor(
-                None,
-                self.leases.renew_heartbeat,
-                self.me,
-                math.ceil(self.timings.lease_duration),
-                self.draining,
-                self.config.peer_address or self.view.node_address,
-            )
+            record = await loop.run_in_executor(self.renewer, renew)
         except Exception as error:
             if self.api_ok:
                 log.warning("heartbeat renewal failed: %s", error)
@@ -561,6 +572,7 @@ class Election:
             return
         answered = self.clock()
         del record
+        self._report_round_trip(sent, request, answered)
         self.api_ok = True
         self._report_unfit(loop)
         self.renewed_at = sent
@@ -568,6 +580,23 @@ class Election:
             self.known_peers = set(self.obs.api_live_nodes(answered) | self._peer_live(answered)) - {self.me}
         if self.timings.may_refresh_address(answered - sent):
             await asyncio.wrap_future(self._refresh_addresses(self.valid_until()))
+
+    def _report_round_trip(self, sent: float, request: list[float], answered: float) -> None:
+        """Observe a renewal's round trip; a slow one (over a third of the renew deadline: two
+        such in a row lapse our VIPs) is logged with where its time went."""
+        took = answered - sent
+        self.metrics.heartbeat_renewal.observe(took)
+        if took > self.timings.renew_deadline / 3 and len(request) == 2:
+            started, ended = request
+            log.info(
+                "slow heartbeat renewal: %.3f s (%.3f s before its thread ran it, %.3f s in the request, "
+                "%.3f s before the event loop saw the answer; renew deadline %.3g s)",
+                took,
+                started - sent,
+                ended - started,
+                answered - ended,
+                self.timings.renew_deadline,
+            )
 
     def _report_unfit(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write our unfit report if it changed, beside the renewals (one write at a time, not

@@ -113,6 +113,13 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.heartbeat_renewal = Histogram(
+            "kubelvs_heartbeat_renewal_seconds",
+            "From sending a heartbeat renewal to its answer being seen by the election. An owner keeps its VIPs "
+            "only while two of these, one after the other, fit within the renew deadline.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5),
+            registry=registry,
+        )
         # Connection sync: 0 for a direction means connections are lost when VIPs move that way.
         self.sync_daemons = Gauge(
             "kubelvs_sync_daemons",
