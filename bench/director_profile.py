@@ -49,7 +49,7 @@ from kubelvs.director.app import Director
 from kubelvs.director.options import DirectorConfig
 from kubelvs.kernel.ipvs import ApplyResult
 from kubelvs.kube.rest import KubeApi
-from kubelvs.kube.status_writer import StatusWriter
+from kubelvs.kube.status_writer import StatusWriter, Written
 from kubelvs.state.ownership import CachedStore
 
 # The imports a director makes, in the order it makes them (``--imports`` measures each alone).
@@ -246,6 +246,36 @@ def phases(args: argparse.Namespace) -> int:
     return 0
 
 
+class NullStatusWriter:
+    """A status writer that sends nothing and reports every write as landed."""
+
+    def apply_status(self, ref: Any, status: dict[str, Any], manager: str) -> Written:
+        return Written.OK
+
+    def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
+        return True
+
+    def remove_directors(self, ref: Any, directors: list[dict[str, Any]], gone: set[str]) -> Written:
+        return Written.OK
+
+
+def cpu_by_thread() -> dict[str, float]:
+    """CPU seconds (user + system) each live thread of this process has used, by thread name
+    (numbered names such as the executors' ``asyncio_3`` summed by prefix)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    spent: dict[str, float] = {}
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = thread.name.rstrip("0123456789").rstrip("_-") or thread.name
+        spent[name] = spent.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return spent
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--create", type=int, default=0, help="create VirtualServers 0..N first")
@@ -259,6 +289,11 @@ def main() -> int:
     )
     parser.add_argument("--churn", type=int, default=0, help="then this many EndpointSlice changes per second")
     parser.add_argument("--churn-seconds", type=int, default=60)
+    parser.add_argument(
+        "--no-status-requests",
+        action="store_true",
+        help="status and Events worked out but not sent (what the requests cost, by difference)",
+    )
     parser.add_argument("--phases", action="store_true", help="the cold start step by step (no director tasks)")
     parser.add_argument("--imports", action="store_true", help="RSS and time of each import, alone")
     parser.add_argument("--budget", type=int, help="check the director's RSS at this many VirtualServers")
@@ -336,7 +371,8 @@ def main() -> int:
         async def main() -> None:
             stop_event = asyncio.Event()
             stopping.append((asyncio.get_running_loop(), stop_event))
-            await director.main(director_api, StatusWriter(director_api), stop_event)
+            writer = NullStatusWriter() if args.no_status_requests else StatusWriter(director_api)
+            await director.main(director_api, writer, stop_event)
 
         asyncio.run(main())
 
@@ -368,8 +404,12 @@ def main() -> int:
     result["convergence_p99_s"] = latencies[int(0.99 * (len(latencies) - 1))]
     result["convergence_max_s"] = latencies[-1]
     if args.churn:
+        before = cpu_by_thread()
         result.update(bench.churn(discovery, Poll(), args.count, args.churn, args.churn_seconds))
         result["rss_after_churn_mb"] = rss()
+        after = cpu_by_thread()
+        spent = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+        result["churn_cpu_s_by_thread"] = dict(sorted(spent.items(), key=lambda item: -item[1]))
     print(json.dumps(result, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

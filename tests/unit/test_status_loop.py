@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import OK, SyncOutcome, Verdict
 from kubelvs.core.resolve import Resolution
 from kubelvs.core.spec import ObjectRef
 from kubelvs.director.metrics import Metrics
-from kubelvs.director.status_loop import SUMMARY_DEBOUNCE_SECONDS, Result, StatusLoop
+from kubelvs.director.status_loop import SUMMARY_DEBOUNCE_SECONDS, RateLimiter, Result, StatusLoop
 from kubelvs.director.view import ClusterView
 from kubelvs.kube.status_writer import Written
 from prometheus_client import CollectorRegistry
@@ -139,3 +142,57 @@ def test_what_was_written_for_a_deleted_virtual_server_is_forgotten_by_the_write
     assert REF in loop.written_entries
     assert loop.write_status(REF) is Result.DONE
     assert REF not in loop.written_entries and REF not in loop.written_summaries
+
+
+class _Time:
+    """A clock that moves only when a writer sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@given(rate=st.floats(0.5, 200), burst=st.integers(1, 50), requests=st.integers(0, 300))
+def test_the_status_limiter_lets_a_burst_through_then_rate_per_second(rate: float, burst: int, requests: int) -> None:
+    time_ = _Time()
+    limiter = RateLimiter(rate, burst, clock=time_.clock, sleep=time_.sleep)
+    for _ in range(requests):
+        limiter.wait()
+    expected = max(0, requests - burst) / rate
+    assert time_.now == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert limiter.waited == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_the_status_limiter_refills_while_idle_but_not_beyond_its_burst() -> None:
+    time_ = _Time()
+    limiter = RateLimiter(10, 5, clock=time_.clock, sleep=time_.sleep)
+    for _ in range(5):
+        limiter.wait()
+    assert time_.now == 0.0
+    time_.now += 100.0  # idle for long: five tokens, not a thousand
+    for _ in range(6):
+        limiter.wait()
+    assert time_.now == pytest.approx(100.1)
+
+
+def test_no_limit_means_no_wait() -> None:
+    limiter = RateLimiter(0, 0, sleep=lambda seconds: pytest.fail("slept"))
+    for _ in range(1000):
+        limiter.wait()
+
+
+def test_with_a_qps_every_request_of_a_status_write_takes_a_token() -> None:
+    api = FakeApi([])
+    view = ClusterView("n1")
+    view.virtual_servers[REF] = {"metadata": {"name": "web", "namespace": "ns", "generation": 1}, "status": {}}
+    loop = StatusLoop(view, Sync(), api, Metrics(CollectorRegistry()), "n1", now=lambda: "T", qps=1000)
+    taken: list[None] = []
+    loop.limiter.wait = lambda: taken.append(None)  # type: ignore[method-assign]
+    assert loop.write_status(REF) is Result.DONE
+    assert len(api.writes) == 2  # the entry, then the summary
+    assert len(taken) == len(api.writes) + len(api.events)

@@ -352,7 +352,13 @@ class Director:
         if self.config.election:
             informers.insert(0, self.start_election(api, writer))
         self.status = StatusLoop(
-            self.view, self.sync, writer, self.metrics, self.config.node_name, ownership=self.election
+            self.view,
+            self.sync,
+            writer,
+            self.metrics,
+            self.config.node_name,
+            ownership=self.election,
+            qps=self.config.status_qps,
         )
         try:
             self.spawn(self.sync.run(self.ready), "sync")

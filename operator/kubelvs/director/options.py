@@ -20,6 +20,7 @@ class DirectorConfig:
     metrics_port: int = 0  # 0: no metrics or health endpoint
     metrics_address: str = ""  # "": the node's InternalIP (from the Node object), never 0.0.0.0 by default
     api_timeout_seconds: float = 30.0  # every list, patch and event request (a half-open connection ends)
+    status_qps: float = 20.0  # status writes and Events per second, at most (0: no limit)
     health_max_sync_age_seconds: float = 0.0  # 0: 3 x resync_seconds
     port_filter: bool = True  # narrow each VIP to its service ports (nftables table inet kubelvs)
     # The per-VIP owner election (Leases in lease_namespace); off: every director answers for
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to serve metrics and health on (default: the node's InternalIP; 0.0.0.0 or :: for all)",
     )
     parser.add_argument("--api-timeout", type=float, default=30.0, help="seconds for each API request")
+    parser.add_argument(
+        "--status-qps",
+        type=float,
+        default=20.0,
+        help="status writes and Events per second at most, in bursts of 5 seconds' worth (0: no limit); the kernel "
+        "is programmed without waiting for them",
+    )
     parser.add_argument(
         "--log-level",
         default=os.environ.get("KUBELVS_LOG_LEVEL", "INFO"),
@@ -156,6 +164,7 @@ def config_from(args: argparse.Namespace) -> DirectorConfig:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         api_timeout_seconds=args.api_timeout,
+        status_qps=args.status_qps,
         port_filter=not getattr(args, "no_port_filter", False),
         election=not args.no_election,
         lease_namespace=args.lease_namespace,

@@ -6,6 +6,12 @@ it landed; a failed one is retried after a backoff, and an Event goes out only a
 summary it reports on was written. Summaries are debounced per VirtualServer (at most one write
 per ``SUMMARY_DEBOUNCE_SECONDS``): a rolling restart of a Deployment flips its endpoints many
 times a second, and each flip would otherwise be a summary write.
+
+Requests are limited to ``qps`` per second (a token bucket, as client-go's QPS and burst): under
+a churn of endpoints each change is a summary write, and those requests cost the director several
+times the CPU of programming the change (measured natively: 7.2 s of status threads against
+0.6 s of programming for 1,500 changes at 10,000 VirtualServers). What waits is coalesced: a
+VirtualServer changed again meanwhile is written once, as it is then.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from kubelvs.core import status as st
@@ -59,6 +67,60 @@ class SyncState(Protocol):
     outcome: SyncOutcome
 
 
+class RateLimiter:
+    """A token bucket shared by the writer threads: ``rate`` requests per second, ``burst`` at
+    once; ``rate`` 0: no limit. :meth:`wait` blocks the calling thread until a token is free."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.clock = clock
+        self.sleep = sleep
+        self.tokens = self.burst
+        self.at = clock()
+        self.waited = 0.0  # seconds the writers spent waiting, in total
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:  # take a token now, or the one that comes next, in order
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            self.tokens -= 1.0
+            delay = -self.tokens / self.rate if self.tokens < 0 else 0.0
+            self.waited += delay
+        if delay > 0:
+            self.sleep(delay)
+
+
+class LimitedWriter:
+    """``writer`` with every request through ``limiter``."""
+
+    def __init__(self, writer: Writer, limiter: RateLimiter) -> None:
+        self.writer = writer
+        self.limiter = limiter
+
+    def apply_status(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> Written:
+        self.limiter.wait()
+        return self.writer.apply_status(ref, status, manager)
+
+    def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
+        self.limiter.wait()
+        return self.writer.post_event(namespace, event)
+
+    def remove_directors(self, ref: ObjectRef, directors: list[dict[str, Any]], gone: set[str]) -> Written:
+        self.limiter.wait()
+        return self.writer.remove_directors(ref, directors, gone)
+
+
 class StatusLoop:
     def __init__(
         self,
@@ -71,11 +133,16 @@ class StatusLoop:
         is_summary_writer: SummaryWriterPolicy = st.summary_writer,  # the election's seam
         clock: Callable[[], float] = time.monotonic,
         ownership: Ownership | None = None,
+        qps: float = 0.0,
     ) -> None:
         self.view = view
         self.ownership = ownership
         self.sync = sync
-        self.writer = writer
+        self.limiter = RateLimiter(qps, 5 * qps)
+        self.writer: Writer = LimitedWriter(writer, self.limiter) if qps > 0 else writer
+        # Threads of their own: a writer waiting for a token must not hold a thread of the
+        # shared pool that the election's claims need.
+        self.threads = ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="status")
         self.metrics = metrics
         self.node = node
         self.now = now
@@ -129,7 +196,7 @@ class StatusLoop:
         while queue:
             ref = queue.pop()
             try:
-                result = await loop.run_in_executor(None, self.write_status, ref)
+                result = await loop.run_in_executor(self.threads, self.write_status, ref)
             except Exception:
                 log.exception("status of %s not written", ref)
                 result = Result.FAILED
