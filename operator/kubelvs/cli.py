@@ -242,7 +242,10 @@ def _run_realserver(args: argparse.Namespace) -> int:
     return realserver_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command``: the one about to run, when known. The agents' many options (and
+    the modules that define them: 20 ms natively, half a second under emulation) are added only
+    for their own command, or when it is not known."""
     parser = argparse.ArgumentParser(prog="kubelvs", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kubelvs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -309,14 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(func=cmd_release_node)
     director = with_state(commands.add_parser("director", help="run the director agent (in-cluster)"))
     director.set_defaults(func=_run_director)
-    _director_arguments(director)
-    from kubelvs.realserver.options import add_arguments as realserver_arguments
-
+    if command in (None, "director"):
+        _director_arguments(director)
     realserver = commands.add_parser(
         "realserver", help="run the real-server agent: prepare this node's DR/TUN backends to receive"
     )
     realserver.set_defaults(func=_run_realserver)
-    realserver_arguments(realserver)
+    if command in (None, "realserver"):
+        from kubelvs.realserver.options import add_arguments as realserver_arguments
+
+        realserver_arguments(realserver)
     return parser
 
 
@@ -325,7 +330,9 @@ def main(argv: list[str] | None = None, kernel: KernelFactory | None = None) -> 
     (default :func:`real_kernel`)."""
     from kubelvs.state.ownership import OwnershipError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The command is the first word (the only option before it, --version, takes no value).
+    args = build_parser(next((word for word in argv if not word.startswith("-")), None)).parse_args(argv)
     args.kernel = kernel or real_kernel
     try:
         return int(args.func(args))
