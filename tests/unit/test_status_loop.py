@@ -13,7 +13,13 @@ from kubelvs.core.outcome import OK, SyncOutcome, Verdict
 from kubelvs.core.resolve import Resolution
 from kubelvs.core.spec import ObjectRef
 from kubelvs.director.metrics import Metrics
-from kubelvs.director.status_loop import SUMMARY_DEBOUNCE_SECONDS, RateLimiter, Result, StatusLoop
+from kubelvs.director.status_loop import (
+    SUMMARY_DEBOUNCE_SECONDS,
+    VIEW_LAG_SECONDS,
+    RateLimiter,
+    Result,
+    StatusLoop,
+)
 from kubelvs.director.view import ClusterView
 from kubelvs.kube.status_writer import Written
 from prometheus_client import CollectorRegistry
@@ -196,3 +202,22 @@ def test_with_a_qps_every_request_of_a_status_write_takes_a_token() -> None:
     assert loop.write_status(REF) is Result.DONE
     assert len(api.writes) == 2  # the entry, then the summary
     assert len(taken) == len(api.writes) + len(api.events)
+
+
+def test_what_was_written_is_forgotten_once_the_view_has_it() -> None:
+    api = FakeApi()
+    loop, clock = setup(api)
+    assert loop.write_status(REF) is Result.DONE
+    (_, entry), (_, summary) = api.writes
+    loop._forget_old_writes()
+    assert REF in loop.written_entries and REF in loop.written_summaries  # the view may lag: kept
+    clock.now += VIEW_LAG_SECONDS + 1
+    loop._forget_old_writes()
+    assert not loop.written_entries and not loop.written_summaries
+    # The watch brought both writes back: nothing to write again.
+    loop.view.virtual_servers[REF] = {
+        "metadata": {"name": "web", "namespace": "ns", "generation": 1},
+        "status": {**summary, "directors": entry["directors"]},
+    }
+    assert loop.write_status(REF) is Result.DONE
+    assert len(api.writes) == 2

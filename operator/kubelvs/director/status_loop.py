@@ -150,9 +150,12 @@ class StatusLoop:
         self.clock = clock
         # What this director wrote, per VirtualServer *object* (keyed by name, checked by uid: one
         # deleted and created again under the same name is a new object). Touched only by the
-        # writer threads, never by request() on the event loop's thread.
-        self.written_entries: dict[ObjectRef, tuple[str, dict[str, Any]]] = {}  # uid, entry
+        # writer threads, and by the sweep between their batches; never by request().
+        # Kept for VIEW_LAG_SECONDS only (then the view has our write, and is what to compare
+        # with): kept for ever, they were 2 KB per VirtualServer, 20 MB of a director's 150 at 10,000.
+        self.written_entries: dict[ObjectRef, tuple[str, float, dict[str, Any]]] = {}  # uid, when, entry
         self.written_summaries: dict[ObjectRef, tuple[str, float, dict[str, Any]]] = {}  # uid, when, what
+        self._swept_at = clock()
         self.pending: set[ObjectRef] = set()
         self.wake = asyncio.Event()
         self.failures_in_a_row = 0
@@ -178,6 +181,7 @@ class StatusLoop:
             failed: list[ObjectRef] = []
             later: list[ObjectRef] = []
             await asyncio.gather(*(self._worker(loop, queue, failed, later) for _ in range(WRITES_IN_FLIGHT)))
+            self._forget_old_writes()  # no writer runs now
             if failed:
                 self.failures_in_a_row += 1
             elif not later:
@@ -189,6 +193,16 @@ class StatusLoop:
                 if failed:
                     delay = RETRY_SECONDS[min(self.failures_in_a_row, len(RETRY_SECONDS)) - 1]
                 asyncio.get_running_loop().call_later(delay, self.wake.set)
+
+    def _forget_old_writes(self) -> None:
+        """Drop what was written longer than VIEW_LAG_SECONDS ago (a pass at most that often)."""
+        now = self.clock()
+        if now - self._swept_at < VIEW_LAG_SECONDS:
+            return
+        self._swept_at = now
+        for written in (self.written_entries, self.written_summaries):
+            for ref in [ref for ref, (_uid, when, _what) in written.items() if now - when > VIEW_LAG_SECONDS]:
+                del written[ref]
 
     async def _worker(
         self, loop: asyncio.AbstractEventLoop, queue: list[ObjectRef], failed: list[ObjectRef], later: list[ObjectRef]
@@ -221,7 +235,9 @@ class StatusLoop:
         if written_entry is not None and written_entry[0] != uid:
             written_entry = None
             self.written_summaries.pop(ref, None)
-        last_entry = written_entry[1] if written_entry is not None else None
+        if written_entry is not None and self.clock() - written_entry[1] > VIEW_LAG_SECONDS:
+            written_entry = None  # the view has it by now: compare with the view alone
+        last_entry = written_entry[2] if written_entry is not None else None
         resolution = desired.resolutions[ref]
         outcome = self.sync.outcome
         errors = list(self.sync.errors_by_ref.get(ref, []))
@@ -236,13 +252,13 @@ class StatusLoop:
                 # No longer ours: applying an empty list drops the entry this manager owns.
                 if not self._write(ref, {"directors": []}, manager):
                     return Result.FAILED
-                self.written_entries[ref] = (uid, {})
+                self.written_entries[ref] = (uid, self.clock(), {})
             return Result.DONE
         # This director's own entry first: the summary is derived from the entries.
         if not st.same_entry(vs, entry) and last_entry != entry:
             if not self._write(ref, {"directors": [{**entry, "lastSyncTime": self.now()}]}, manager):
                 return Result.FAILED
-            self.written_entries[ref] = (uid, entry)
+            self.written_entries[ref] = (uid, self.clock(), entry)
         announcement = None
         if self.ownership is not None:
             reported = st.entries(vs)
