@@ -3,6 +3,7 @@ answer 429/503 on demand; the writes themselves are tested against it in the ker
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -221,3 +222,28 @@ def test_what_was_written_is_forgotten_once_the_view_has_it() -> None:
     }
     assert loop.write_status(REF) is Result.DONE
     assert len(api.writes) == 2
+
+
+def test_an_idle_status_loop_still_forgets_its_old_writes() -> None:
+    api = FakeApi()
+    loop, clock = setup(api)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(loop.run())
+        loop.request({REF})
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(api.writes) == 2:
+                break
+        assert REF in loop.written_entries
+        clock.now += VIEW_LAG_SECONDS + 1  # then nothing happens: the sweep comes by itself
+        loop._sweep.cancel()  # type: ignore[union-attr]
+        loop._sweep_due()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not loop.written_entries and not loop.written_summaries:
+                break
+        task.cancel()
+        assert not loop.written_entries and not loop.written_summaries
+
+    asyncio.run(scenario())

@@ -156,6 +156,7 @@ class StatusLoop:
         self.written_entries: dict[ObjectRef, tuple[str, float, dict[str, Any]]] = {}  # uid, when, entry
         self.written_summaries: dict[ObjectRef, tuple[str, float, dict[str, Any]]] = {}  # uid, when, what
         self._swept_at = clock()
+        self._sweep: asyncio.TimerHandle | None = None
         self.pending: set[ObjectRef] = set()
         self.wake = asyncio.Event()
         self.failures_in_a_row = 0
@@ -182,6 +183,8 @@ class StatusLoop:
             later: list[ObjectRef] = []
             await asyncio.gather(*(self._worker(loop, queue, failed, later) for _ in range(WRITES_IN_FLIGHT)))
             self._forget_old_writes()  # no writer runs now
+            if (self.written_entries or self.written_summaries) and self._sweep is None:
+                self._sweep = loop.call_later(VIEW_LAG_SECONDS + 0.5, self._sweep_due)  # even if idle by then
             if failed:
                 self.failures_in_a_row += 1
             elif not later:
@@ -193,6 +196,10 @@ class StatusLoop:
                 if failed:
                     delay = RETRY_SECONDS[min(self.failures_in_a_row, len(RETRY_SECONDS)) - 1]
                 asyncio.get_running_loop().call_later(delay, self.wake.set)
+
+    def _sweep_due(self) -> None:
+        self._sweep = None
+        self.wake.set()
 
     def _forget_old_writes(self) -> None:
         """Drop what was written longer than VIEW_LAG_SECONDS ago (a pass at most that often)."""
