@@ -238,12 +238,7 @@ class StatusLoop:
         if desired is None or ref not in desired.resolutions:
             return Result.DONE
         uid = str(meta(vs).get("uid") or "")
-        written_entry = self.written_entries.get(ref)
-        if written_entry is not None and written_entry[0] != uid:
-            written_entry = None
-            self.written_summaries.pop(ref, None)
-        if written_entry is not None and self.clock() - written_entry[1] > VIEW_LAG_SECONDS:
-            written_entry = None  # the view has it by now: compare with the view alone
+        written_entry = self._recent(self.written_entries, ref, uid)
         last_entry = written_entry[2] if written_entry is not None else None
         resolution = desired.resolutions[ref]
         outcome = self.sync.outcome
@@ -288,14 +283,7 @@ class StatusLoop:
         elif not self.is_summary_writer(vs, self.node):
             return Result.DONE
         summary = st.summary(vs, resolution, entry, self.now(), announcement)
-        last = self.written_summaries.get(ref)
-        if last is not None and last[0] != uid:
-            last = None
-        if last is not None and self.clock() - last[1] > VIEW_LAG_SECONDS:
-            # Long enough for the watch to have brought our write back: if the view differs from
-            # it now, another director wrote since (ownership of the VIP moved), so compare with
-            # the view alone.
-            last = None
+        last = self._recent(self.written_summaries, ref, uid)
         if st.same_summary(vs, summary) or (last is not None and st.same_summary({"status": last[2]}, summary)):
             return Result.DONE  # as it is (or as we wrote it: the watch event may not be in yet)
         if last is not None and self.clock() - last[1] < SUMMARY_DEBOUNCE_SECONDS:
@@ -309,6 +297,18 @@ class StatusLoop:
             if not self.writer.post_event(str(event["metadata"]["namespace"]), event):
                 self.metrics.api_errors.inc()
         return Result.DONE
+
+    def _recent(
+        self, written: dict[ObjectRef, tuple[str, float, dict[str, Any]]], ref: ObjectRef, uid: str
+    ) -> tuple[str, float, dict[str, Any]] | None:
+        """What we last wrote for ``ref``, while the view may not have it yet. None: nothing, a
+        write for another object under that name, or one old enough for the watch to have
+        brought it back, so that a view that differs now means another director wrote since
+        (ownership of the VIP moved) and the view alone is what to compare with."""
+        record = written.get(ref)
+        if record is None or record[0] != uid or self.clock() - record[1] > VIEW_LAG_SECONDS:
+            return None
+        return record
 
     def _write(self, ref: ObjectRef, status: dict[str, Any], manager: str) -> bool:
         written = self.writer.apply_status(ref, status, manager)
