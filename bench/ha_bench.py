@@ -61,7 +61,7 @@ BULK_NAMESPACE = "ha-bulk"
 BULK_LABEL = "kubelvs.io/ha-bulk"
 TOPOLOGY_INDEX = 1  # fixed, so the host knows the real servers' addresses for the bulk objects
 KEEPALIVED_VIP_INDEX = 50
-DEFAULT_TIMINGS = "--lease-duration 2.5 --renew-deadline 1.6 --retry-period 0.5"
+DEFAULT_TIMINGS = "--lease-duration 2.0 --renew-deadline 1.4 --retry-period 0.5"
 TUNED_TIMINGS = "--lease-duration 1.2 --renew-deadline 0.7 --retry-period 0.2"
 DIRECTOR_ARGS = "--lease-namespace {namespace}"
 
@@ -94,7 +94,6 @@ def flag_value(args: Sequence[str], flag: str, default: float) -> float:
 
 
 # =========================================================================== host half
-
 
 
 def create_bulk(kubeconfig: str, count: int, rs: Sequence[str]) -> float:
@@ -294,7 +293,7 @@ def faults_summary(runs: list[dict[str, Any]], metric: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- keepalived
 
 
-def keepalived_phase(bed: Bed, args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
+def keepalived_phase(bed: Bed, args: argparse.Namespace, logdir: Path, profiles: Sequence[str]) -> dict[str, Any]:
     from keepalived import PROFILES, Keepalived
 
     topo, vip = bed.topo, bed.ka_vip
@@ -306,7 +305,7 @@ def keepalived_phase(bed: Bed, args: argparse.Namespace, logdir: Path) -> dict[s
         "version": subprocess.run(["keepalived", "--version"], capture_output=True, text=True).stderr.split("\n")[0]
     }
     try:
-        for profile in args.profiles:
+        for profile in profiles:
             params = PROFILES[profile]
             a = Keepalived(topo, "dirA", vip, 150, logdir / f"keepalived-{profile}", **params)
             b = Keepalived(topo, "dirB", vip, 100, logdir / f"keepalived-{profile}", **params)
@@ -414,7 +413,7 @@ class KubelvsBed:
 
     def settle(self) -> None:
         """Block until the three directors hold a balanced placement, unchanged for a while."""
-        self.view.wait_stable(self.topo.directors, self.hold, timeout=600)
+        self.view.wait_stable(self.topo.directors, self.hold, timeout=self.args.settle_timeout)
 
     def writes(self, names: Sequence[str]) -> dict[str, float]:
         from ha_topology import metric_total
@@ -426,68 +425,100 @@ class KubelvsBed:
         return out
 
 
+class Budget:
+    """The run's time budget (``--budget-minutes``; 0: none): once spent, no new run starts, and
+    the report says which runs were skipped."""
+
+    def __init__(self, minutes: float) -> None:
+        self.ends = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
+        self.skipped: list[str] = []
+
+    def allows(self, what: str) -> bool:
+        if time.monotonic() < self.ends:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+LAPSE_LINE = "could not renew within the renew deadline"
+
+
+def lapses(topo: Any) -> int:
+    """Owners that lapsed (could not renew, nor hear every peer acknowledge, within the renew
+    deadline), counted over every director's log: lapses of owners that had no fault are what
+    slow API round trips cost."""
+    total = 0
+    for d in topo.directors:
+        with contextlib.suppress(OSError):
+            total += (topo.logdir / f"{d}.log").read_text(errors="replace").count(LAPSE_LINE)
+    return total
+
+
 def kubelvs_phase(
-    bed: Bed, args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]], None] = lambda out: None
+    bed: Bed,
+    kb: KubelvsBed,
+    args: argparse.Namespace,
+    profile: str,
+    budget: Budget,
+    checkpoint: Callable[[dict[str, Any]], None] = lambda out: None,
 ) -> dict[str, Any]:
-    """Both profiles' link-down and SIGKILL runs first (the comparison with keepalived), then
-    the other faults and split brain, then the API writes; ``checkpoint`` gets the figures so
-    far after every run, so that a run cut short (hours at the full counts) still reports."""
-    kb = KubelvsBed(bed, args)
+    """One profile's runs: first an idle window (lapses with no fault), then link-down and
+    SIGKILL (the comparison with keepalived), then the other faults, then split brain if this is
+    ``--split-brain-profile``; ``checkpoint`` gets the figures so far after every run, so that a
+    run cut short (hours at the full counts) still reports."""
     vip = bed.vips[0]
-    out: dict[str, Any] = {}
-    rounds: list[list[tuple[str, int, str]]] = [
+    kb.timings = shlex.split(args.default_timings if profile == "default" else args.tuned_timings)
+    lease = flag_value(kb.timings, "--lease-duration", 3.0)
+    kb.hold = max(3.0, 2 * lease + 1)  # past the handover delay (default: the lease duration)
+    kb.start_all()
+    kb.settle()
+    result: dict[str, Any] = {"director_flags": kb.director_args()}
+    if args.idle_seconds:
+        before = lapses(kb.topo)
+        time.sleep(args.idle_seconds)
+        result["idle"] = {"seconds": args.idle_seconds, "directors": 3, "lapses": lapses(kb.topo) - before}
+        print(f"kubelvs {profile} idle: {result['idle']}", flush=True)
+    plan: list[tuple[str, int, str]] = [
         # As keepalived's: a SIGKILLed owner's kernel keeps forwarding (until its claim address's
         # lifetime ends), so service does not stop; the failover is the other director's answer.
-        [("link_down", args.runs, "service_s"), ("sigkill", args.runs, "takeover_s")],
-        [
-            ("sigstop", args.other_runs, "service_s"),
-            ("api_partition", args.other_runs, "outage_s"),
-            ("api_down", args.other_runs, "outage_s"),
-        ],
+        ("link_down", args.runs, "service_s"),
+        ("sigkill", args.runs, "takeover_s"),
+        ("sigstop", args.other_runs, "service_s"),
+        ("api_partition", args.other_runs, "outage_s"),
+        ("api_down", args.other_runs, "outage_s"),
     ]
-    try:
-        for number, plan in enumerate(rounds):
-            for profile in args.profiles:
-                kb.timings = shlex.split(args.default_timings if profile == "default" else args.tuned_timings)
-                lease = flag_value(kb.timings, "--lease-duration", 3.0)
-                kb.hold = max(3.0, 2 * lease + 1)  # past the handover delay (default: the lease duration)
-                kb.start_all()
-                kb.settle()
-                result = out.setdefault(profile, {"director_flags": kb.director_args()})
-                with bed.connect_prober(vip) as probe:
-                    for fault, count, metric in plan:
-                        runs: list[dict[str, Any]] = []
-                        for i in range(count):
-                            runs.append(kubelvs_run(kb, probe, fault, lease))
-                            print(f"kubelvs {profile} {fault} {i}: {_brief(runs[-1])}", flush=True)
-                            result[fault] = faults_summary(runs, metric)
-                            checkpoint(out)
-                    if number == len(rounds) - 1 and profile == args.split_brain_profile:
-                        out["split_brain"] = {"profile": profile}
-                        for fault, count in (("api_partition", args.partition_runs), ("sigstop", args.freeze_runs)):
-                            if not count:
-                                continue
-                            runs = []
-                            for _ in range(count):
-                                runs.append(kubelvs_run(kb, probe, fault, lease))
-                                out["split_brain"][fault] = {
-                                    "runs": len(runs),
-                                    "split_brain_runs": sum(1 for r in runs if r.get("overlaps")),
-                                    "errors": sum(1 for r in runs if r.get("error")),
-                                    "details": [r for r in runs if r.get("overlaps") or r.get("error")],
-                                }
-                                checkpoint(out)
-                            found = out["split_brain"][fault]["split_brain_runs"]
-                            print(f"kubelvs split brain {fault}: {found}/{count}", flush=True)
-                kb.stop_all()
-        if args.bulk:
-            out["api_writes"] = api_writes_phase(kb, args)
-            checkpoint(out)
-    finally:
-        kb.stop_all()
-        with contextlib.suppress(Exception):
-            kb.cluster.close()
-    return out
+    with bed.connect_prober(vip) as probe:
+        for fault, count, metric in plan:
+            runs: list[dict[str, Any]] = []
+            before = lapses(kb.topo)
+            for i in range(count):
+                if not budget.allows(f"kubelvs {profile} {fault} {i}"):
+                    break
+                runs.append(kubelvs_run(kb, probe, fault, lease))
+                print(f"kubelvs {profile} {fault} {i}: {_brief(runs[-1])}", flush=True)
+                result[fault] = faults_summary(runs, metric)
+                result[fault]["lapses"] = lapses(kb.topo) - before
+                checkpoint(result)
+        if profile == args.split_brain_profile:
+            result["split_brain"] = {}
+            for fault, count in (("api_partition", args.partition_runs), ("sigstop", args.freeze_runs)):
+                runs = []
+                for i in range(count):
+                    if not budget.allows(f"kubelvs {profile} split brain {fault} {i}"):
+                        break
+                    runs.append(kubelvs_run(kb, probe, fault, lease))
+                    result["split_brain"][fault] = {
+                        "runs": len(runs),
+                        "split_brain_runs": sum(1 for r in runs if r.get("overlaps")),
+                        "errors": sum(1 for r in runs if r.get("error")),
+                        "details": [r for r in runs if r.get("overlaps") or r.get("error")],
+                    }
+                    checkpoint(result)
+                if runs:
+                    found = result["split_brain"][fault]["split_brain_runs"]
+                    print(f"kubelvs split brain {fault}: {found}/{len(runs)}", flush=True)
+    kb.stop_all()
+    return result
 
 
 def kubelvs_run(kb: KubelvsBed, probe: Any, fault: str, lease: float) -> dict[str, Any]:
@@ -634,20 +665,43 @@ def vm(args: argparse.Namespace) -> int:
         staged.write_text(json.dumps({"ha": report}, indent=2) + "\n")
         staged.replace(out)  # whole or not at all: the run may be cut off at any moment
 
-    def kubelvs_checkpoint(figures: dict[str, Any]) -> None:
-        report["kubelvs"] = figures
-        write(partial=True)
-
+    budget = Budget(args.budget_minutes)
+    kb: KubelvsBed | None = None
     try:
-        if args.only in ("all", "keepalived"):
-            report["keepalived"] = keepalived_phase(bed, args, logdir)
-            write(partial=True)
         if args.only in ("all", "kubelvs"):
             if not args.kubeconfig:
                 raise SystemExit("the kubelvs part needs --kubeconfig (the host half passes it)")
-            report["kubelvs"] = kubelvs_phase(bed, args, kubelvs_checkpoint)
-        write(partial=False)
+            kb = KubelvsBed(bed, args)
+        # Profile by profile, keepalived beside kubelvs: a run cut short by the budget still
+        # has each profile it reached complete on both sides.
+        for number, profile in enumerate(args.profiles):
+            if args.only in ("all", "keepalived") and budget.allows(f"keepalived {profile}"):
+                report.setdefault("keepalived", {}).update(keepalived_phase(bed, args, logdir, [profile]))
+                write(partial=True)
+            if kb is not None and budget.allows(f"kubelvs {profile}"):
+                figures = report.setdefault("kubelvs", {})
+
+                def checkpoint(
+                    result: dict[str, Any], profile: str = profile, figures: dict[str, Any] = figures
+                ) -> None:
+                    figures[profile] = result
+                    if "split_brain" in result:
+                        figures["split_brain"] = {"profile": profile, **result["split_brain"]}
+                    write(partial=True)
+
+                checkpoint(kubelvs_phase(bed, kb, args, profile, budget, checkpoint))
+                figures[profile].pop("split_brain", None)
+                if number == 0 and args.bulk and budget.allows("api writes"):
+                    figures["api_writes"] = api_writes_phase(kb, args)
+                    write(partial=True)
+        if budget.skipped:
+            report["skipped_over_budget"] = budget.skipped
+        write(partial=bool(budget.skipped))
     finally:
+        if kb is not None:
+            kb.stop_all()
+            with contextlib.suppress(Exception):
+                kb.cluster.close()
         bed.close()
     print(json.dumps(_headline({"ha": report}), indent=2), flush=True)
     return 0
@@ -665,7 +719,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     p.add_argument("--other-runs", type=int, default=5, help="SIGSTOP / API partition / API down runs (>= 5)")
     p.add_argument("--partition-runs", type=int, default=100, help="API partitions counted for split brain")
     p.add_argument("--freeze-runs", type=int, default=20, help="freezes (SIGSTOP) counted for split brain")
-    p.add_argument("--split-brain-profile", default="tuned", choices=["default", "tuned"])
+    p.add_argument("--split-brain-profile", default="default", choices=["default", "tuned"])
     p.add_argument("--bulk", type=int, default=1000, help="VIPs for the API-writes phase (0: skip)")
     p.add_argument("--window", type=float, default=30.0, help="seconds of each API-writes window")
     p.add_argument("--default-timings", default=DEFAULT_TIMINGS, help="director flags of the default profile")
@@ -674,6 +728,11 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         "--director-args", default=DIRECTOR_ARGS, help="flags for every director ({namespace}: the Leases' namespace)"
     )
     p.add_argument("--bulk-director-args", default="--announce-interface eth0", help="extra flags in the bulk phase")
+    p.add_argument("--settle-timeout", type=float, default=180.0, help="seconds for a balanced placement after a run")
+    p.add_argument(
+        "--idle-seconds", type=float, default=60.0, help="seconds with no fault, counting lapses, per profile"
+    )
+    p.add_argument("--budget-minutes", type=float, default=0.0, help="start no run after this many minutes (0: none)")
     p.add_argument("--quick", action="store_true", help="3 runs, 2 others, 10 partitions, 5 freezes, 200 bulk VIPs")
     args, rest = p.parse_known_args(argv)
     if rest:
@@ -683,7 +742,17 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         args.bulk, args.window = min(args.bulk, 200), min(args.window, 10.0)
     # What the host half passes on to the VM half (--quick already applied).
     passthrough = ["--only", args.only, "--profiles", *args.profiles, "--split-brain-profile", args.split_brain_profile]
-    for name in ("runs", "other_runs", "partition_runs", "freeze_runs", "bulk", "window"):
+    for name in (
+        "runs",
+        "other_runs",
+        "partition_runs",
+        "freeze_runs",
+        "bulk",
+        "window",
+        "settle_timeout",
+        "idle_seconds",
+        "budget_minutes",
+    ):
         passthrough += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     for name in ("default_timings", "tuned_timings", "director_args", "bulk_director_args"):
         passthrough.append(f"--{name.replace('_', '-')}={getattr(args, name)}")

@@ -131,9 +131,17 @@ def ha_rows(ha: dict[str, Any]) -> list[str]:
             k = (kl.get(profile) or {}).get(fault)
             if k:
                 rows.append(f"| longest HTTP gap, {what}, {label} | {_dist(k, 'outage_s')} | | |")
+    for profile, label in labels.items():
+        idle = (kl.get(profile) or {}).get("idle")
+        if idle:
+            rows.append(
+                f"| owners that lapsed with no fault (could not renew nor hear every peer in time), {label} | "
+                f"{idle['lapses']} in {idle['seconds']:.0f} s of {idle['directors']} directors | | |"
+            )
     sb = kl.get("split_brain") or {}
+    sb_label = f" ({labels.get(sb['profile'], sb['profile'])})" if sb.get("profile") else ""
     parts = [
-        f"{sb[f]['split_brain_runs']} of {sb[f]['runs']} {name}"
+        f"{sb[f]['split_brain_runs']} of {sb[f]['runs']} {name}{sb_label}"
         for f, name in (("api_partition", "API partitions"), ("sigstop", "freezes"))
         if f in sb
     ]

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.vm_control_plane
 KUBECONFIG = os.environ.get("KUBELVS_E2E_KUBECONFIG", "")
 # Election timings for CI (KUBELVS_HA_TIMINGS overrides them, as director flags).
 TIMINGS = shlex.split(
-    os.environ.get("KUBELVS_HA_TIMINGS", "--lease-duration 2.5 --renew-deadline 1.6 --retry-period 0.5")
+    os.environ.get("KUBELVS_HA_TIMINGS", "--lease-duration 2.0 --renew-deadline 1.4 --retry-period 0.5")
 )
 LEASE_DURATION = float(TIMINGS[TIMINGS.index("--lease-duration") + 1]) if "--lease-duration" in TIMINGS else 3.0
 # Flags of every director; {namespace} is the Leases' namespace.  KUBELVS_HA_DIRECTOR_ARGS

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.vm_control_plane
 
 KUBECONFIG = os.environ.get("KUBELVS_E2E_KUBECONFIG", "")
 TIMINGS = shlex.split(
-    os.environ.get("KUBELVS_HA_TIMINGS", "--lease-duration 2.5 --renew-deadline 1.6 --retry-period 0.5")
+    os.environ.get("KUBELVS_HA_TIMINGS", "--lease-duration 2.0 --renew-deadline 1.4 --retry-period 0.5")
 )
 LEASE_DURATION = float(TIMINGS[TIMINGS.index("--lease-duration") + 1]) if "--lease-duration" in TIMINGS else 3.0
 SYNC_ARGS = shlex.split(os.environ.get("KUBELVS_HA_SYNC_ARGS", "--sync-interface eth0 --sync-id 5"))

@@ -64,7 +64,7 @@ def test_default_and_tuned_timings_are_consistent() -> None:
     ("timings", "words"),
     [
         (Timings(retry_period=0), "retry period"),
-        (Timings(retry_period=2.0, renew_deadline=2.0), "retry period"),
+        (Timings(retry_period=2.0, renew_deadline=2.0, lease_duration=3.0), "retry period"),
         (Timings(renew_deadline=3.0, lease_duration=3.0), "renew deadline"),
         (Timings(handover_delay=-1), "handover delay"),
     ],
@@ -89,15 +89,15 @@ def test_a_renewal_refreshes_the_address_unless_slower_than_the_renew_deadline()
 
 
 def test_with_the_defaults_a_quick_answer_leaves_no_address_tail() -> None:
-    """Defaults (2.5/1.6/0.5 s, lifetime 1 s): refreshed after an answer within 1.5 s, the address
+    """Defaults (2.0/1.4/0.5 s, lifetime 1 s): refreshed after an answer within 1 s, the address
     ends before anyone may take over; a slower answer (up to the renew deadline) still refreshes it
     and leaves a tail (documented: a director taking over probes the segment first)."""
     tim = Timings()
     assert tim.address_lifetime == 1
-    for eighths in range(0, 13):
+    for eighths in range(0, 9):
         rtt = _s(eighths)
         assert tim.may_refresh_address(rtt) and tim.strict_address_lifetime(rtt)
-    assert tim.may_refresh_address(1.55) and not tim.strict_address_lifetime(1.55)
+    assert tim.may_refresh_address(1.35) and not tim.strict_address_lifetime(1.35)
     assert not TUNED.strict_address_lifetime(0.25)  # a lease barely over the 1 s floor: a tail
 
 

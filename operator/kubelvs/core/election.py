@@ -43,13 +43,13 @@ class Timings:
     ``retry_period``: how often a director renews its heartbeat (and beats to its peers).
     """
 
-    lease_duration: float = 2.5
-    renew_deadline: float = 1.6
+    lease_duration: float = 2.0
+    renew_deadline: float = 1.4
     retry_period: float = 0.5
     # A director that (re)joins takes over VIPs only after its heartbeat was live this long, so
     # a flapping director does not pull VIPs back and forth (and a restarted one gets the
     # connection sync stream first).
-    handover_delay: float = 2.5
+    handover_delay: float = 2.0
 
     def problems(self) -> list[str]:
         found = []
@@ -71,8 +71,8 @@ class Timings:
         """Whether a renewal that took ``round_trip`` seconds may refresh the address lifetime.
 
         Refreshed at the answer, the address ends ``round_trip + address_lifetime`` after the
-        request was sent; with the defaults (2.5/1.6/0.5 s, lifetime 1 s) that is before anyone
-        may take over whenever the answer came within 1.5 s. Tighter timings (a lease under the
+        request was sent; with the defaults (2.0/1.4/0.5 s, lifetime 1 s) that is before anyone
+        may take over whenever the answer came within 1 s. Tighter timings (a lease under the
         lifetime's one-second floor, or a slow answer) can leave a tail: a director taking
         over first probes the segment and waits while the old owner's kernel still answers.
         A renewal slower than the renew deadline refreshes nothing (it did not count)."""

@@ -6,8 +6,8 @@ client is blocking), beats to its peers, and then decides about every VIP. It al
 moments a decision may change: a claim or heartbeat event, the desired state of a sync, our own
 validity ending, another director's heartbeat going silent. Every claim write is a
 compare-and-set on the VIP's claim Lease; a takeover from a silent owner also reads that owner's
-heartbeat fresh first (a lagging watch is no proof of silence) and probes the segment for
-anyone still answering (a frozen owner answers until its address lifetime ends).
+heartbeat fresh first (a lagging watch is no proof of silence) and, meanwhile, probes the
+segment for anyone still answering (a frozen owner answers until its address lifetime ends).
 
 Effects on the node go through :class:`VipNet` (``kubelvs.kernel.claims`` and
 ``kubelvs.kernel.announce`` in production, a fake in the unit tests).
@@ -793,6 +793,20 @@ class Election:
         seen = {vip: self.claims.get(vip) for vip in claims}
         holders = {vip: claim.holder for vip, claim in seen.items() if claim is not None and claim.holder}
         takeover_from = {holder for holder in holders.values() if holder != self.me}
+        # Probe the segment for anyone still answering (a frozen owner answers until its claim
+        # address's lifetime ends): one listening window per interface, during the fresh reads
+        # below rather than after them (a failover's critical path is read, write, announce).
+        by_interface: dict[str, list[tuple[str, int]]] = {}
+        for vip in claims:
+            uplink = self.uplinks.get(vip)
+            if uplink is not None and holders.get(vip) != self.me:
+                by_interface.setdefault(uplink[0], []).append((vip, vips[vip].family))
+        probes = asyncio.gather(
+            *(
+                loop.run_in_executor(None, self.net.probe, interface, items, self.config.probe_timeout)
+                for interface, items in by_interface.items()
+            )
+        )
         # A takeover: confirm each silent holder's silence with a fresh read (the watch may lag).
         speaking = set()
         for holder, fresh in zip(
@@ -810,20 +824,8 @@ class Election:
                 self.obs.heartbeat(holder, fresh.version, self.clock())
                 speaking.add(holder)
         wanted = [vip for vip in claims if holders.get(vip, "") not in speaking]
-        # Probe the segment for anyone still answering (a frozen owner answers until its claim
-        # address's lifetime ends): one listening window per interface for all of them.
-        by_interface: dict[str, list[tuple[str, int]]] = {}
-        for vip in wanted:
-            uplink = self.uplinks.get(vip)
-            if uplink is not None and holders.get(vip) != self.me:
-                by_interface.setdefault(uplink[0], []).append((vip, vips[vip].family))
         answered: dict[str, set[str]] = {}
-        for found in await asyncio.gather(
-            *(
-                loop.run_in_executor(None, self.net.probe, interface, items, self.config.probe_timeout)
-                for interface, items in by_interface.items()
-            )
-        ):
+        for found in await probes:
             answered.update(found)
         won = []
         for vip in wanted:

@@ -27,10 +27,10 @@ class DirectorConfig:
     # every VIP (one director per segment only).
     election: bool = True
     lease_namespace: str = "kubelvs-system"
-    lease_duration: float = 2.5
-    renew_deadline: float = 1.6
+    lease_duration: float = 2.0
+    renew_deadline: float = 1.4
     retry_period: float = 0.5
-    handover_delay: float = 2.5
+    handover_delay: float = 2.0
     announce_interface: str = ""
     announce_count: int = 3
     announce_interval: float = 0.2
@@ -88,10 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="namespace of the heartbeat and claim Leases (default: $POD_NAMESPACE or kubelvs-system)",
     )
     election.add_argument(
-        "--lease-duration", type=float, default=2.5, help="a heartbeat unchanged this long means its director is gone"
+        "--lease-duration", type=float, default=2.0, help="a heartbeat unchanged this long means its director is gone"
     )
     election.add_argument(
-        "--renew-deadline", type=float, default=1.6, help="an owner that cannot renew this long stops answering"
+        "--renew-deadline", type=float, default=1.4, help="an owner that cannot renew this long stops answering"
     )
     election.add_argument("--retry-period", type=float, default=0.5, help="heartbeat renewal period")
     election.add_argument(

@@ -2,11 +2,13 @@
 
 It answers one question the API cannot answer when it is away: "do my peers still hear me?".
 Each beat carries the sender's sequence number and, per peer, the newest sequence it heard
-from that peer (its acknowledgements). An owner that cannot renew its heartbeat Lease keeps its
+from that peer (its acknowledgements). A beat is answered at once with an acknowledgement (a
+reply, never itself answered): waiting for the peer's own next beat would age the evidence by up
+to a retry period, a third of the tuned renew deadline. An owner that cannot renew its heartbeat Lease keeps its
 VIPs while every director it knows acknowledges its recent beats (those directors, hearing it,
 will not take its VIPs over); one cut off from both the API and its peers releases. The beats
 carry no authority beyond that (an unauthenticated beat can only delay a takeover, never cause
-one): keep the port on the directors' segment.
+one): keep the port on the directors' segment (a reply goes to the beat's source, one for one).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ log = logging.getLogger("kubelvs.director.peers")
 
 MAX_BEAT = 8192
 _SENT_KEPT = 256  # send times of our recent beats, to turn an acknowledged sequence into a time
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    node: str
+    answer: bool  # a beat, to be answered with a reply (a reply is not)
 
 
 @dataclass(slots=True)
@@ -41,8 +49,12 @@ class PeerState:
             del self.sent_at[min(self.sent_at)]
         return json.dumps({"v": 1, "node": self.node, "seq": self.seq, "acks": self.heard}).encode()
 
-    def receive(self, data: bytes) -> str | None:
-        """Take one beat; return the sender's node name (None: not a beat, or our own)."""
+    def reply(self) -> bytes:
+        """Our acknowledgements now, as an answer to a beat (no new sequence number)."""
+        return json.dumps({"v": 1, "node": self.node, "seq": self.seq, "acks": self.heard, "reply": True}).encode()
+
+    def receive(self, data: bytes) -> Heard | None:
+        """Take one beat or reply; return who sent it (None: not a beat, or our own)."""
         try:
             beat = json.loads(data)
             node, seq, acks = str(beat["node"]), int(beat["seq"]), beat.get("acks") or {}
@@ -55,7 +67,7 @@ class PeerState:
         acked = acks.get(self.node) if isinstance(acks, dict) else None
         if isinstance(acked, int) and acked in self.sent_at:
             self.acked_at[node] = max(self.acked_at.get(node, self.sent_at[acked]), self.sent_at[acked])
-        return node
+        return Heard(node, answer=beat.get("reply") is not True)
 
 
 class PeerChannel(asyncio.DatagramProtocol):
@@ -83,10 +95,15 @@ class PeerChannel(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if len(data) > MAX_BEAT:
             return
-        node = self.state.receive(data)
-        if node is not None:
-            source = str(addr[0]).removeprefix("::ffff:")
-            self.on_beat(node, source)
+        heard = self.state.receive(data)
+        if heard is None:
+            return
+        if heard.answer and self.transport is not None:
+            try:
+                self.transport.sendto(self.state.reply(), addr)
+            except OSError as error:
+                log.debug("peer reply to %s: %s", addr[0], error)
+        self.on_beat(heard.node, str(addr[0]).removeprefix("::ffff:"))
 
     def error_received(self, exc: Exception) -> None:  # ICMP unreachable from a peer that is away
         log.debug("peer beat: %s", exc)
