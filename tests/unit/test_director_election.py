@@ -362,11 +362,16 @@ def test_one_owner_per_vip_balanced_and_claims_written_only_on_change() -> None:
     asyncio.run(scenario())
 
 
-def test_a_killed_owner_is_replaced_without_two_holders() -> None:
+def test_a_killed_owner_is_replaced_without_two_holders(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         async with running("abc") as cluster:
-            cluster.kill("a")
-            await until("a's VIPs on b and c", lambda: balanced(cluster, "bc"))
+            with caplog.at_level(logging.INFO, logger="kubelvs.director.election"):
+                cluster.kill("a")
+                await until("a's VIPs on b and c", lambda: balanced(cluster, "bc"))
+        # Each takeover says where its time went: the silence it waited out, then its own steps.
+        lines = [r.getMessage() for r in caplog.records if "took over from a," in r.getMessage()]
+        assert lines, [r.getMessage() for r in caplog.records]
+        assert all("when decided" in line and "claim write" in line for line in lines), lines
 
     asyncio.run(scenario())
 
