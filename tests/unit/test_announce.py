@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import select
@@ -477,3 +478,30 @@ def test_announcer_and_monitor_leave_the_caller_in_its_namespace(lan: Lan) -> No
     assert os.stat("/proc/thread-self/ns/net").st_ino == own
     with pytest.raises(OSError):
         Announcer("nosuch0", lan.a.mac, netns=lan.a.netns)
+
+
+class _QueueFullSocket:
+    """A socket whose transmit queue is full for the first ``full`` sends (ENOBUFS)."""
+
+    def __init__(self, full: int, errno_: int = errno.ENOBUFS) -> None:
+        self.full, self.errno, self.sent = full, errno_, []
+
+    def sendto(self, frame: bytes, address: tuple[object, ...]) -> int:
+        if self.full:
+            self.full -= 1
+            raise OSError(self.errno, os.strerror(self.errno))
+        self.sent.append(frame)
+        return len(frame)
+
+
+def test_a_full_transmit_queue_delays_a_frame_instead_of_losing_it() -> None:
+    """A thousand VIPs claimed at once overflowed the queue in the VM and killed the election."""
+    sock = _QueueFullSocket(full=3)
+    announce.send_frame(sock, b"frame", ("eth0", 0x0806))  # type: ignore[arg-type]
+    assert sock.sent == [b"frame"]
+    with pytest.raises(OSError) as refused:  # a queue that never drains: given up, not forever
+        announce.send_frame(_QueueFullSocket(full=10**9), b"frame", ("eth0", 0x0806), patience=0.05)  # type: ignore[arg-type]
+    assert refused.value.errno == errno.ENOBUFS
+    with pytest.raises(OSError) as other:  # any other error at once
+        announce.send_frame(_QueueFullSocket(full=1, errno_=errno.ENETDOWN), b"frame", ("eth0", 0x0806))  # type: ignore[arg-type]
+    assert other.value.errno == errno.ENETDOWN

@@ -806,7 +806,8 @@ class Election:
             *(
                 loop.run_in_executor(None, self.net.probe, interface, items, self.config.probe_timeout)
                 for interface, items in by_interface.items()
-            )
+            ),
+            return_exceptions=True,
         )
         # A takeover: confirm each silent holder's silence with a fresh read (the watch may lag).
         speaking = set()
@@ -827,8 +828,14 @@ class Election:
         wanted = [vip for vip in claims if holders.get(vip, "") not in speaking]
         read = self.clock()
         answered: dict[str, set[str]] = {}
-        for found in await probes:
-            answered.update(found)
+        for (interface, items), found in zip(by_interface.items(), await probes, strict=True):
+            if isinstance(found, BaseException):  # not probed: not claimed now, decided again later
+                log.warning("probing %d VIPs on %s before claiming them: %s", len(items), interface, found)
+                unprobed = {vip for vip, _family in items}
+                wanted = [vip for vip in wanted if vip not in unprobed]
+                self.wake.set()
+            else:
+                answered.update(found)
         probed = self.clock()
         won = []
         for vip in wanted:

@@ -223,6 +223,31 @@ def _listener(interface: str, netns: str | None) -> socket.socket:
     return sock
 
 
+# A burst of frames (a director claiming a thousand VIPs at once) can overflow the interface's
+# transmit queue: the kernel refuses the frame with ENOBUFS instead of blocking. Wait for the
+# queue to drain, this long at most per frame, rather than lose the frame or fail the burst.
+SEND_PATIENCE = 2.0
+_SEND_BACKOFF = 0.002
+
+
+def send_frame(sock: socket.socket, frame: bytes, address: tuple[object, ...], patience: float = SEND_PATIENCE) -> None:
+    """``sock.sendto(frame, address)``, retried while the transmit queue is full (ENOBUFS)."""
+    deadline: float | None = None
+    while True:
+        try:
+            sock.sendto(frame, address)
+            return
+        except OSError as error:
+            if error.errno != errno.ENOBUFS:
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + patience
+            elif now >= deadline:
+                raise
+            time.sleep(_SEND_BACKOFF)
+
+
 def _canonical(vip: str) -> tuple[int, bytes]:
     family = AF_INET6 if ":" in vip else AF_INET
     return family, socket.inet_pton(family, vip)
@@ -259,12 +284,12 @@ class Announcer:
         if family == AF_INET:
             frames = garp_frames(self.mac, vip)
             for frame in frames:
-                self._packet.sendto(frame, (self.interface, ETH_P_ARP))
+                send_frame(self._packet, frame, (self.interface, ETH_P_ARP))
             return len(frames)
         if self._icmp6 is None:
             raise OSError(errno.EAFNOSUPPORT, "IPv6 is not available: no unsolicited neighbour advertisement")
         # The kernel picks the source (the interface's link-local) and fills in the checksum.
-        self._icmp6.sendto(na_packet(self.mac, vip), ("ff02::1", 0, 0, self.index))
+        send_frame(self._icmp6, na_packet(self.mac, vip), ("ff02::1", 0, 0, self.index))
         return 1
 
     def close(self) -> None:
@@ -322,20 +347,31 @@ def probe_many(
         for vip, family in wanted
     ]
     with contextlib.closing(_listener(interface, netns)) as sock:
+
+        def send_all() -> None:
+            for frame, ethertype in frames:
+                send_frame(sock, frame, (interface, ethertype))
+
+        # The window counts from the end of the first burst (a thousand probes can take a
+        # while to leave): every VIP is listened for ``timeout`` after its probe went out.
+        send_all()
         start = time.monotonic()
         deadline = start + timeout
-        sends = [start, start + timeout / 2]
+        sends = [start + timeout / 2]
         while True:
             now = time.monotonic()
-            while sends and sends[0] <= now:
+            if sends and sends[0] <= now:
                 sends.pop(0)
-                for frame, ethertype in frames:
-                    sock.sendto(frame, (interface, ethertype))
-            if now >= deadline:
+                send_all()
+                now = time.monotonic()
+            if now >= deadline + timeout:  # a busy segment: what was queued is read by now
                 return found
-            wait = min([deadline, *sends]) - now
-            readable, _, _ = select.select([sock], [], [], max(wait, 0))
+            # Past the deadline, still read what is queued (answers that came during a burst).
+            wait = max(0.0, min([deadline, *sends]) - now)
+            readable, _, _ = select.select([sock], [], [], wait)
             if not readable:
+                if now >= deadline:
+                    return found
                 continue
             data, address = sock.recvfrom(65535)
             if address[2] == PACKET_OUTGOING:
