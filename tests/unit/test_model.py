@@ -39,9 +39,16 @@ def test_normalize_address_matches_ipaddress(text: str) -> None:
     assert _normalized(text) == _reference(text)
 
 
-@given(address=st.ip_addresses())
-def test_sort_key_is_the_address_value(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-    assert _addr_sort(str(address)) == (address.version, int(address))
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@settings(max_examples=1000)
+@given(a=st.ip_addresses(), b=st.ip_addresses())
+def test_sort_key_orders_as_the_address_values(a: Address, b: Address) -> None:
+    """IPv4 before IPv6, each by value: the order of a service's real servers."""
+    value_a, value_b = (a.version, int(a)), (b.version, int(b))
+    key_a, key_b = _addr_sort(str(a)), _addr_sort(str(b))
+    assert (key_a < key_b) == (value_a < value_b) and (key_a == key_b) == (value_a == value_b)
 
 
 @settings(max_examples=1000, deadline=None)

@@ -10,6 +10,7 @@ import enum
 import functools
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -130,7 +131,9 @@ class VirtualService:
     destinations: tuple[Destination, ...] = ()
 
     def __post_init__(self) -> None:
-        ordered = tuple(sorted(self.destinations, key=lambda d: (_addr_sort(d.address), d.port)))
+        # The address last: two spellings of one address (never produced: addresses are
+        # canonical text) could not tie and take their input order.
+        ordered = tuple(sorted(self.destinations, key=lambda d: (_addr_sort(d.address), d.port, d.address)))
         object.__setattr__(self, "destinations", ordered)
 
     @property
@@ -225,15 +228,6 @@ _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 
 
-def ipv4_value(text: str) -> int | None:
-    """The value of a dotted quad in canonical form, else None: anything else (leading zeros,
-    other digits, IPv6) is left to ipaddress."""
-    if _CANONICAL_IPV4.fullmatch(text) is None:
-        return None
-    a, b, c, d = text.split(".")
-    return int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
-
-
 def is_canonical_ipv4(text: str) -> bool:
     return _CANONICAL_IPV4.fullmatch(text) is not None
 
@@ -255,17 +249,20 @@ def format_hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def _addr_sort(address: str) -> tuple[int, int]:
-    value = ipv4_value(address)  # not memoised: a cache of 40,000 addresses costs ~6 MB, this ~1 µs
-    if value is not None:
-        return 4, value
-    return _addr_sort_other(address)
+def _addr_sort(address: str) -> tuple[int, int | bytes]:
+    """An order of addresses: IPv4 by value, then IPv6 by value. Not memoised (a cache of 40,000
+    addresses costs ~6 MB); inet_aton is one C call (0.3 µs against 1.7 µs for the canonical
+    check and the arithmetic: the sort of a full desired state at 10,000 x 10 is 100,000 keys)."""
+    try:
+        return 4, socket.inet_aton(address)
+    except (OSError, ValueError):  # IPv6, or not an address
+        return _addr_sort_other(address)
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def _addr_sort_other(address: str) -> tuple[int, int]:
+def _addr_sort_other(address: str) -> tuple[int, int | bytes]:
     try:
         addr = ipaddress.ip_address(address)
     except ValueError:  # "?..." : an address of an unknown family, read from a foreign entry
         return 0, 0
-    return addr.version, int(addr)
+    return (4, addr.packed) if addr.version == 4 else (6, int(addr))
