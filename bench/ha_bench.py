@@ -42,6 +42,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -447,6 +448,24 @@ def lapses(topo: Any) -> int:
     return total
 
 
+TOOK_OVER = re.compile(
+    r"took over from \S+, silent for ([\d.]+) s when decided .*? side by side ([\d.]+) s .*?"
+    r"claim write ([\d.]+) s, address and announcement ([\d.]+) s"
+)
+
+
+def takeovers(topo: Any) -> list[dict[str, float]]:
+    """Every takeover the directors logged so far, in steps: the silence waited out when the new
+    owner decided, then its own work (read and probe, claim write, address and announcement)."""
+    found = []
+    for d in topo.directors:
+        with contextlib.suppress(OSError):
+            for m in TOOK_OVER.finditer((topo.logdir / f"{d}.log").read_text(errors="replace")):
+                silent, probe, write, hold = map(float, m.groups())
+                found.append({"silent_s": silent, "after_decision_s": probe + write + hold})
+    return found
+
+
 def kubelvs_phase(
     bed: Bed,
     kb: KubelvsBed,
@@ -490,6 +509,7 @@ def kubelvs_phase(
         for fault, count, metric in plan:
             runs: list[dict[str, Any]] = []
             before = lapses(kb.topo)
+            logged = len(takeovers(kb.topo))
             for i in range(count):
                 if not budget.allows(f"kubelvs {profile} {fault} {i}"):
                     break
@@ -497,6 +517,9 @@ def kubelvs_phase(
                 print(f"kubelvs {profile} {fault} {i}: {_brief(runs[-1])}", flush=True)
                 result[fault] = faults_summary(runs, metric)
                 result[fault]["lapses"] = lapses(kb.topo) - before
+                steps = takeovers(kb.topo)[logged:]
+                result[fault]["decision_to_announcement_s"] = summary([t["after_decision_s"] for t in steps])
+                result[fault]["silence_at_decision_s"] = summary([t["silent_s"] for t in steps])
                 checkpoint(result)
         if profile == args.split_brain_profile:
             result["split_brain"] = {}

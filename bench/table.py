@@ -132,6 +132,17 @@ def ha_rows(ha: dict[str, Any]) -> list[str]:
             if k:
                 rows.append(f"| longest HTTP gap, {what}, {label} | {_dist(k, 'outage_s')} | | |")
     for profile, label in labels.items():
+        steps = [
+            f"{name}: {_dist((kl.get(profile) or {}).get(fault), 'decision_to_announcement_s')}"
+            for fault, name in (("link_down", "link down"), ("sigkill", "SIGKILL"))
+            if ((kl.get(profile) or {}).get(fault) or {}).get("decision_to_announcement_s", {}).get("n")
+        ]
+        if steps:
+            rows.append(
+                f"| election + announcement: the new owner's decision to its announcement (read and probe, claim "
+                f"write, address), {label} | {'; '.join(steps)} | | |"
+            )
+    for profile, label in labels.items():
         idle = (kl.get(profile) or {}).get("idle")
         if idle:
             rows.append(
