@@ -137,6 +137,9 @@ def ha_rows(ha: dict[str, Any]) -> list[str]:
             for fault, name in (("link_down", "link down"), ("sigkill", "SIGKILL"))
             if ((kl.get(profile) or {}).get(fault) or {}).get("decision_to_announcement_s", {}).get("n")
         ]
+        logged = (kl.get(profile) or {}).get("takeovers_logged") or {}
+        if not steps and logged.get("decision_to_announcement_s", {}).get("n"):
+            steps = [f"every takeover of the run: {_dist(logged, 'decision_to_announcement_s')}"]
         if steps:
             rows.append(
                 f"| election + announcement: the new owner's decision to its announcement (read and probe, claim "
