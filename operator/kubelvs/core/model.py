@@ -10,7 +10,6 @@ import enum
 import functools
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -251,12 +250,15 @@ def format_hostport(address: str, port: int) -> str:
 
 def _addr_sort(address: str) -> tuple[int, int | bytes]:
     """An order of addresses: IPv4 by value, then IPv6 by value. Not memoised (a cache of 40,000
-    addresses costs ~6 MB); inet_aton is one C call (0.3 µs against 1.7 µs for the canonical
-    check and the arithmetic: the sort of a full desired state at 10,000 x 10 is 100,000 keys)."""
-    try:
-        return 4, socket.inet_aton(address)
-    except (OSError, ValueError):  # IPv6, or not an address
-        return _addr_sort_other(address)
+    addresses costs ~6 MB). A dotted quad's four octets as bytes order as its value: 0.8 µs a key
+    against 1.7 µs for the canonical check and the arithmetic (the sort of a full desired state
+    at 10,000 x 10 is 100,000 keys). Anything else goes to ipaddress."""
+    if ":" not in address:
+        try:
+            return 4, bytes(map(int, address.split(".", 3)))
+        except ValueError:  # not a dotted quad of octets
+            pass
+    return _addr_sort_other(address)
 
 
 @functools.lru_cache(maxsize=1 << 12)
