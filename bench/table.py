@@ -139,7 +139,8 @@ def ha_rows(ha: dict[str, Any]) -> list[str]:
         ]
         logged = (kl.get(profile) or {}).get("takeovers_logged") or {}
         if not steps and logged.get("decision_to_announcement_s", {}).get("n"):
-            steps = [f"every takeover of the run: {_dist(logged, 'decision_to_announcement_s')}"]
+            every = _dist(logged, "decision_to_announcement_s").replace(" runs", " takeovers")
+            steps = [f"every takeover of the run: {every}"]
         if steps:
             rows.append(
                 f"| election + announcement: the new owner's decision to its announcement (read and probe, claim "
