@@ -210,7 +210,11 @@ class FakeNet:
     def probe(self, interface: str, vips: list[tuple[str, int]], timeout: float) -> dict[str, set[str]]:
         return {vip: self.segment.holders(vip) - {self.node} for vip, _family in vips}
 
-    def announce(self, interface: str, vips: list[tuple[str, int]]) -> tuple[int, list[tuple[str, OSError]]]:
+    def announce(
+        self, interface: str, vips: list[tuple[str, int]], still_valid: Callable[[], bool] = lambda: True
+    ) -> tuple[int, list[tuple[str, OSError]]]:
+        if not still_valid():
+            return 0, []
         self.announced.extend(vip for vip, _family in vips)
         return 2 * len(vips), []
 

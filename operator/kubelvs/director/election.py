@@ -106,7 +106,9 @@ class VipNet(Protocol):
     def probe(self, interface: str, vips: list[tuple[str, int]], timeout: float) -> dict[str, set[str]]:
         """Per VIP, the MACs other than ours that answer for it."""
 
-    def announce(self, interface: str, vips: list[tuple[str, int]]) -> tuple[int, list[tuple[str, OSError]]]:
+    def announce(
+        self, interface: str, vips: list[tuple[str, int]], still_valid: Callable[[], bool]
+    ) -> tuple[int, list[tuple[str, OSError]]]:
         """Gratuitous ARP / unsolicited NA for each: the frames sent, the failures."""
 
     def monitor(self, interface: str) -> Any:
@@ -957,9 +959,14 @@ class Election:
             period = self.config.announce_interval if held.bursts_left else self.config.announce_refresh
             if (held.bursts_left or self.config.announce_refresh) and now >= held.announced_at + period:
                 due.append(vip)
+        # Only while valid, judged again on the kernel thread: after a freeze, the loop may still
+        # find announcements due (or have queued them) before its fence runs.
+        valid = self._before(self.valid_until())
+        if not valid():
+            due = []
         for interface, items in self._by_interface(due).items():
             try:
-                sent, failures = await loop.run_in_executor(self.kernel, self.net.announce, interface, items)
+                sent, failures = await loop.run_in_executor(self.kernel, self.net.announce, interface, items, valid)
             except OSError as gone:  # the interface is gone: its VIPs become unfit at the next read
                 log.warning("announcing on %s: %s", interface, gone)
                 continue

@@ -114,14 +114,20 @@ class KernelVipNet:
             return {vip: set() for vip, _family in vips}
         return probe_many(interface, link.mac, vips, timeout, self.netns)
 
-    def announce(self, interface: str, vips: list[tuple[str, int]]) -> tuple[int, list[tuple[str, OSError]]]:
-        """Gratuitous ARP / unsolicited NA for each; the frames sent and the failures."""
+    def announce(
+        self, interface: str, vips: list[tuple[str, int]], still_valid: Callable[[], bool] = lambda: True
+    ) -> tuple[int, list[tuple[str, OSError]]]:
+        """Gratuitous ARP / unsolicited NA for each; the frames sent and the failures.
+        ``still_valid`` is asked before each VIP: an announcement queued before the process froze
+        must not go out when it thaws, after another director took the VIP over."""
         announcer = self.announcers.get(interface)
         if announcer is None:
             link = self.links[interface]
             announcer = self.announcers[interface] = Announcer(interface, link.mac, self.netns)
         sent, failed = 0, []
         for vip, family in vips:
+            if not still_valid():
+                break
             try:
                 sent += announcer.announce(vip, family)
             except OSError as error:
