@@ -437,15 +437,22 @@ class Budget:
 LAPSE_LINE = "could not renew within the renew deadline"
 
 
+def director_logs(topo: Any) -> list[str]:
+    """The text of every director's log so far (missing ones: empty)."""
+    texts = []
+    for d in topo.directors:
+        try:
+            texts.append((topo.logdir / f"{d}.log").read_text(errors="replace"))
+        except OSError:
+            texts.append("")
+    return texts
+
+
 def lapses(topo: Any) -> int:
     """Owners that lapsed (could not renew, nor hear every peer acknowledge, within the renew
     deadline), counted over every director's log: lapses of owners that had no fault are what
     slow API round trips cost."""
-    total = 0
-    for d in topo.directors:
-        with contextlib.suppress(OSError):
-            total += (topo.logdir / f"{d}.log").read_text(errors="replace").count(LAPSE_LINE)
-    return total
+    return sum(text.count(LAPSE_LINE) for text in director_logs(topo))
 
 
 TOOK_OVER = re.compile(
@@ -458,11 +465,10 @@ def takeovers(topo: Any) -> list[dict[str, float]]:
     """Every takeover the directors logged so far, in steps: the silence waited out when the new
     owner decided, then its own work (read and probe, claim write, address and announcement)."""
     found = []
-    for d in topo.directors:
-        with contextlib.suppress(OSError):
-            for m in TOOK_OVER.finditer((topo.logdir / f"{d}.log").read_text(errors="replace")):
-                silent, probe, write, hold = map(float, m.groups())
-                found.append({"silent_s": silent, "after_decision_s": probe + write + hold})
+    for text in director_logs(topo):
+        for m in TOOK_OVER.finditer(text):
+            silent, probe, write, hold = map(float, m.groups())
+            found.append({"silent_s": silent, "after_decision_s": probe + write + hold})
     return found
 
 
