@@ -197,8 +197,12 @@ def test_install_upgrade_uninstall_under_a_real_kubelet(node, kubectl, helm, con
     missing = dashboard_and_alert_metrics() - exported_families(metrics)
     assert not missing, f"the dashboard or the alerts query what the live director does not export: {missing}"
     assert get(f"{base}/healthz")[0] == 200
-    # "listing the cluster" first (the informers' initial lists), then the reason that stays.
-    code, why = poll("/readyz to answer", lambda: (r := get(f"{base}/readyz"))[0] and "listing" not in r[1] and r)
+    # "listing the cluster" first (the informers' initial lists), then "first sync pending" until
+    # the first attempt, then the reason that stays.
+    transient = ("listing the cluster", "first sync pending")
+    code, why = poll(
+        "/readyz to answer", lambda: (r := get(f"{base}/readyz"))[0] and not any(t in r[1] for t in transient) and r
+    )
     assert code == 503 and "KernelUnavailable" in why, (code, why)
     log = poll(
         "the director's log to name the missing IPVS", lambda: "KernelUnavailable" in (t := pod_log(node, pod)) and t

@@ -116,3 +116,11 @@ def test_readiness_fails_when_the_last_success_is_too_old(tmp_path: Path) -> Non
     assert sync.health(now=sync.last_success_monotonic + 60)[0]
     ready, why = sync.health(now=sync.last_success_monotonic + 91)
     assert not ready and "last successful sync" in why
+
+
+def test_readiness_says_whether_the_first_sync_was_attempted_and_why_it_failed(tmp_path: Path) -> None:
+    sync = loop(tmp_path, lambda: FakeReconciler(IPVSError(errno.ENOBUFS, "lost")))
+    assert sync.health() == (False, "first sync pending")
+    sync.record(sync.sync_once(desired(), None, True))
+    ready, why = sync.health()
+    assert not ready and why.startswith("no successful sync yet: ") and "lost" in why, why

@@ -202,7 +202,9 @@ class SyncLoop:
         if not self.outcome.ok and self.outcome.verdict is Verdict.GIVE_UP:
             return False, f"{self.outcome.reason}: {self.outcome.message}"
         if self.last_success_monotonic is None:
-            return False, "no successful sync yet"
+            if not self.synced_once and self.outcome == OK:
+                return False, "first sync pending"  # listed, not yet attempted
+            return False, f"no successful sync yet: {self.outcome.reason}: {self.outcome.message}"
         limit = self.config.health_max_sync_age_seconds or 3 * self.config.resync_seconds
         age = now - self.last_success_monotonic
         if age > limit:
