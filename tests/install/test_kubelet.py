@@ -130,14 +130,12 @@ def container_status(node, pod: dict[str, Any]) -> dict[str, str]:  # type: igno
 def dashboard_and_alert_metrics() -> set[str]:
     """Series the dashboard and the alerts query, but for the kernel's counters (exported only for
     programmed services, which this node without IPVS has none of)."""
-    import inspect
-
-    from kubelvs.director.metrics import KernelCollector
+    from kubelvs.director.metrics import KERNEL_FAMILIES
 
     files = REPO / "charts" / "kubelvs" / "files"
     text = (files / "dashboard.json").read_text() + (files / "alerts.yaml").read_text()
-    kernel = set(re.findall(r"kubelvs_[a-z0-9_]+", inspect.getsource(KernelCollector)))
-    return {name for name in re.findall(r"kubelvs_[a-z0-9_]+", text) if name.removesuffix("_total") not in kernel}
+    kernel = {name for name, _kind, _doc, _value in KERNEL_FAMILIES}
+    return {name for name in re.findall(r"kubelvs_[a-z0-9_]+", text) if name not in kernel}
 
 
 def exported_families(metrics: str) -> set[str]:

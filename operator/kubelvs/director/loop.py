@@ -21,6 +21,7 @@ from kubelvs.core import status as st
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import OK, SyncOutcome, Verdict, retry_delay
 from kubelvs.core.spec import ObjectRef
+from kubelvs.director.allocator import release_free_memory
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.options import DirectorConfig
 from kubelvs.director.view import ClusterView
@@ -156,6 +157,8 @@ class SyncLoop:
                     frozen_after_sync = True
                 if full or scope is None:
                     self.last_full = time.monotonic()
+                    # The listing's responses, the last pass's garbage: back to the kernel.
+                    await loop.run_in_executor(self.kernel_thread, release_free_memory)
                 # After a give-up every VirtualServer showed it: all of them are reported again.
                 self.on_synced(scope if before.ok else None)
             else:

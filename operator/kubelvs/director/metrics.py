@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,20 +24,16 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from kubelvs import __version__
 from kubelvs.apply import SyncReport
 from kubelvs.core.desired import DesiredState
-from kubelvs.core.model import Observed, Protocol
+from kubelvs.core.model import Counters, DestCounters, Observed, Protocol
 
 Check = Callable[[], tuple[bool, str]]
 
 log = logging.getLogger("kubelvs.director.metrics")
-
-SERVICE_LABELS = ["namespace", "name", "vip", "port", "protocol"]
-BACKEND_LABELS = [*SERVICE_LABELS, "backend"]
 
 
 class Metrics:
@@ -148,17 +144,23 @@ class Metrics:
         ready: Check,
         desired: Callable[[], DesiredState | None],
         dump: Callable[[], Observed],
+        backends: bool = True,
     ) -> ThreadingHTTPServer:
         """Serve /metrics, /healthz (liveness) and /readyz (readiness) on ``address:port``."""
-        self.registry.register(KernelCollector(desired, dump))
+        kernel = KernelCounters(desired, dump, backends)
         registry = self.registry
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(BaseHTTPRequestHandler):  # HTTP/1.0: the end of a response is the connection's
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    body, status, kind = generate_latest(registry), 200, CONTENT_TYPE_LATEST
-                elif path in ("/healthz", "/readyz"):
+                if path == "/metrics":  # no Content-Length: the kernel's part is written as it is made
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                    self.end_headers()
+                    self.wfile.write(generate_latest(registry))
+                    kernel.write(self.wfile.write)
+                    return
+                if path in ("/healthz", "/readyz"):
                     ok, why = (alive if path == "/healthz" else ready)()
                     body, status, kind = f"{why}\n".encode(), 200 if ok else 503, "text/plain; charset=utf-8"
                 else:
@@ -181,22 +183,64 @@ class Metrics:
         return server
 
 
-class KernelCollector(Collector):
-    """Per virtual service and real server counters, read from the kernel at scrape time."""
+def _escape(value: str) -> str:
+    """A label value as the text format quotes it (what prometheus_client does)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def __init__(self, desired: Callable[[], DesiredState | None], dump: Callable[[], Observed]) -> None:
+
+Row = Callable[[Any], int]
+# The kernel's families, in the order written: (name as exposed, type, help, value read from a
+# service's Counters or a real server's (DestCounters, weight)).
+SERVICE_FAMILIES: tuple[tuple[str, str, str, Row], ...] = (
+    ("kubelvs_service_connections_total", "counter", "Connections scheduled by the virtual service.",
+     lambda c: c.connections),
+    ("kubelvs_service_packets_in_total", "counter", "Packets in, client to real server.", lambda c: c.packets_in),
+    ("kubelvs_service_packets_out_total", "counter", "Packets out, real server to client (NAT only).",
+     lambda c: c.packets_out),
+    ("kubelvs_service_bytes_in_total", "counter", "Bytes in, client to real server.", lambda c: c.bytes_in),
+    ("kubelvs_service_bytes_out_total", "counter", "Bytes out, real server to client (NAT only).",
+     lambda c: c.bytes_out),
+)  # fmt: skip
+BACKEND_FAMILIES: tuple[tuple[str, str, str, Row], ...] = (
+    ("kubelvs_backend_connections_total", "counter", "Connections scheduled to the real server.",
+     lambda r: r[0].counters.connections),
+    ("kubelvs_backend_packets_in_total", "counter", "Packets in to the real server.",
+     lambda r: r[0].counters.packets_in),
+    ("kubelvs_backend_packets_out_total", "counter", "Packets out from the real server.",
+     lambda r: r[0].counters.packets_out),
+    ("kubelvs_backend_bytes_in_total", "counter", "Bytes in to the real server.", lambda r: r[0].counters.bytes_in),
+    ("kubelvs_backend_bytes_out_total", "counter", "Bytes out from the real server.",
+     lambda r: r[0].counters.bytes_out),
+    ("kubelvs_backend_active_connections", "gauge", "Established connections now.",
+     lambda r: r[0].active_connections),
+    ("kubelvs_backend_inactive_connections", "gauge", "Other connections now (e.g. TIME_WAIT).",
+     lambda r: r[0].inactive_connections),
+    ("kubelvs_backend_weight", "gauge", "The real server's weight (0: draining).", lambda r: r[1]),
+)  # fmt: skip
+KERNEL_FAMILIES = SERVICE_FAMILIES + BACKEND_FAMILIES
+CHUNK_LINES = 2000
+
+
+class KernelCounters:
+    """Per virtual service and real server counters, read from the kernel at scrape time and
+    written out in the text format as they are formatted.
+
+    Not a prometheus_client collector: that holds a sample object (with a dict of its labels) for
+    every series until the whole page is built. At 1,000 VirtualServers with 4 real servers each
+    (37,000 series) a scrape took 0.7 s and 32 MB more RSS natively; at 10,000, more memory
+    than the chart's limit. The text is the same, byte for byte: a unit test renders both.
+    ``backends=False`` writes the services' families only (5 series per virtual service instead
+    of 5 + 8 per real server), for clusters where that many series is too many.
+    """
+
+    def __init__(
+        self, desired: Callable[[], DesiredState | None], dump: Callable[[], Observed], backends: bool = True
+    ) -> None:
         self.desired = desired
         self.dump = dump
+        self.backends = backends
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        families: dict[str, Any] = {}
-
-        def family(name: str, doc: str, labels: list[str], gauge: bool = False) -> Any:
-            if name not in families:
-                cls = GaugeMetricFamily if gauge else CounterMetricFamily
-                families[name] = cls(name, doc, labels=labels)
-            return families[name]
-
+    def write(self, out: Callable[[bytes], object]) -> None:
         desired = self.desired()
         if desired is None:
             return
@@ -205,48 +249,35 @@ class KernelCollector(Collector):
         except OSError:
             log.warning("kernel counters not read", exc_info=True)
             return
+        services: list[tuple[str, Counters]] = []
+        backends: list[tuple[str, tuple[DestCounters, int]]] = []
         for key, origin in desired.origins.items():
             service = observed.services.get(key)
             counters = observed.service_counters.get(key)
             if service is None or counters is None or key not in desired.services:
                 continue
             protocol = Protocol(key.protocol).name if key.protocol in Protocol._value2member_map_ else str(key.protocol)
-            labels = [origin.namespace, origin.name, key.address, str(key.port), protocol]
-            for name, doc, value in (
-                ("kubelvs_service_connections", "Connections scheduled by the virtual service.", counters.connections),
-                ("kubelvs_service_packets_in", "Packets in, client to real server.", counters.packets_in),
-                ("kubelvs_service_packets_out", "Packets out, real server to client (NAT only).", counters.packets_out),
-                ("kubelvs_service_bytes_in", "Bytes in, client to real server.", counters.bytes_in),
-                ("kubelvs_service_bytes_out", "Bytes out, real server to client (NAT only).", counters.bytes_out),
-            ):
-                family(name, doc, SERVICE_LABELS).add_metric(labels, value)
+            labels = (
+                f'name="{_escape(origin.name)}",namespace="{_escape(origin.namespace)}",'
+                f'port="{key.port}",protocol="{_escape(protocol)}",vip="{_escape(key.address)}"'
+            )
+            services.append((labels, counters))
+            if not self.backends:
+                continue
             for dest in service.destinations:
                 d = observed.dest_counters.get((key, dest.key))
-                if d is None:
-                    continue
-                backend = [*labels, str(dest.key)]
-                for name, doc, value in (
-                    (
-                        "kubelvs_backend_connections",
-                        "Connections scheduled to the real server.",
-                        d.counters.connections,
-                    ),
-                    ("kubelvs_backend_packets_in", "Packets in to the real server.", d.counters.packets_in),
-                    ("kubelvs_backend_packets_out", "Packets out from the real server.", d.counters.packets_out),
-                    ("kubelvs_backend_bytes_in", "Bytes in to the real server.", d.counters.bytes_in),
-                    ("kubelvs_backend_bytes_out", "Bytes out from the real server.", d.counters.bytes_out),
-                ):
-                    family(name, doc, BACKEND_LABELS).add_metric(backend, value)
-                family(
-                    "kubelvs_backend_active_connections", "Established connections now.", BACKEND_LABELS, gauge=True
-                ).add_metric(backend, d.active_connections)
-                family(
-                    "kubelvs_backend_inactive_connections",
-                    "Other connections now (e.g. TIME_WAIT).",
-                    BACKEND_LABELS,
-                    gauge=True,
-                ).add_metric(backend, d.inactive_connections)
-                family(
-                    "kubelvs_backend_weight", "The real server's weight (0: draining).", BACKEND_LABELS, gauge=True
-                ).add_metric(backend, dest.weight)
-        yield from families.values()
+                if d is not None:
+                    backends.append((f'backend="{_escape(str(dest.key))}",{labels}', (d, dest.weight)))
+        lines: list[str] = []
+        for families, rows in ((SERVICE_FAMILIES, services), (BACKEND_FAMILIES, backends)):
+            if not rows:
+                continue  # no family without a series
+            for name, kind, doc, value in families:
+                lines.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+                for labels, row in rows:
+                    lines.append(f"{name}{{{labels}}} {floatToGoString(value(row))}\n")
+                    if len(lines) >= CHUNK_LINES:
+                        out("".join(lines).encode())
+                        lines.clear()
+        if lines:
+            out("".join(lines).encode())

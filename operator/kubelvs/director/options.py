@@ -19,6 +19,7 @@ class DirectorConfig:
     coalesce_seconds: float = 0.05
     metrics_port: int = 0  # 0: no metrics or health endpoint
     metrics_address: str = ""  # "": the node's InternalIP (from the Node object), never 0.0.0.0 by default
+    backend_metrics: bool = True  # the kernel's counters per real server too, not only per virtual service
     api_timeout_seconds: float = 30.0  # every list, patch and event request (a half-open connection ends)
     status_qps: float = 20.0  # status writes and Events per second, at most (0: no limit)
     health_max_sync_age_seconds: float = 0.0  # 0: 3 x resync_seconds
@@ -60,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-address",
         default=os.environ.get("KUBELVS_METRICS_ADDRESS", ""),
         help="address to serve metrics and health on (default: the node's InternalIP; 0.0.0.0 or :: for all)",
+    )
+    parser.add_argument(
+        "--kernel-metrics",
+        choices=("backends", "services"),
+        default="backends",
+        help="the kernel's counters per virtual service and real server (5 series per service, 8 per real server), "
+        "or per virtual service only",
     )
     parser.add_argument("--api-timeout", type=float, default=30.0, help="seconds for each API request")
     parser.add_argument(
@@ -163,6 +171,7 @@ def config_from(args: argparse.Namespace) -> DirectorConfig:
         resync_seconds=args.resync_seconds,
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
+        backend_metrics=getattr(args, "kernel_metrics", "backends") == "backends",
         api_timeout_seconds=args.api_timeout,
         status_qps=args.status_qps,
         port_filter=not getattr(args, "no_port_filter", False),
