@@ -666,11 +666,24 @@ def api_writes_phase(kb: KubelvsBed, args: argparse.Namespace) -> dict[str, Any]
     victim = max(topo.directors, key=lambda d: result["placement"][d])
     before_api = lease_writes()
     topo.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
     time.sleep(args.window)
     result["failover_per_s"] = rate(before_api, lease_writes())
     result["failover_victim"] = victim
     moved = owned()
     result["after_failover"] = {d: sum(1 for h in moved.values() if h == d) for d in topo.directors}
+    # Then until no claim names the victim: the time to take every one of its VIPs over.
+    victims = result["placement"][victim]
+    while victim in moved.values() and time.monotonic() - killed < args.takeover_timeout:
+        time.sleep(2)
+        moved = owned()
+        left = sum(1 for h in moved.values() if h == victim)
+        print(f"bulk: {left} of {victims} VIPs still name {victim} after {time.monotonic() - killed:.0f}s", flush=True)
+    if victim not in moved.values():
+        result["all_taken_over_s"] = time.monotonic() - killed
+    else:
+        result["not_taken_over"] = sum(1 for h in moved.values() if h == victim)
+        result["takeover_timeout_s"] = args.takeover_timeout
     kb.stop_all()
     for d in topo.directors:
         core.patch_node(topo.node_name(d), {"metadata": {"labels": {BULK_LABEL: None}}})
@@ -807,6 +820,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     p.add_argument("--split-brain-profile", default="default", choices=["default", "tuned"])
     p.add_argument("--bulk", type=int, default=1000, help="VIPs for the API-writes phase (0: skip)")
     p.add_argument("--window", type=float, default=30.0, help="seconds of each API-writes window")
+    p.add_argument(
+        "--takeover-timeout", type=float, default=300.0, help="seconds for the bulk VIPs of a killed director to move"
+    )
     p.add_argument("--default-timings", default=DEFAULT_TIMINGS, help="director flags of the default profile")
     p.add_argument("--tuned-timings", default=TUNED_TIMINGS, help="director flags of the tuned profile")
     p.add_argument(
@@ -834,6 +850,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
         "freeze_runs",
         "bulk",
         "window",
+        "takeover_timeout",
         "settle_timeout",
         "idle_seconds",
         "budget_minutes",

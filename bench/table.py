@@ -176,6 +176,15 @@ def ha_rows(ha: dict[str, Any]) -> list[str]:
             f"| API writes per second, {writes['vips']:,} VIPs over {writes['directors']} directors | steady "
             f"{writes['steady_per_s']:.1f}/s, during a failover {writes['failover_per_s']:.1f}/s | (VRRP: none) | |"
         )
+    victim = writes.get("failover_victim")
+    if victim and ("all_taken_over_s" in writes or "not_taken_over" in writes):
+        held = (writes.get("placement") or {}).get(victim, "?")
+        done = (
+            f"{writes['all_taken_over_s']:.0f} s"
+            if "all_taken_over_s" in writes
+            else f"not done: {writes['not_taken_over']} still claimed after {writes.get('takeover_timeout_s', '?')} s"
+        )
+        rows.append(f"| every VIP of a killed director taken over ({held} of {writes['vips']:,}) | {done} | | |")
     return rows
 
 
