@@ -45,7 +45,6 @@ from fakes import FakeIPVS, FakeVips
 from kubelvs.apply import CachedReconciler
 from kubelvs.core.model import ServiceKey
 from kubelvs.core.plan import Operation, apply_operations
-from kubelvs.director.allocator import limit_arenas
 from kubelvs.director.app import Director
 from kubelvs.director.options import DirectorConfig
 from kubelvs.kernel.ipvs import ApplyResult
@@ -331,7 +330,6 @@ def main() -> int:
     if api.call("GET", f"/api/v1/namespaces/{bench.LEASE_NAMESPACE}", missing_ok=True) is None:
         api.call("POST", "/api/v1/namespaces", body=namespace)
 
-    limit_arenas()  # as the director's own process does, before its threads start
     kernel = LinearKernel()
     if args.tracemalloc:
         tracemalloc.start(args.trace_frames)

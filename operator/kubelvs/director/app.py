@@ -34,7 +34,6 @@ from kubelvs.core.model import Observed
 from kubelvs.core.outcome import SyncOutcome, Verdict
 from kubelvs.core.spec import ObjectRef
 from kubelvs.core.syncd import DaemonState, SyncConfig, SyncConfigError, desired_daemons, validate
-from kubelvs.director.allocator import limit_arenas
 from kubelvs.director.election import Election, ElectionConfig, VipNet
 from kubelvs.director.loop import KernelReconciler, KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
@@ -398,7 +397,6 @@ def main(args: argparse.Namespace) -> int:
         print("error: --node-name (or NODE_NAME) is required", file=sys.stderr)
         return 2
     config = config_from(args)
-    limit_arenas()  # before the threads start
     kube.load_config()
     api = kube.new_api_client()
 
