@@ -548,18 +548,23 @@ def test_when_only_the_clock_moves_the_election_does_not_decide_about_every_vip_
 
     async def scenario() -> None:
         async with running("ab") as cluster:
-            elections = list(cluster.elections.values())
-            calls = [0]
-            real = elections[0].decide
+            election = next(iter(cluster.elections.values()))
+            calls: list[tuple[Any, Any]] = []  # (the moment now, the moment of the last decision)
+            real = election.decide
 
             def counted(now: float, vips: Any) -> Any:
-                calls[0] += 1
+                calls.append((election._moment(now), election._decided_on[2]))
                 return real(now, vips)
 
-            elections[0].decide = counted  # type: ignore[method-assign]
+            election.decide = counted  # type: ignore[method-assign]
             await asyncio.sleep(10 * TIMINGS.retry_period)
-            # At most one decision: the safety net every FULL_DECISION_PERIODS retry periods.
-            assert calls[0] <= 10 // FULL_DECISION_PERIODS + 1, calls[0]
+            # A renewal late on a loaded machine changes the moment (who is live, our validity):
+            # a decision then is due. With the moment unchanged, at most one: the safety net
+            # every FULL_DECISION_PERIODS retry periods.
+            unchanged = [now for now, last in calls if now == last]
+            assert len(unchanged) <= 10 // FULL_DECISION_PERIODS + 1, calls
+            # And the moment itself is stable while nothing happens: not one decision a period.
+            assert len(calls) <= 10 // 2, calls
             assert balanced(cluster, "ab")
 
     asyncio.run(scenario())
