@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import platform
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,15 @@ def test_readiness_says_whether_the_first_sync_was_attempted_and_why_it_failed(t
     sync.record(sync.sync_once(desired(), None, True))
     ready, why = sync.health()
     assert not ready and why.startswith("no successful sync yet: ") and "lost" in why, why
+
+
+def test_free_heap_pages_go_back_to_the_kernel() -> None:
+    from kubelvs.director.allocator import release_free_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    chunks = [bytearray(64 * 1024) for _ in range(2000)]  # below the mmap threshold: on the heap
+    pin = bytearray(4096)  # above them: free() alone cannot give their pages back from the top
+    del chunks
+    assert release_free_memory()  # 125 MB free in the middle of the heap: pages to return
+    del pin

@@ -188,6 +188,11 @@ class SyncLoop:
 
     # --- health ----------------------------------------------------------------------------
 
+    @property
+    def attempted(self) -> bool:
+        """A sync was tried, whatever came of it (the outcome starts as OK)."""
+        return self.synced_once or self.outcome != OK
+
     def alive(self, now: float | None = None) -> tuple[bool, str]:
         """Liveness: the loop still makes attempts (whatever their outcome: a node without IPVS
         is not fixed by restarting the pod, so that shows as not ready, not as dead)."""
@@ -195,7 +200,7 @@ class SyncLoop:
         limit = self.config.health_max_sync_age_seconds or 3 * self.config.resync_seconds
         limit = max(limit, 2 * 60.0)  # a give-up retries every minute
         age = now - self.last_attempt_monotonic
-        if self.synced_once or self.outcome != OK:
+        if self.attempted:
             return (age <= limit, f"last sync attempt {age:.0f} s ago (limit {limit:.0f} s)")
         return True, "starting"
 
@@ -205,7 +210,7 @@ class SyncLoop:
         if not self.outcome.ok and self.outcome.verdict is Verdict.GIVE_UP:
             return False, f"{self.outcome.reason}: {self.outcome.message}"
         if self.last_success_monotonic is None:
-            if not self.synced_once and self.outcome == OK:
+            if not self.attempted:
                 return False, "first sync pending"  # listed, not yet attempted
             return False, f"no successful sync yet: {self.outcome.reason}: {self.outcome.message}"
         limit = self.config.health_max_sync_age_seconds or 3 * self.config.resync_seconds

@@ -250,7 +250,7 @@ class KernelCounters:
             log.warning("kernel counters not read", exc_info=True)
             return
         services: list[tuple[str, Counters]] = []
-        backends: list[tuple[str, tuple[DestCounters, int]]] = []
+        real_servers: list[tuple[str, tuple[DestCounters, int]]] = []
         for key, origin in desired.origins.items():
             service = observed.services.get(key)
             counters = observed.service_counters.get(key)
@@ -267,9 +267,9 @@ class KernelCounters:
             for dest in service.destinations:
                 d = observed.dest_counters.get((key, dest.key))
                 if d is not None:
-                    backends.append((f'backend="{_escape(str(dest.key))}",{labels}', (d, dest.weight)))
+                    real_servers.append((f'backend="{_escape(str(dest.key))}",{labels}', (d, dest.weight)))
         lines: list[str] = []
-        for families, rows in ((SERVICE_FAMILIES, services), (BACKEND_FAMILIES, backends)):
+        for families, rows in ((SERVICE_FAMILIES, services), (BACKEND_FAMILIES, real_servers)):
             if not rows:
                 continue  # no family without a series
             for name, kind, doc, value in families:
