@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from kubelvs.core.cluster import (
-    SHARED_TEXT_MAX,
-    Cluster,
-    NodeAddresses,
-    endpoint_address,
-    service_name_of,
-    shared,
-    trim_virtual_server,
-)
+from kubelvs.core.cluster import Cluster, NodeAddresses, endpoint_address, service_name_of
 from kubelvs.core.model import AF_INET, AF_INET6
 from kubelvs.core.spec import ObjectRef, meta
 from test_spec import endpoint, eps
@@ -110,34 +99,3 @@ def test_node_addresses_are_parsed_once_and_junk_kept_apart() -> None:
         cluster.put_node(junk)
     assert set(cluster.node_addresses) == {"n1", "n2"}
     assert cluster.node_addresses["n2"] == NodeAddresses()
-
-
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=SHARED_TEXT_MAX + 2),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20,
-)
-
-
-@given(JSON_VALUES)
-def test_shared_values_are_equal_copies(value: Any) -> None:
-    decoded = json.loads(json.dumps(value))  # as a watch event gives it
-    copy = shared(decoded)
-    assert copy == value
-    assert shared(copy) == copy
-
-
-def test_virtual_servers_share_their_status_text_and_keep_their_own_metadata() -> None:
-    def listed(name: str) -> dict[str, Any]:
-        condition = {"type": "Ready", "status": "True", "reason": "Ready", "message": "4 ready backend(s)"}
-        return json.loads(json.dumps({
-            "metadata": {"name": name, "namespace": "web", "uid": f"uid-{name}", "managedFields": [{}]},
-            "spec": {"vip": "10.0.0.1", "ports": [{"port": 80}]},
-            "status": {"conditions": [condition]},
-        }))  # fmt: skip
-
-    a, b = trim_virtual_server(listed("a")), trim_virtual_server(listed("b"))
-    (ca,), (cb,) = a["status"]["conditions"], b["status"]["conditions"]
-    assert ca == cb and all(ca[k] is cb[k] for k in ca)  # one copy of each string
-    assert next(iter(ca)) is next(iter(cb))
-    assert a["metadata"] == {"name": "a", "namespace": "web", "uid": "uid-a"}  # no managedFields

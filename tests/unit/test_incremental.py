@@ -7,7 +7,14 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kubelvs.core.cluster import Cluster, trim_endpoint_slice, trim_service, trim_virtual_server
+from kubelvs.core.cluster import (
+    Cluster,
+    EndpointState,
+    SliceEndpoint,
+    trim_endpoint_slice,
+    trim_service,
+    trim_virtual_server,
+)
 from kubelvs.core.desired import DesiredState, Memo, desired_state, update_desired
 from kubelvs.core.model import AF_INET, ServiceKey
 from kubelvs.core.spec import ObjectRef
@@ -103,7 +110,8 @@ def test_trimmed_objects_keep_what_desired_state_reads() -> None:
     assert "managedFields" not in trim_service(raw_service)["metadata"]
     assert trim_service(raw_service)["spec"] == {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
     trimmed = trim_endpoint_slice(raw_slice)
-    assert trimmed["endpoints"] == [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "nodeName": "n1"}]
+    assert trimmed["endpoints"] == (SliceEndpoint(AF_INET, "10.0.0.1", EndpointState.READY, "n1"),)
+    assert trim_endpoint_slice(trimmed) == trimmed  # the informer trims, then the view
     assert trimmed["metadata"]["labels"] == {"kubernetes.io/service-name": "web"}
     assert "annotations" not in trim_virtual_server(raw_vs)["metadata"]
     assert trim_virtual_server(raw_vs)["spec"] == raw_vs["spec"]

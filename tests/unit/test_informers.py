@@ -7,7 +7,18 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from kubelvs.core.cluster import trim_endpoint_slice, trim_node, trim_service, trim_virtual_server
+from kubelvs.core.cluster import (
+    EndpointState,
+    PackedStatus,
+    SliceEndpoint,
+    SlicePort,
+    status_of,
+    trim_endpoint_slice,
+    trim_node,
+    trim_service,
+    trim_virtual_server,
+)
+from kubelvs.core.model import AF_INET
 from kubelvs.kube.informers import compact
 
 json_values = st.recursive(
@@ -37,12 +48,12 @@ def _slice(name: str, addresses: list[str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_compact_slices_share_conditions_and_strings() -> None:
+def test_compact_slices_share_their_strings() -> None:
     one = compact(trim_endpoint_slice(_slice("web-1", ["10.0.0.1", "10.0.0.2"])))
     two = compact(trim_endpoint_slice(_slice("web-2", ["10.0.0.3"])))
-    assert one["endpoints"][0]["conditions"] is two["endpoints"][0]["conditions"]
+    assert one["endpoints"][0].node is two["endpoints"][0].node
     assert one["metadata"]["namespace"] is two["metadata"]["namespace"]
-    assert one["ports"][0]["protocol"] is two["ports"][0]["protocol"]
+    assert one["ports"][0].name is two["ports"][0].name
 
 
 def test_what_the_director_reads_survives_trim_and_compact() -> None:
@@ -54,11 +65,8 @@ def test_what_the_director_reads_survives_trim_and_compact() -> None:
         "labels": {"kubernetes.io/service-name": "web"},
     }  # fmt: skip
     assert eps["addressType"] == "IPv4"
-    assert eps["ports"] == [{"name": "http", "port": 80, "protocol": "TCP"}]
-    assert eps["endpoints"] == [
-        {"addresses": ["10.0.0.1"], "conditions": {"ready": True, "serving": True, "terminating": False},
-         "nodeName": "n1"}
-    ]  # fmt: skip
+    assert eps["ports"] == (SlicePort("http", 80, "TCP"),)
+    assert eps["endpoints"] == (SliceEndpoint(AF_INET, "10.0.0.1", EndpointState.READY, "n1"),)
     svc = compact(
         trim_service(
             {
@@ -95,5 +103,6 @@ def test_what_the_director_reads_survives_trim_and_compact() -> None:
                    "directors": [{"node": "n1", "ready": True}]},
     }  # fmt: skip
     vs = compact(trim_virtual_server(vs_in))
-    assert vs["spec"] == vs_in["spec"] and vs["status"] == vs_in["status"]
+    assert vs["spec"] == vs_in["spec"] and status_of(vs) == vs_in["status"]
+    assert isinstance(vs["status"], PackedStatus) and trim_virtual_server(vs) == vs
     assert vs["metadata"] == {k: v for k, v in vs_in["metadata"].items() if k not in ("annotations", "managedFields")}

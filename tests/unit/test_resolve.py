@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubelvs.core.cluster import Cluster, trim_endpoint_slice, trim_node, trim_service
+from kubelvs.core.cluster import Cluster, EndpointState, endpoint_state, trim_endpoint_slice, trim_node, trim_service
 from kubelvs.core.desired import DesiredState, desired_state
 from kubelvs.core.model import AF_INET, Destination, Method, ServiceKey
-from kubelvs.core.resolve import EndpointState, _endpoint_state, _slice_port, check_ports_kept
+from kubelvs.core.resolve import _slice_port, check_ports_kept
 from kubelvs.core.spec import ObjectRef, PortSpec, SpecError, parse_virtual_server
 from test_spec import KEY, endpoint, eps, service, vs
 
@@ -48,7 +48,7 @@ def node(name: str, *addresses: Any) -> dict[str, Any]:
     ],
 )
 def test_endpoint_state_truth_table(conditions: Any, state: EndpointState | None) -> None:
-    assert _endpoint_state(conditions) is state
+    assert endpoint_state(conditions) is state
 
 
 def test_a_pod_ready_in_one_slice_and_draining_in_another_counts_ready() -> None:
@@ -83,13 +83,17 @@ def test_endpoints_not_ready_yet_are_left_out_and_counted_as_waiting() -> None:
 
 def test_slice_port_matches_name_and_protocol() -> None:
     entry = PortSpec(80, parse_virtual_server(vs()).ports[0].protocol, "http")
-    assert _slice_port({"ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}, "http", entry) == 8080
-    assert _slice_port({"ports": [{"port": 8080}]}, None, entry) == 8080  # unnamed, TCP by default
-    assert _slice_port({"ports": [{"name": "http", "port": 8080, "protocol": "UDP"}]}, "http", entry) is None
-    assert _slice_port({"ports": [{"name": "other", "port": 8080}]}, "http", entry) is None
+
+    def port(ports: Any, name: str | None = "http") -> int | None:
+        return _slice_port(trim_endpoint_slice({"ports": ports}), name, entry)
+
+    assert port([{"name": "http", "port": 8080, "protocol": "TCP"}]) == 8080
+    assert port([{"port": 8080}], None) == 8080  # unnamed, TCP by default
+    assert port([{"name": "http", "port": 8080, "protocol": "UDP"}]) is None
+    assert port([{"name": "other", "port": 8080}]) is None
     for junk in ("80", None, 0, 70000, True, [80]):
-        assert _slice_port({"ports": [{"name": "http", "port": junk}]}, "http", entry) is None
-    assert _slice_port({"ports": "junk"}, "http", entry) is None
+        assert port([{"name": "http", "port": junk}]) is None
+    assert port("junk") is None
 
 
 def test_port_mismatch_is_a_separate_check() -> None:

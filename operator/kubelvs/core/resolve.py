@@ -10,12 +10,11 @@ the VirtualServers that use it a :class:`BackendProblem`. It never raises.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubelvs.core.cluster import Cluster, endpoint_address
+from kubelvs.core.cluster import Cluster, EndpointState, SliceEndpoint
 from kubelvs.core.model import AF_INET, AF_INET6, Destination, Method, ServiceKey, VirtualService
 from kubelvs.core.spec import MAX_WEIGHT, Obj, ObjectRef, PortSpec, SpecError, VirtualServerSpec
 
@@ -30,12 +29,6 @@ class BackendProblem:
     message: str
 
 
-class EndpointState(enum.Enum):
-    READY = "ready"  # a real server with its weight
-    DRAINING = "draining"  # kept with weight 0 so that its connections drain
-    WAITING = "waiting"  # not ready yet, not terminating (e.g. its kubelvs.io/receiver-ready gate): left out
-
-
 @dataclass(frozen=True, slots=True)
 class _Endpoint:
     address: str
@@ -45,10 +38,6 @@ class _Endpoint:
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
-
-
-def _port_number(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535 else None
 
 
 def _service_port(k8s_service: Obj, wanted: int | str | None, entry: PortSpec) -> Mapping[str, Any] | None:
@@ -70,50 +59,21 @@ def _service_port(k8s_service: Obj, wanted: int | str | None, entry: PortSpec) -
 
 def _slice_port(eps: Obj, port_name: Any, entry: PortSpec) -> int | None:
     """The port an EndpointSlice gives for the Service port named ``port_name`` (None: unusable slice)."""
-    raw = eps.get("ports")
-    for p in raw if isinstance(raw, list) else []:
-        if (
-            isinstance(p, Mapping)
-            and (p.get("name") or "") == (port_name or "")
-            and p.get("protocol", "TCP") == entry.protocol.name
-        ):
-            return _port_number(p.get("port"))
-    return None
-
-
-def _endpoint_state(conditions: Any) -> EndpointState | None:
-    """The EndpointSlice conditions' truth table; None: leave the endpoint out.
-
-    ``ready`` unset means ready and ``serving`` unset means "as ready" (API conventions for
-    EndpointConditions). Ready and not terminating: ready. Terminating but still serving:
-    draining (weight 0, established connections finish). Not ready and not terminating:
-    waiting (left out, counted in the status). Anything else: left out.
-    """
-    found = _mapping(conditions)
-    ready = found.get("ready")
-    ready = True if ready is None else bool(ready)
-    serving = found.get("serving")
-    serving = ready if serving is None else bool(serving)
-    terminating = bool(found.get("terminating"))
-    if ready and not terminating:
-        return EndpointState.READY
-    if serving and terminating:
-        return EndpointState.DRAINING
-    if not terminating:
-        return EndpointState.WAITING
+    for p in eps["ports"]:
+        if p.name == (port_name or "") and p.protocol == entry.protocol.name:
+            return p.port
     return None
 
 
 def _target_address(
-    vs: VirtualServerSpec, cluster: Cluster, endpoint: Mapping[str, Any], pod_address: str
+    vs: VirtualServerSpec, cluster: Cluster, node: str | None, pod_address: str
 ) -> str | BackendProblem | None:
     """Where IPVS sends an endpoint's traffic: the pod, or with ``target: Node`` its Node's first
     InternalIP of the VIP's family. None: the endpoint is left out (no Node, or no such address);
     a BackendProblem when that is because the Node's address is not an IP address."""
     if not vs.target_node:
         return pod_address
-    node = endpoint.get("nodeName")
-    if not isinstance(node, str):
+    if node is None:
         return None
     addresses = cluster.node_addresses.get(node)
     if addresses is None:
@@ -132,24 +92,19 @@ def _target_address(
 
 
 def _endpoint(
-    vs: VirtualServerSpec, cluster: Cluster, endpoint: Any, port: int, waiting: set[str]
+    vs: VirtualServerSpec, cluster: Cluster, endpoint: SliceEndpoint, port: int, waiting: set[str]
 ) -> tuple[str, _Endpoint] | BackendProblem | None:
-    """One entry of ``endpoints[]``: (pod address, where to send its traffic), or None to leave it
-    out (a pod that is not ready yet is added to ``waiting``)."""
-    if not isinstance(endpoint, Mapping):
+    """One endpoint: (pod address, where to send its traffic), or None to leave it out (a pod
+    that is not ready yet is added to ``waiting``)."""
+    if endpoint.family != vs.family:
         return None
-    state = _endpoint_state(endpoint.get("conditions"))
-    addresses = endpoint.get("addresses")
-    pod = endpoint_address(addresses[0]) if state and isinstance(addresses, list) and addresses else None
-    if pod is None or pod[0] != vs.family:  # left out, or an address that is not one
+    if endpoint.state is EndpointState.WAITING:
+        waiting.add(endpoint.address)
         return None
-    if state is EndpointState.WAITING:
-        waiting.add(pod[1])
-        return None
-    target = _target_address(vs, cluster, endpoint, pod[1])
+    target = _target_address(vs, cluster, endpoint.node, endpoint.address)
     if not isinstance(target, str):
         return target
-    return pod[1], _Endpoint(target, port, state is EndpointState.DRAINING)
+    return endpoint.address, _Endpoint(target, port, endpoint.state is EndpointState.DRAINING)
 
 
 def _endpoints(
@@ -174,10 +129,9 @@ def _endpoints(
     for eps in (cluster.slices.get((vs.ref.namespace, vs.service_name)) or {}).values():
         # Dual-stack Services have one slice per family.
         port = _slice_port(eps, svc_port.get("name"), entry) if eps.get("addressType") == family_name else None
-        endpoints = eps.get("endpoints")
-        if port is None or not isinstance(endpoints, list):
+        if port is None:
             continue
-        for endpoint in endpoints:
+        for endpoint in eps["endpoints"]:
             found = _endpoint(vs, cluster, endpoint, port, waiting)
             if isinstance(found, BackendProblem):
                 problem = problem or found

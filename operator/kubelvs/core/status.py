@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kubelvs.core.cluster import status_of
 from kubelvs.core.model import ServiceKey
 from kubelvs.core.resolve import Resolution
 from kubelvs.core.spec import GROUP, VERSION, ObjectRef
@@ -52,7 +53,7 @@ def director_entry(node: str, resolution: Resolution, errors: list[str], reason:
 
 
 def entries(vs: Obj) -> dict[str, Mapping[str, Any]]:
-    return {e["node"]: e for e in (vs.get("status") or {}).get("directors") or [] if "node" in e}
+    return {e["node"]: e for e in status_of(vs).get("directors") or [] if "node" in e}
 
 
 def summary_writer(vs: Obj, node: str) -> bool:
@@ -106,7 +107,7 @@ def summary(
     generation = resolution.generation
     current = [e for e in reports.values() if e.get("observedGeneration") == generation]
     programmed = [e for e in current if e.get("programmed")]
-    previous = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
+    previous = {c.get("type"): c for c in status_of(vs).get("conditions") or []}
 
     if resolution.error is not None:
         accepted = (False, resolution.error.reason, str(resolution.error.message))
@@ -186,7 +187,7 @@ def event(vs: Obj, kind: str, reason: str, message: str, node: str, now: str) ->
 
 def same_summary(vs: Obj, new: Mapping[str, Any]) -> bool:
     """Whether writing ``new`` would change nothing a user can see (timestamps aside)."""
-    status = vs.get("status") or {}
+    status = status_of(vs)
     for key in (
         "observedGeneration",
         "readyBackends",

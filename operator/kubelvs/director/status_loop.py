@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from kubelvs.core import status as st
+from kubelvs.core.cluster import status_of
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import SyncOutcome, Verdict
 from kubelvs.core.spec import ObjectRef, meta
@@ -237,6 +238,7 @@ class StatusLoop:
             return Result.DONE
         if desired is None or ref not in desired.resolutions:
             return Result.DONE
+        vs = {**vs, "status": status_of(vs)}  # unpacked once: what follows reads it several times
         uid = str(meta(vs).get("uid") or "")
         written_entry = self._recent(self.written_entries, ref, uid)
         last_entry = written_entry[2] if written_entry is not None else None
@@ -320,7 +322,7 @@ class StatusLoop:
 
 def events_for(vs: Mapping[str, Any], summary: Mapping[str, Any], node: str, now: str) -> list[dict[str, Any]]:
     """A Kubernetes Event for each condition that changed (Warning when it went bad)."""
-    old = {c.get("type"): c for c in (vs.get("status") or {}).get("conditions") or []}
+    old = {c.get("type"): c for c in status_of(vs).get("conditions") or []}
     events = []
     for condition in summary["conditions"]:
         before = old.get(condition["type"]) or {}
