@@ -45,6 +45,8 @@ from fakes import FakeIPVS, FakeVips
 from kubelvs.apply import CachedReconciler
 from kubelvs.core.model import ServiceKey
 from kubelvs.core.plan import Operation, apply_operations
+from kubelvs.core.status import entries as status_entries
+from kubelvs.director.allocator import release_free_memory
 from kubelvs.director.app import Director
 from kubelvs.director.options import DirectorConfig
 from kubelvs.kernel.ipvs import ApplyResult
@@ -287,6 +289,9 @@ def main() -> int:
     parser.add_argument(
         "--cprofile-changes", action="store_true", help="profile only the changes (and churn), not the start-up"
     )
+    parser.add_argument("--status-qps", type=float, help="the director's --status-qps (0: no limit)")
+    parser.add_argument("--fill-statuses", action="store_true", help="then wait until every status is written")
+    parser.add_argument("--fill-timeout", type=float, default=900.0)
     parser.add_argument("--churn", type=int, default=0, help="then this many EndpointSlice changes per second")
     parser.add_argument("--churn-seconds", type=int, default=60)
     parser.add_argument(
@@ -341,7 +346,12 @@ def main() -> int:
         sync_profiled.set()
     baseline = rss()
     started = time.perf_counter()
-    config_ = DirectorConfig(node_name="director-1", state_dir=Path(tempfile.mkdtemp()), resync_seconds=3600)
+    config_ = DirectorConfig(
+        node_name="director-1",
+        state_dir=Path(tempfile.mkdtemp()),
+        resync_seconds=3600,
+        status_qps=args.status_qps if args.status_qps is not None else DirectorConfig.status_qps,
+    )
     # The kernel is injected through the director's seam (no IPVS on this host).
     director = Director(
         config_,
@@ -396,6 +406,28 @@ def main() -> int:
     result["settle_s"] = time.perf_counter() - settle
     result["rss_mb"] = rss()
     result["rss_baseline_mb"] = baseline
+    if args.fill_statuses:
+        # Every VirtualServer's status written and back through the watch: the steady state of
+        # a director that has run for a while (the statuses are kept, packed, in the view).
+        filled = time.perf_counter()
+        before_fill = tracemalloc.take_snapshot() if args.tracemalloc else None
+        while True:
+            have = sum("director-1" in status_entries(vs) for vs in list(director.view.virtual_servers.values()))
+            if have >= total and not director.status.pending:
+                break
+            if time.perf_counter() - filled > args.fill_timeout:
+                raise SystemExit(f"{have} of {total} statuses after {args.fill_timeout} s")
+            time.sleep(1.0)
+        result["statuses_filled_s"] = time.perf_counter() - filled
+        time.sleep(10)  # the summaries' own echoes
+        result["rss_after_statuses_mb"] = rss()
+        release_free_memory()  # what the director does after a full resync
+        result["rss_after_statuses_trimmed_mb"] = rss()
+        if before_fill is not None:
+            print("--- kept by the status fill (traced, by allocation site)")
+            for stat in tracemalloc.take_snapshot().compare_to(before_fill, "traceback")[:12]:
+                print(f"  {stat.size_diff / 2**20:7.2f} MB {stat.count_diff:8d}")
+                print("\n".join(f"      {line}" for line in stat.traceback.format(limit=args.trace_frames)))
     if args.cprofile_changes and loop_profile:
         stopping[0][0].call_soon_threadsafe(loop_profile.enable)  # on the event loop's thread
         sync_profiled.set()

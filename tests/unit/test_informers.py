@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubelvs.core.cluster import (
     EndpointState,
-    PackedStatus,
     SliceEndpoint,
     SlicePort,
+    spec_of,
     status_of,
     trim_endpoint_slice,
     trim_node,
@@ -19,6 +19,7 @@ from kubelvs.core.cluster import (
     trim_virtual_server,
 )
 from kubelvs.core.model import AF_INET
+from kubelvs.core.spec import Packed
 from kubelvs.kube.informers import compact
 
 json_values = st.recursive(
@@ -103,6 +104,7 @@ def test_what_the_director_reads_survives_trim_and_compact() -> None:
                    "directors": [{"node": "n1", "ready": True}]},
     }  # fmt: skip
     vs = compact(trim_virtual_server(vs_in))
-    assert vs["spec"] == vs_in["spec"] and status_of(vs) == vs_in["status"]
-    assert isinstance(vs["status"], PackedStatus) and trim_virtual_server(vs) == vs
+    assert spec_of(vs) == vs_in["spec"] and status_of(vs) == vs_in["status"]
+    assert isinstance(vs["spec"], Packed) and isinstance(vs["status"], Packed)
+    assert trim_virtual_server(vs) == vs  # the informer trims, then the view
     assert vs["metadata"] == {k: v for k, v in vs_in["metadata"].items() if k not in ("annotations", "managedFields")}

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubelvs.core import election as el
-from kubelvs.core.cluster import Cluster, service_name_of, trim_virtual_server
+from kubelvs.core.cluster import Cluster, service_name_of, spec_of, trim_virtual_server
 from kubelvs.core.desired import DesiredState, Memo, age_key, desired_state, update_desired
 from kubelvs.core.model import normalize_address
 from kubelvs.core.spec import ObjectRef, SpecError, meta
@@ -133,7 +133,7 @@ class ClusterView:
             node_targets = [
                 ref
                 for ref, vs in self.virtual_servers.items()
-                if ((vs.get("spec") or {}).get("backends") or {}).get("target") == "Node"
+                if _dict(spec_of(vs).get("backends")).get("target") == "Node"
             ]
             self.mark(node_targets)
 
@@ -176,7 +176,7 @@ class ClusterView:
             return {}
         sharers: dict[str, list[el.Sharer]] = {}
         for ref, obj in self.virtual_servers.items():
-            spec = _dict(obj.get("spec"))
+            spec = spec_of(obj)
             selector = _dict(_dict(spec.get("directors")).get("nodeSelector"))
             try:
                 vip = normalize_address(str(spec.get("vip")))[1]
@@ -260,7 +260,7 @@ def _uid(obj: Mapping[str, Any]) -> object:
 
 
 def _service_ref(obj: Mapping[str, Any] | None) -> str | None:
-    ref = (((obj or {}).get("spec") or {}).get("backends") or {}).get("serviceRef")
+    ref = _dict(spec_of(obj or {}).get("backends")).get("serviceRef")
     if isinstance(ref, Mapping) and ref.get("name"):
         return str(ref["name"])
     return None
