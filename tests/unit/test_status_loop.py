@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import OK, SyncOutcome, Verdict
 from kubelvs.core.resolve import Resolution
-from kubelvs.core.spec import ObjectRef
+from kubelvs.core.spec import ObjectRef, Packed
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.status_loop import (
     SUMMARY_DEBOUNCE_SECONDS,
@@ -220,6 +220,26 @@ def test_what_was_written_is_forgotten_once_the_view_has_it() -> None:
         "metadata": {"name": "web", "namespace": "ns", "generation": 1},
         "status": {**summary, "directors": entry["directors"]},
     }
+    assert loop.write_status(REF) is Result.DONE
+    assert len(api.writes) == 2
+
+
+def test_a_status_the_view_keeps_packed_is_read_back() -> None:
+    """As the real view holds it (trimmed, its status packed): what came back is not written again."""
+    api = FakeApi()
+    loop, clock = setup(api)
+    assert loop.write_status(REF) is Result.DONE
+    (_, entry), (_, summary) = api.writes
+    clock.now += VIEW_LAG_SECONDS + 1
+    loop._forget_old_writes()
+    loop.view.on_virtual_server(
+        "MODIFIED",
+        {
+            "metadata": {"name": "web", "namespace": "ns", "generation": 1, "resourceVersion": "2"},
+            "status": {**summary, "directors": entry["directors"]},
+        },
+    )
+    assert isinstance(loop.view.virtual_servers[REF]["status"], Packed)
     assert loop.write_status(REF) is Result.DONE
     assert len(api.writes) == 2
 
