@@ -38,6 +38,7 @@ from kubelvs.director.election import Election, ElectionConfig, VipNet
 from kubelvs.director.loop import KernelReconciler, KernelUnavailable, SyncLoop
 from kubelvs.director.metrics import Metrics
 from kubelvs.director.options import DirectorConfig, config_from
+from kubelvs.director.stalls import StallWatch
 from kubelvs.director.status_loop import StatusLoop, Writer
 from kubelvs.director.view import ClusterView
 from kubelvs.director.vipnet import KernelVipNet
@@ -367,6 +368,9 @@ class Director:
             qps=self.config.status_qps,
         )
         try:
+            if self.config.stall_report_seconds > 0:
+                watch = StallWatch(self.config.stall_report_seconds, self.metrics.event_loop_lag)
+                self.spawn(watch.run(), "stall-watch")
             self.spawn(self.sync.run(self.ready), "sync")
             self.spawn(self.status.run(), "status")
             if self.election is not None:

@@ -116,6 +116,13 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5),
             registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "kubelvs_event_loop_lag_seconds",
+            "How late a 100 ms timer on the event loop fires. Heartbeat answers, the fence and claims wait as "
+            "long; stalls over --stall-report-seconds are logged with where the loop was.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
         # Connection sync: 0 for a direction means connections are lost when VIPs move that way.
         self.sync_daemons = Gauge(
             "kubelvs_sync_daemons",

@@ -22,6 +22,7 @@ class DirectorConfig:
     backend_metrics: bool = True  # the kernel's counters per real server too, not only per virtual service
     api_timeout_seconds: float = 30.0  # every list, patch and event request (a half-open connection ends)
     status_qps: float = 20.0  # status writes and Events per second, at most (0: no limit)
+    stall_report_seconds: float = 1.0  # log event-loop stalls this long, with where they were (0: off)
     health_max_sync_age_seconds: float = 0.0  # 0: 3 x resync_seconds
     port_filter: bool = True  # narrow each VIP to its service ports (nftables table inet kubelvs)
     # The per-VIP owner election (Leases in lease_namespace); off: every director answers for
@@ -76,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20.0,
         help="status writes and Events per second at most, in bursts of 5 seconds' worth (0: no limit); the kernel "
         "is programmed without waiting for them",
+    )
+    parser.add_argument(
+        "--stall-report-seconds",
+        type=float,
+        default=1.0,
+        help="log every stall of the event loop this long or longer, with the stacks sampled while it lasted (0: off)",
     )
     parser.add_argument(
         "--log-level",
@@ -174,6 +181,7 @@ def config_from(args: argparse.Namespace) -> DirectorConfig:
         backend_metrics=getattr(args, "kernel_metrics", "backends") == "backends",
         api_timeout_seconds=args.api_timeout,
         status_qps=args.status_qps,
+        stall_report_seconds=getattr(args, "stall_report_seconds", 1.0),
         port_filter=not getattr(args, "no_port_filter", False),
         election=not args.no_election,
         lease_namespace=args.lease_namespace,
