@@ -17,6 +17,7 @@ from kubelvs.director.metrics import Metrics
 from kubelvs.director.status_loop import (
     SUMMARY_DEBOUNCE_SECONDS,
     VIEW_LAG_SECONDS,
+    EventQueue,
     RateLimiter,
     Result,
     StatusLoop,
@@ -267,3 +268,29 @@ def test_an_idle_status_loop_still_forgets_its_old_writes() -> None:
         assert not loop.written_entries and not loop.written_summaries
 
     asyncio.run(scenario())
+
+
+def test_the_event_queue_posts_in_order_on_one_thread_and_drops_past_its_limit() -> None:
+    import threading
+
+    gate = threading.Event()
+    posted: list[tuple[str, str]] = []
+    errors: list[int] = []
+
+    class SlowApi(FakeApi):
+        def post_event(self, namespace: str, event: dict[str, Any]) -> bool:
+            gate.wait(10)  # the API is slow: Events wait in the queue
+            posted.append((event["reason"], threading.current_thread().name))
+            return event["reason"] != "Refused"
+
+    events = EventQueue(SlowApi(), on_error=lambda: errors.append(1), limit=3)
+    # The thread may already hold the first one: 3 or 4 of the 6 are taken, the rest dropped.
+    accepted = [events.post("ns", {"reason": f"E{i}"}) for i in range(6)]
+    assert accepted[:3] == [True] * 3 and accepted.count(False) == events.dropped in (2, 3)
+    gate.set()
+    events.waiting.join()
+    assert posted == [(f"E{i}", "events") for i in range(6 - events.dropped)]  # in order, one thread
+    assert not errors
+    assert events.post("ns", {"reason": "Refused"})
+    events.waiting.join()
+    assert errors == [1]

@@ -304,7 +304,7 @@ class Director:
         )
         log.info("metrics and health on %s:%d", address, self.config.metrics_port)
 
-    def start_election(self, api: Any, writer: Writer) -> Informer:
+    def start_election(self, api: Any) -> Informer:
         """The per-VIP owner election; returns the informer of its Leases."""
         config = self.config
         timings = el.Timings(config.lease_duration, config.renew_deadline, config.retry_period, config.handover_delay)
@@ -319,9 +319,9 @@ class Director:
 
         def post_event(ref: ObjectRef, kind: str, reason: str, message: str) -> None:
             vs = self.view.virtual_servers.get(ref)
-            if vs is not None:
+            if vs is not None and self.status is not None:  # the status loop comes next, before any run
                 event = st.event(vs, kind, reason, message, config.node_name, st.now_rfc3339())
-                threading.Thread(target=writer.post_event, args=(ref.namespace, event), daemon=True).start()
+                self.status.events.post(ref.namespace, event)
 
         self.election = Election(
             ElectionConfig(
@@ -357,7 +357,7 @@ class Director:
         watches_stop = threading.Event()
         informers = cluster_informers(api, self.view, self.metrics.watch_restarted, self.config.api_timeout_seconds)
         if self.config.election:
-            informers.insert(0, self.start_election(api, writer))
+            informers.insert(0, self.start_election(api))
         self.status = StatusLoop(
             self.view,
             self.sync,
