@@ -43,7 +43,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture import Capture, Prober, enter_netns, in_netns
@@ -102,6 +102,14 @@ def output_dir(name: str) -> Path:
 
 
 @dataclass
+def copy_output(pipe: IO[bytes], path: Path) -> None:
+    """Append what comes out of ``pipe`` to ``path`` until it ends, in chunks as they come."""
+    with pipe, open(path, "ab") as out:
+        while chunk := os.read(pipe.fileno(), 1 << 16):
+            out.write(chunk)
+            out.flush()
+
+
 class Director:
     name: str
     node: str
@@ -308,8 +316,15 @@ class HATopology(Topology):
         full_env = {**os.environ, **login, **(env or {})}
         with open(log, "ab") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} start: {shlex.join(argv)}\n".encode())
-            f.flush()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=full_env)
+        # Through a pipe, copied to the log by a thread of ours in chunks: the log is on the VM's
+        # 9p share, where a write costs 50-200 ms under emulation, and the director writes (and
+        # flushes) a line at a time: its event loop stalled for seconds logging a takeover of 300
+        # VIPs into the file directly (seen with its stall watch). A pod logs to a pipe too.
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env
+        )
+        assert proc.stdout is not None
+        threading.Thread(target=copy_output, args=(proc.stdout, log), name=f"log-{name}", daemon=True).start()
         self.running[name] = Director(name, self.node_name(name), log, state, proc, list(args))
         return proc
 
