@@ -101,7 +101,6 @@ def output_dir(name: str) -> Path:
     return out
 
 
-@dataclass
 def copy_output(pipe: IO[bytes], path: Path) -> None:
     """Append what comes out of ``pipe`` to ``path`` until it ends, in chunks as they come."""
     with pipe, open(path, "ab") as out:
@@ -110,6 +109,7 @@ def copy_output(pipe: IO[bytes], path: Path) -> None:
             out.flush()
 
 
+@dataclass
 class Director:
     name: str
     node: str

@@ -130,3 +130,32 @@ def test_without_the_election_there_is_no_selection_conflict(tmp_path: Path) -> 
     )
     d.on_virtual_server("ADDED", versioned(other, 4))
     assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is None
+
+
+def test_a_status_write_keeps_the_packed_spec_and_the_memo(tmp_path: Path) -> None:
+    """A status write comes back as a new resourceVersion at the same generation: the spec is
+    not packed again, nothing is marked, and the next full pass reuses the parsed spec."""
+    d = director(tmp_path)
+    d.on_service("ADDED", versioned(service(), 1))
+    d.on_endpoint_slice("ADDED", versioned(eps("web-a", endpoint("10.0.0.1")), 2))
+    obj = versioned(vs(), 3)
+    obj["metadata"]["uid"] = "u1"
+    d.on_virtual_server("ADDED", obj)
+    first = d.compute_desired().resolutions[ObjectRef("ns", "web")]
+    spec_before = d.virtual_servers[ObjectRef("ns", "web")]["spec"]
+    d.dirty.clear()
+    written = versioned(obj, 7)
+    written["status"] = {"owner": "n1"}
+    d.on_virtual_server("MODIFIED", written)
+    assert not d.dirty
+    kept = d.virtual_servers[ObjectRef("ns", "web")]
+    assert kept["spec"] is spec_before and kept["metadata"]["resourceVersion"] == "7"
+    assert d.compute_desired().resolutions[ObjectRef("ns", "web")] is first  # from the memo
+    # A new generation is a new spec: marked, packed, parsed again.
+    changed = versioned(vs(scheduler="wlc"), 8)
+    changed["metadata"].update(uid="u1", generation=4)
+    d.on_virtual_server("MODIFIED", changed)
+    assert d.dirty == {ObjectRef("ns", "web")}
+    again = d.compute_desired()
+    assert again.resolutions[ObjectRef("ns", "web")] is not first
+    assert again.services[KEY].scheduler == "wlc"

@@ -208,9 +208,11 @@ def spec_of(vs: Mapping[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def trim_virtual_server(vs: Obj) -> dict[str, Any]:
+def trim_virtual_server(vs: Obj, same_spec: Obj | None = None) -> dict[str, Any]:
     """A VirtualServer without managedFields and annotations (kubectl's last-applied copy), its
-    spec and status packed (:class:`~kubelvs.core.spec.Packed`)."""
+    spec and status packed (:class:`~kubelvs.core.spec.Packed`). ``same_spec``: a trimmed copy
+    known to have the same spec (the same generation), whose packed spec is taken as it is: most
+    updates are status writes, and packing the spec again for each was most of their cost."""
     trimmed: dict[str, Any] = {"metadata": _meta(vs, "uid", "generation", "creationTimestamp")}
     for key in ("apiVersion", "kind"):
         if key in vs:
@@ -218,6 +220,8 @@ def trim_virtual_server(vs: Obj) -> dict[str, Any]:
     for key in ("spec", "status"):
         if key in vs:
             trimmed[key] = packed(vs[key])
+    if same_spec is not None and "spec" in same_spec and "spec" in vs:
+        trimmed["spec"] = same_spec["spec"]
     return trimmed
 
 

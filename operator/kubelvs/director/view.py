@@ -64,10 +64,18 @@ class ClusterView:
             self._index_service(ref, before, None)
             self.mark([ref])
             return
-        obj = trim_virtual_server(obj)
+        # The same object (uid) at the same generation has the same spec: a status write.
+        same_spec = (
+            before is not None
+            and _uid(obj) is not None
+            and _generation(obj) is not None
+            and _generation(before) == _generation(obj)
+            and _uid(before) == _uid(obj)
+        )
+        obj = trim_virtual_server(obj, before if same_spec else None)
         self.virtual_servers[ref] = obj
-        self._index_service(ref, before, obj)
-        if before is None or _generation(before) != _generation(obj) or _uid(before) != _uid(obj):
+        if not same_spec:
+            self._index_service(ref, before, obj)
             self.mark([ref])  # a new spec, or a new object under the same name (deleted and created again)
 
     def _index_service(self, ref: ObjectRef, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> None:
