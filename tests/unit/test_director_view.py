@@ -159,3 +159,35 @@ def test_a_status_write_keeps_the_packed_spec_and_the_memo(tmp_path: Path) -> No
     again = d.compute_desired()
     assert again.resolutions[ObjectRef("ns", "web")] is not first
     assert again.services[KEY].scheduler == "wlc"
+
+
+def test_selection_conflicts_follow_a_new_generation_of_a_kept_spec(tmp_path: Path) -> None:
+    """The VIP and nodeSelector of each VirtualServer are kept per generation: a new one is read."""
+    d = director(tmp_path)
+    d.on_node("ADDED", {"metadata": {"name": "n1", "labels": {"zone": "a"}}, "status": {}})
+    d.on_node("ADDED", {"metadata": {"name": "n2", "labels": {"zone": "b"}}, "status": {}})
+    d.set_director_nodes({"n1", "n2"})
+    web = versioned(vs("web", "2026-01-01T00:00:00Z", directors={"nodeSelector": {"zone": "a"}}), 3)
+    dns = versioned(
+        vs(
+            "dns",
+            "2026-01-02T00:00:00Z",
+            ports=[{"name": "dns", "port": 53}],
+            directors={"nodeSelector": {"zone": "b"}},
+        ),
+        4,
+    )
+    web["metadata"]["uid"], dns["metadata"]["uid"] = "u-web", "u-dns"
+    d.on_virtual_server("ADDED", web)
+    d.on_virtual_server("ADDED", dns)
+    assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is not None
+    status_only = versioned(dns, 5)
+    status_only["status"] = {"owner": ""}
+    d.on_virtual_server("MODIFIED", status_only)
+    assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is not None
+    fixed = versioned(vs("dns", "2026-01-02T00:00:00Z", ports=[{"name": "dns", "port": 53}]), 6)
+    fixed["metadata"].update(uid="u-dns", generation=4)
+    d.on_virtual_server("MODIFIED", fixed)
+    assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is None
+    d.on_virtual_server("DELETED", fixed)
+    assert ObjectRef("ns", "dns") not in d._spec_facts

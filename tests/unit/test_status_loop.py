@@ -272,6 +272,7 @@ def test_an_idle_status_loop_still_forgets_its_old_writes() -> None:
 
 def test_the_event_queue_posts_in_order_on_one_thread_and_drops_past_its_limit() -> None:
     import threading
+    import time
 
     gate = threading.Event()
     posted: list[tuple[str, str]] = []
@@ -283,14 +284,20 @@ def test_the_event_queue_posts_in_order_on_one_thread_and_drops_past_its_limit()
             posted.append((event["reason"], threading.current_thread().name))
             return event["reason"] != "Refused"
 
+    def settled(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while events.posted < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events.posted == count, posted
+
     events = EventQueue(SlowApi(), on_error=lambda: errors.append(1), limit=3)
     # The thread may already hold the first one: 3 or 4 of the 6 are taken, the rest dropped.
     accepted = [events.post("ns", {"reason": f"E{i}"}) for i in range(6)]
     assert accepted[:3] == [True] * 3 and accepted.count(False) == events.dropped in (2, 3)
     gate.set()
-    events.waiting.join()
+    settled(6 - events.dropped)
     assert posted == [(f"E{i}", "events") for i in range(6 - events.dropped)]  # in order, one thread
     assert not errors
     assert events.post("ns", {"reason": "Refused"})
-    events.waiting.join()
+    settled(7 - events.dropped)
     assert errors == [1]

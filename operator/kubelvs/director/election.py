@@ -51,6 +51,8 @@ _KEEP = el.Decision(el.Action.HOLD, "Owner")
 # A decision over every VIP at least every this many retry periods, even when nothing it
 # depends on was seen to change.
 FULL_DECISION_PERIODS = 20
+CLAIM_BATCHES = 4  # claim writes side by side (each batch a thread's run of requests)
+_NO_CLAIM: Any = object()  # a claim write that expects no claim to exist
 
 
 @dataclass(frozen=True, slots=True)
@@ -760,12 +762,13 @@ class Election:
             await asyncio.gather(*(asyncio.wrap_future(removal) for removal in handed_off))
         # Side by side, as the claims: a rebalance after a director joins hands over a third
         # of the VIPs, and one round trip each in a row took minutes under emulation.
-        await asyncio.gather(
-            *(
-                self._write_claim(loop, vip, decision.target, decision.reason)
+        await self._write_claims(
+            loop,
+            [
+                (vip, decision.target, decision.reason, None)
                 for vip, decision in decisions.items()
                 if decision.action is Action.HAND_OVER
-            )
+            ],
         )
         claims = {vip: decision for vip, decision in decisions.items() if decision.action is Action.CLAIM}
         if claims:
@@ -857,18 +860,18 @@ class Election:
                 continue  # changed while we looked: decide again
             to_write.append(vip)
 
-        async def write(vip: str) -> tuple[str, float | None, float] | None:
+        writing = self.clock()
+        landed = await self._write_claims(
+            loop, [(vip, self.me, claims[vip].reason, seen[vip] or _NO_CLAIM) for vip in to_write]
+        )
+        won = []
+        for vip in to_write:
+            if landed[vip] is None:
+                continue
+            self.confirmed.add(vip)
             holder = holders.get(vip, "")
             silent_since = self.obs.seen[holder].changed_at if holder and holder in self.obs.seen else None
-            writing = self.clock()
-            if not await self._write_claim(loop, vip, self.me, claims[vip].reason, expected=seen[vip]):
-                return None
-            self.confirmed.add(vip)
-            return vip, silent_since, self.clock() - writing
-
-        # Side by side (as many as the executor's threads): a director taking over hundreds of
-        # VIPs of a dead one must not pay one round trip per VIP in a row.
-        won = [result for result in await asyncio.gather(*(write(vip) for vip in to_write)) if result is not None]
+            won.append((vip, silent_since, landed[vip] - writing))
         written = self.clock()
         await self._hold(loop, [vip for vip, _since, _took in won], vips)
         held = self.clock()
@@ -899,22 +902,56 @@ class Election:
         reason: str,
         expected: ClaimRecord | None = None,
     ) -> bool:
-        expected = expected if expected is not None else self.claims.get(vip)
-        self._actions += 1
-        try:
-            record = await loop.run_in_executor(None, self.leases.claim, vip, holder, expected)
-        except Conflict as conflict:
-            fresh = getattr(conflict, "record", None)
+        return (await self._write_claims(loop, [(vip, holder, reason, expected)]))[vip] is not None
+
+    async def _write_claims(
+        self, loop: asyncio.AbstractEventLoop, writes: list[tuple[str, str, str, ClaimRecord | None]]
+    ) -> dict[str, float | None]:
+        """Write claims (vip, new holder, reason, the claim expected: None for the one we know,
+        ``_NO_CLAIM`` for none), each a compare-and-set; when each landed (our clock), None if
+        not. Side by side in a few batches, each a thread's run of requests: a director taking
+        over hundreds of VIPs must not pay one round trip per VIP in a row, and a thread handoff
+        per VIP held the event loop for seconds under emulation (its stall watch showed the
+        submissions and their answers waiting for the GIL)."""
+        planned = [
+            (vip, holder, reason, None if expected is _NO_CLAIM else expected or self.claims.get(vip))
+            for vip, holder, reason, expected in writes
+        ]
+        self._actions += len(planned)
+        batches = [planned[i::CLAIM_BATCHES] for i in range(min(CLAIM_BATCHES, len(planned)))]
+
+        def run(batch: list[tuple[str, str, str, ClaimRecord | None]]) -> list[tuple[Any, float]]:
+            outcomes: list[tuple[Any, float]] = []
+            for vip, holder, _reason, expected in batch:
+                try:
+                    outcomes.append((self.leases.claim(vip, holder, expected), self.clock()))
+                except Exception as error:
+                    outcomes.append((error, self.clock()))
+            return outcomes
+
+        landed: dict[str, float | None] = {}
+        for batch, outcomes in zip(
+            batches, await asyncio.gather(*(loop.run_in_executor(None, run, batch) for batch in batches)), strict=True
+        ):
+            for (vip, holder, reason, expected), (outcome, at) in zip(batch, outcomes, strict=True):
+                landed[vip] = at if self._claim_written(vip, holder, reason, expected, outcome) else None
+        return landed
+
+    def _claim_written(
+        self, vip: str, holder: str, reason: str, expected: ClaimRecord | None, outcome: ClaimRecord | BaseException
+    ) -> bool:
+        if isinstance(outcome, Conflict):
+            fresh = getattr(outcome, "record", None)
             if fresh is not None:
                 self.claims[vip] = fresh
             log.info("claim of %s for %s lost a race (%s)", vip, holder or "nobody", reason)
             return False
-        except Exception as error:
-            log.warning("writing the claim of %s for %s: %s", vip, holder or "nobody", error)
+        if isinstance(outcome, BaseException):
+            log.warning("writing the claim of %s for %s: %s", vip, holder or "nobody", outcome)
             self.metrics.api_errors.inc()
             return False
         previous = expected.holder if expected is not None else ""
-        self.claims[vip] = record
+        self.claims[vip] = outcome
         if previous != holder:
             self.metrics.vip_transitions.labels(vip, reason).inc()
             log.info("VIP %s: owner %s -> %s (%s)", vip, previous or "-", holder or "-", reason)

@@ -128,26 +128,29 @@ class EventQueue:
     order through ``writer`` (rate-limited with the status writes). Past ``limit`` waiting, new
     ones are dropped and counted: Events are best effort, as client-go's recorder drops past its
     queue. A thread per Event, as before, ran 300 threads at once when a director took 300 VIPs
-    over; under emulation starting each held the event loop, 25 s in all."""
+    over; under emulation starting each held the event loop, 25 s in all. A ``SimpleQueue``: its
+    ``put`` takes no lock another thread holds, so the event loop never waits for the poster.
+    """
 
     def __init__(self, writer: Writer, on_error: Callable[[], None] = lambda: None, limit: int = 1000) -> None:
         self.writer = writer
         self.on_error = on_error
-        self.waiting: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(limit)
+        self.limit = limit
+        self.waiting: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self.dropped = 0
+        self.posted = 0  # sent, landed or not
         self._thread: threading.Thread | None = None
 
     def post(self, namespace: str, event: dict[str, Any]) -> bool:
         """Queue ``event``; False when dropped."""
+        if self.waiting.qsize() >= self.limit:
+            self.dropped += 1
+            log.debug("event dropped (%d waiting): %s", self.limit, event.get("reason"))
+            return False
+        self.waiting.put((namespace, event))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="events", daemon=True)
             self._thread.start()
-        try:
-            self.waiting.put_nowait((namespace, event))
-        except queue.Full:
-            self.dropped += 1
-            log.debug("event dropped (%d waiting): %s", self.waiting.qsize(), event.get("reason"))
-            return False
         return True
 
     def _run(self) -> None:
@@ -155,7 +158,7 @@ class EventQueue:
             namespace, event = self.waiting.get()
             if not self.writer.post_event(namespace, event):
                 self.on_error()
-            self.waiting.task_done()
+            self.posted += 1
 
 
 class StatusLoop:
