@@ -22,6 +22,7 @@ from kubelvs.kube.leases import (
     claim_name,
     heartbeat_name,
     lease_informer,
+    renew_time,
     unfit_name,
 )
 from kubelvs.kube.rest import KubeApi
@@ -94,6 +95,8 @@ def test_heartbeat_is_created_once_then_renewed_with_one_request_each(api_client
 
     lease = _lease(api_client, namespace, heartbeat_name("node-a"))
     assert lease["metadata"]["labels"] == HEARTBEAT_LABELS
+    renewed = renew_time(lease)  # the watch-lag diagnostic reads what the API server kept
+    assert renewed is not None and abs(time.time() - renewed) < 60, lease["spec"]
     assert lease["metadata"]["annotations"] == {
         "kubelvs.io/shutting-down": "true",
         "kubelvs.io/peer-address": "192.0.2.10",

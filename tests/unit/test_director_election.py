@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -641,3 +644,47 @@ def test_renewal_round_trips_are_measured_and_a_slow_one_says_where_its_time_wen
             assert "in the request" in line and "before its thread ran it" in line, line
 
     asyncio.run(scenario())
+
+
+def test_a_lagging_lease_watch_is_measured_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A heartbeat seen long after its renewTime (a watch behind): the lag is observed and said."""
+
+    async def scenario() -> None:
+        async with running("ab") as cluster:
+            election = cluster.elections["a"]
+            registry = election.metrics.registry
+            stale = datetime.fromtimestamp(time.time() - 12, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            lease = {
+                "metadata": {
+                    "name": heartbeat_name("b"),
+                    "resourceVersion": "999999",
+                    "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "heartbeat"},
+                    "annotations": {},
+                },
+                "spec": {"holderIdentity": "b", "leaseDurationSeconds": 1, "renewTime": stale},
+            }
+            with caplog.at_level(logging.WARNING, logger="kubelvs.director.election"):
+                election.on_lease("MODIFIED", lease)
+            assert (registry.get_sample_value("kubelvs_lease_watch_lag_seconds_bucket", {"le": "10.0"}) or 0) == 0
+            assert registry.get_sample_value("kubelvs_lease_watch_lag_seconds_count") == 1
+            line = next(r.getMessage() for r in caplog.records if "Lease watch is behind" in r.getMessage())
+            assert "b's heartbeat seen 12." in line, line
+
+    asyncio.run(scenario())
+
+
+def test_log_records_are_written_by_a_thread_of_their_own() -> None:
+    script = (
+        "import logging, threading\n"
+        "from kubelvs.director.app import log_through_a_thread\n"
+        "listener = log_through_a_thread('INFO')\n"
+        "logging.getLogger('kubelvs.t').info('hello %s', 'there')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    logging.getLogger('kubelvs.t').exception('failed')\n"
+        "logging.getLogger('kubelvs.t').debug('not shown')\n"
+        "listener.stop()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stderr.splitlines()
+    assert lines[0].endswith(" INFO kubelvs.t: hello there"), lines
+    assert lines[1].endswith(" ERROR kubelvs.t: failed") and "ZeroDivisionError" in done.stderr, lines
+    assert "not shown" not in done.stderr

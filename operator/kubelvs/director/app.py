@@ -404,7 +404,9 @@ def log_through_a_thread(level: str) -> logging.handlers.QueueListener:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     out = logging.StreamHandler()
     out.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[logging.handlers.QueueHandler(records)])
+    queued = logging.handlers.QueueHandler(records)
+    queued.setFormatter(logging.Formatter("%(message)s"))  # the message (and traceback) only: `out` adds the rest
+    logging.basicConfig(level=level, handlers=[queued])
     listener = logging.handlers.QueueListener(records, out)
     listener.start()
     return listener

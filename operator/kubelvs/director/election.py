@@ -42,6 +42,7 @@ from kubelvs.kube.leases import (
     UnfitRecord,
     claim_name,
     heartbeat_name,
+    renew_time,
     unfit_name,
 )
 
@@ -147,6 +148,7 @@ class Election:
         post_event: Callable[[ObjectRef, str, str, str], None] = lambda ref, kind, reason, message: None,
         clock: Callable[[], float] = time.monotonic,
         on_owners_changed: Callable[[set[ObjectRef]], None] = lambda refs: None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.me = config.node
@@ -159,6 +161,8 @@ class Election:
         self.post_event = post_event
         self.on_owners_changed = on_owners_changed  # their status (owner, Announced) is to be written again
         self.clock = clock
+        self.wall_clock = wall_clock  # only to measure how far behind the Lease watch is
+        self._watch_lag_logged = -math.inf
         self.obs = el.Observations(self.timings.lease_duration)
         self._own_leases = {heartbeat_name(self.me), unfit_name(self.me)}
         self.heartbeats: dict[str, HeartbeatRecord] = {}
@@ -226,6 +230,7 @@ class Election:
                 self.view.set_director_nodes({*self.heartbeats, self.me})
                 self.wake.set()
                 return
+            self._observe_watch_lag(heartbeat.node, obj, now)
             before = self.heartbeats.get(heartbeat.node)
             was_live = self.obs.api_live(heartbeat.node, now)
             self.heartbeats[heartbeat.node] = heartbeat
@@ -258,6 +263,25 @@ class Election:
                     if handed_to_us and not self.lapsed:  # a newer version than we knew: fresh
                         self.confirmed.add(claim.vip)
             self.wake.set()
+
+    def _observe_watch_lag(self, node: str, obj: dict[str, Any], now: float) -> None:
+        """How long ago (by the writer's clock) a heartbeat we see now was renewed: a director is
+        judged silent a lease duration after the last renewal *seen*, so a watch that far behind
+        delays every takeover as long. Logged when over the lease duration (once a minute)."""
+        renewed = renew_time(obj)
+        if renewed is None:
+            return
+        lag = max(0.0, self.wall_clock() - renewed)
+        self.metrics.lease_watch_lag.observe(lag)
+        if lag > self.timings.lease_duration and now >= self._watch_lag_logged + 60:
+            self._watch_lag_logged = now
+            log.warning(
+                "the Lease watch is behind: %s's heartbeat seen %.1f s after it was renewed (lease %.1f s; "
+                "clock skew between the nodes included): takeovers from a dead director wait as long",
+                node,
+                lag,
+                self.timings.lease_duration,
+            )
 
     def on_leases_relisted(self, listed: list[dict[str, Any]]) -> None:
         names = set()

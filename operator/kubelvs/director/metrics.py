@@ -116,6 +116,14 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2.5, 5),
             registry=registry,
         )
+        self.lease_watch_lag = Histogram(
+            "kubelvs_lease_watch_lag_seconds",
+            "From another director's heartbeat renewal (its spec.renewTime, its clock) to this director seeing "
+            "it. A director is judged silent a lease duration after its last renewal seen: a watch this far "
+            "behind delays takeovers as long (and includes the skew between the two nodes' clocks).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
         self.event_loop_lag = Histogram(
             "kubelvs_event_loop_lag_seconds",
             "How late a 100 ms timer on the event loop fires. Heartbeat answers, the fence and claims wait as "

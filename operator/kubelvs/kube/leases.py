@@ -258,6 +258,18 @@ class ClaimRecord:
         )
 
 
+def renew_time(obj: Obj) -> float | None:
+    """A Lease's ``spec.renewTime`` as a POSIX time, by its writer's clock; None when absent or
+    malformed. Only for a diagnostic (how far behind the watch is): never for a decision."""
+    value = _mapping(obj.get("spec")).get("renewTime")
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def trim_lease(obj: Obj) -> Obj:
     """What the directors read of a Lease (no managedFields): for the informer's cache."""
     meta = _mapping(obj.get("metadata"))
