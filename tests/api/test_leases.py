@@ -81,6 +81,7 @@ def test_heartbeat_is_created_once_then_renewed_with_one_request_each(api_client
 
     first = leases.renew_heartbeat("node-a", 7.5, False, "192.0.2.10")
     assert first == HeartbeatRecord("node-a", first.version, 8, False, "192.0.2.10")
+    assert first.renewed is not None  # renewTime, read back: orders this director's renewals
     assert [m for m, _ in sent] == ["POST"]
     versions = [first.version]
     for i in range(5):

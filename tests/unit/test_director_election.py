@@ -688,3 +688,40 @@ def test_log_records_are_written_by_a_thread_of_their_own() -> None:
     assert lines[0].endswith(" INFO kubelvs.t: hello there"), lines
     assert lines[1].endswith(" ERROR kubelvs.t: failed") and "ZeroDivisionError" in done.stderr, lines
     assert "not shown" not in done.stderr
+
+
+def test_a_renewal_older_than_one_seen_is_no_sign_of_life() -> None:
+    """A watch behind a fresh read brings a director's earlier renewals: by that director's own
+    clock they are older than one seen, and must not make it live again."""
+
+    def lease(version: str, renewed: float) -> dict[str, Any]:
+        return {
+            "metadata": {
+                "name": heartbeat_name("b"),
+                "resourceVersion": version,
+                "labels": {"app.kubernetes.io/name": "kubelvs", "kubelvs.io/lease": "heartbeat"},
+                "annotations": {},
+            },
+            "spec": {
+                "holderIdentity": "b",
+                "leaseDurationSeconds": 1,
+                "renewTime": datetime.fromtimestamp(renewed, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            },
+        }
+
+    async def scenario() -> None:
+        async with running("a") as cluster:
+            election = cluster.elections["a"]
+            base = time.time() - 100  # b's clock: any, as long as it moves forward
+            election.on_lease("MODIFIED", lease("10", base + 2))
+            seen = election.obs.seen["b"]
+            assert seen.version == "10"
+            changed_at = seen.changed_at
+            election.on_lease("MODIFIED", lease("9", base + 1))  # late: renewed before "10"
+            assert (seen.version, seen.changed_at) == ("10", changed_at)
+            election.on_lease("MODIFIED", lease("11", base + 3))  # a newer renewal counts
+            assert seen.version == "11"
+            election.on_lease("DELETED", lease("11", base + 3))
+            assert "b" not in election._newest_renewal
+
+    asyncio.run(scenario())

@@ -166,6 +166,7 @@ class Election:
         self.obs = el.Observations(self.timings.lease_duration)
         self._own_leases = {heartbeat_name(self.me), unfit_name(self.me)}
         self.heartbeats: dict[str, HeartbeatRecord] = {}
+        self._newest_renewal: dict[str, float] = {}  # node -> its newest renewTime seen, by its clock
         self.unfit_reports: dict[str, UnfitRecord] = {}  # node -> the VIPs it reported it cannot serve
         self.claims: dict[str, ClaimRecord] = {}
         self.renewed_at: float | None = None  # send time of our last good renewal
@@ -227,10 +228,13 @@ class Election:
                 # Not a proof of death (anyone may delete a Lease): its observation ages out
                 # from the last change, as a silent heartbeat's would.
                 self.heartbeats.pop(heartbeat.node, None)
+                self._newest_renewal.pop(heartbeat.node, None)
                 self.view.set_director_nodes({*self.heartbeats, self.me})
                 self.wake.set()
                 return
             self._observe_watch_lag(heartbeat.node, obj, now)
+            if self._older_than_seen(heartbeat):
+                return  # a watch behind a fresh read: a renewal older than one seen, no sign of life
             before = self.heartbeats.get(heartbeat.node)
             was_live = self.obs.api_live(heartbeat.node, now)
             self.heartbeats[heartbeat.node] = heartbeat
@@ -263,6 +267,22 @@ class Election:
                     if handed_to_us and not self.lapsed:  # a newer version than we knew: fresh
                         self.confirmed.add(claim.vip)
             self.wake.set()
+
+    def _older_than_seen(self, heartbeat: HeartbeatRecord) -> bool:
+        """Whether ``heartbeat`` is an older renewal of its director than one already seen (by
+        that director's own clock: two of its renewals, never two nodes' clocks). A takeover
+        reads the silent holder's heartbeat fresh; a watch that lags behind that read then
+        brings the holder's earlier renewals, and each, a version not seen yet, made it live
+        again for a lease duration: takeovers waited for the watch to catch up. If the holder's
+        clock steps back, its renewals are ignored here until it passes the newest seen; the
+        fresh read before any takeover still sees them change, so nothing is taken from it."""
+        if heartbeat.renewed is None:
+            return False
+        newest = self._newest_renewal.get(heartbeat.node)
+        if newest is not None and heartbeat.renewed < newest:
+            return True
+        self._newest_renewal[heartbeat.node] = heartbeat.renewed
+        return False
 
     def _observe_watch_lag(self, node: str, obj: dict[str, Any], now: float) -> None:
         """How long ago (by the writer's clock) a heartbeat we see now was renewed: a director is
@@ -858,6 +878,7 @@ class Election:
                 log.warning("reading %s's heartbeat before taking its VIPs over: %s", holder, fresh)
                 speaking.add(holder)
             elif fresh is not None and fresh.version != self.obs.seen.get(holder, el._Seen()).version:
+                self._older_than_seen(fresh)  # the newest renewal seen, for the watch's late events
                 self.obs.heartbeat(holder, fresh.version, self.clock())
                 speaking.add(holder)
         wanted = [vip for vip in claims if holders.get(vip, "") not in speaking]

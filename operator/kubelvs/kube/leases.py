@@ -185,6 +185,9 @@ class HeartbeatRecord:
     duration_seconds: int
     draining: bool  # shutting down: it serves no VIP any more (hands every one over)
     peer_address: str  # for direct peer heartbeats; "" if none
+    # spec.renewTime by the director's own clock (None: none): orders two renewals of one
+    # director, never compared with another node's clock.
+    renewed: float | None = field(default=None, compare=False)
 
     @classmethod
     def from_lease(cls, obj: Any) -> HeartbeatRecord | None:
@@ -197,7 +200,7 @@ class HeartbeatRecord:
             return None
         peer = annotations.get(PEER_ADDRESS_ANNOTATION)
         draining = annotations.get(DRAINING_ANNOTATION) == "true"
-        return cls(node, version, duration, draining, peer if isinstance(peer, str) else "")
+        return cls(node, version, duration, draining, peer if isinstance(peer, str) else "", renew_time(obj))
 
 
 @dataclass(frozen=True, slots=True)
