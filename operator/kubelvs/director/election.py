@@ -911,12 +911,13 @@ class Election:
         )
         won = []
         for vip in to_write:
-            if landed[vip] is None:
+            landed_at = landed[vip]
+            if landed_at is None:
                 continue
             self.confirmed.add(vip)
             holder = holders.get(vip, "")
             silent_since = self.obs.seen[holder].changed_at if holder and holder in self.obs.seen else None
-            won.append((vip, silent_since, landed[vip] - writing))
+            won.append((vip, silent_since, landed_at - writing))
         written = self.clock()
         await self._hold(loop, [vip for vip, _since, _took in won], vips)
         held = self.clock()
