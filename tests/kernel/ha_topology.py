@@ -316,10 +316,10 @@ class HATopology(Topology):
         full_env = {**os.environ, **login, **(env or {})}
         with open(log, "ab") as f:
             f.write(f"\n===== {time.strftime('%H:%M:%S')} start: {shlex.join(argv)}\n".encode())
-        # Through a pipe, copied to the log by a thread of ours in chunks: the log is on the VM's
-        # 9p share, where a write costs 50-200 ms under emulation, and the director writes (and
-        # flushes) a line at a time: its event loop stalled for seconds logging a takeover of 300
-        # VIPs into the file directly (seen with its stall watch). A pod logs to a pipe too.
+        # Through a pipe, copied to the log by a thread of ours in chunks, as a pod logs to a pipe:
+        # the log is on the VM's 9p share, where a write costs 50-200 ms under emulation, and the
+        # director writes a line at a time. (Its stalls while logging a takeover of 300 VIPs were
+        # not this: they stayed with the pipe, until a thread of its own wrote its log.)
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env
         )

@@ -60,7 +60,7 @@ def selects_node(node_selector: Mapping[str, str], node_labels: Mapping[str, str
 class MemoEntry:
     """One VirtualServer resolved, valid while its version and its backends' versions hold."""
 
-    version: str  # the VirtualServer's _spec_version()
+    version: str  # the VirtualServer's spec_version()
     backends: tuple[object, ...]  # _backend_version() when it was resolved
     spec: VirtualServerSpec
     virtual_services: tuple[VirtualService, ...]  # IPVS virtual services
@@ -86,7 +86,7 @@ def _version(obj: Obj | None) -> str | None:
     return str(version) if isinstance(version, int) and not isinstance(version, bool) else None
 
 
-def _spec_version(obj: Obj) -> str | None:
+def spec_version(obj: Obj) -> str | None:
     """What changes when a VirtualServer's spec changes: its uid and generation (the API server
     bumps the generation on every change of the spec, never for a status write, as the CRD has
     the status subresource); its resourceVersion when it has no uid or generation. Status writes
@@ -121,7 +121,7 @@ def _resolve(
     Only objects with a resourceVersion (and backends with one) are memoised. Raises SpecError.
     """
     ref = ObjectRef.of(obj)
-    version = _spec_version(obj) if memo is not None else None
+    version = spec_version(obj) if memo is not None else None
     if memo is not None and version is not None:
         cached = memo.get(ref)
         if (

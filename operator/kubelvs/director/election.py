@@ -42,7 +42,6 @@ from kubelvs.kube.leases import (
     UnfitRecord,
     claim_name,
     heartbeat_name,
-    renew_time,
     unfit_name,
 )
 
@@ -232,7 +231,7 @@ class Election:
                 self.view.set_director_nodes({*self.heartbeats, self.me})
                 self.wake.set()
                 return
-            self._observe_watch_lag(heartbeat.node, obj, now)
+            self._observe_watch_lag(heartbeat, now)
             if self._older_than_seen(heartbeat):
                 return  # a watch behind a fresh read: a renewal older than one seen, no sign of life
             before = self.heartbeats.get(heartbeat.node)
@@ -284,21 +283,20 @@ class Election:
         self._newest_renewal[heartbeat.node] = heartbeat.renewed
         return False
 
-    def _observe_watch_lag(self, node: str, obj: dict[str, Any], now: float) -> None:
+    def _observe_watch_lag(self, heartbeat: HeartbeatRecord, now: float) -> None:
         """How long ago (by the writer's clock) a heartbeat we see now was renewed: a director is
         judged silent a lease duration after the last renewal *seen*, so a watch that far behind
         delays every takeover as long. Logged when over the lease duration (once a minute)."""
-        renewed = renew_time(obj)
-        if renewed is None:
+        if heartbeat.renewed is None:
             return
-        lag = max(0.0, self.wall_clock() - renewed)
+        lag = max(0.0, self.wall_clock() - heartbeat.renewed)
         self.metrics.lease_watch_lag.observe(lag)
         if lag > self.timings.lease_duration and now >= self._watch_lag_logged + 60:
             self._watch_lag_logged = now
             log.warning(
                 "the Lease watch is behind: %s's heartbeat seen %.1f s after it was renewed (lease %.1f s; "
                 "clock skew between the nodes included): takeovers from a dead director wait as long",
-                node,
+                heartbeat.node,
                 lag,
                 self.timings.lease_duration,
             )
@@ -939,16 +937,6 @@ class Election:
                 write_took,
                 held - written,
             )
-
-    async def _write_claim(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        vip: str,
-        holder: str,
-        reason: str,
-        expected: ClaimRecord | None = None,
-    ) -> bool:
-        return (await self._write_claims(loop, [(vip, holder, reason, expected)]))[vip] is not None
 
     async def _write_claims(
         self, loop: asyncio.AbstractEventLoop, writes: list[tuple[str, str, str, ClaimRecord | None]]

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from kubelvs.core import election as el
 from kubelvs.core.cluster import Cluster, service_name_of, spec_of, trim_virtual_server
-from kubelvs.core.desired import DesiredState, Memo, age_key, desired_state, update_desired
+from kubelvs.core.desired import DesiredState, Memo, age_key, desired_state, spec_version, update_desired
 from kubelvs.core.model import normalize_address
 from kubelvs.core.spec import ObjectRef, SpecError, meta
 
@@ -49,7 +49,7 @@ class ClusterView:
         self.node_address = ""  # our own InternalIP (the metrics listener binds to it)
         self.refs_by_service: dict[tuple[str, str], set[ObjectRef]] = defaultdict(set)
         self.memo: Memo = {}
-        self._spec_facts: dict[ObjectRef, tuple[tuple[object, object], SpecFacts]] = {}  # by (uid, generation)
+        self._spec_facts: dict[ObjectRef, tuple[str, SpecFacts]] = {}  # by spec_version()
         self.dirty: set[ObjectRef] = set()
         self.everything_dirty = True
         self.desired: DesiredState | None = None  # the desired state of the last successful sync
@@ -74,13 +74,8 @@ class ClusterView:
             self.mark([ref])
             return
         # The same object (uid) at the same generation has the same spec: a status write.
-        same_spec = (
-            before is not None
-            and _uid(obj) is not None
-            and _generation(obj) is not None
-            and _generation(before) == _generation(obj)
-            and _uid(before) == _uid(obj)
-        )
+        version = spec_version(obj)
+        same_spec = before is not None and version is not None and spec_version(before) == version
         obj = trim_virtual_server(obj, before if same_spec else None)
         self.virtual_servers[ref] = obj
         if not same_spec:
@@ -201,7 +196,7 @@ class ClusterView:
     def _facts(self, ref: ObjectRef, obj: Obj) -> SpecFacts:
         """What full passes read of a VirtualServer's spec, kept per generation: reading it from
         every packed spec made each pass unpack 10,000 specs."""
-        key = (_uid(obj), _generation(obj))
+        key = spec_version(obj)
         cached = self._spec_facts.get(ref)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -216,7 +211,7 @@ class ClusterView:
             {str(k): str(v) for k, v in selector.items()} if selector else _NO_SELECTOR,
             _dict(spec.get("backends")).get("target") == "Node",
         )
-        if None not in key:  # else the generation does not tell a changed spec
+        if key is not None:  # else nothing tells a changed spec
             self._spec_facts[ref] = (key, facts)
         return facts
 
@@ -278,14 +273,6 @@ def _unchanged(known: Mapping[str, Any] | None, obj: Mapping[str, Any]) -> bool:
         return False
     version = meta(obj).get("resourceVersion")
     return version is not None and meta(known).get("resourceVersion") == version
-
-
-def _generation(obj: Mapping[str, Any]) -> object:
-    return meta(obj).get("generation")
-
-
-def _uid(obj: Mapping[str, Any]) -> object:
-    return meta(obj).get("uid")
 
 
 def _service_ref(obj: Mapping[str, Any] | None) -> str | None:

@@ -14,8 +14,9 @@ Three kinds, all labelled ``app.kubernetes.io/name: kubelvs``:
   an update if it changed meanwhile, so two directors can never both win.
 
 The steady-state write load is thus one request per director per retry period, whatever the
-number of VIPs. Nobody compares the times written here (renewTime, acquireTime): clocks differ
-between nodes; a director judges a heartbeat by whether its resourceVersion moves.
+number of VIPs. Nobody compares the times written by two nodes (renewTime, acquireTime): clocks
+differ between nodes; a director judges a heartbeat by whether its resourceVersion moves. Two
+renewTimes of one director's heartbeat, both by its clock, tell which renewal is the older.
 
 Requests go out as raw JSON with a (connect, read) timeout and without urllib3's retries: a PUT
 whose answer timed out must come back to the caller as a failure, not be sent again behind its
@@ -263,7 +264,8 @@ class ClaimRecord:
 
 def renew_time(obj: Obj) -> float | None:
     """A Lease's ``spec.renewTime`` as a POSIX time, by its writer's clock; None when absent or
-    malformed. Only for a diagnostic (how far behind the watch is): never for a decision."""
+    malformed. Compared only with another renewTime of the same writer (which renewal is the
+    older), or, as a diagnostic, with the reader's clock (how far behind the watch is)."""
     value = _mapping(obj.get("spec")).get("renewTime")
     if not isinstance(value, str):
         return None
