@@ -292,7 +292,19 @@ def check_no_overlap(ha: HA, since: float, probe: ConnectProber | None = None) -
 
 def test_owner_sigkill(ha: HA, healthy: float) -> None:
     topo = ha.topo
-    exercise(ha, lambda d: topo.kill(d, signal.SIGKILL), lambda d: topo.start_director(d, *ha.args()), takeover=True)
+    result = exercise(
+        ha, lambda d: topo.kill(d, signal.SIGKILL), lambda d: topo.start_director(d, *ha.args()), takeover=True
+    )
+    # The takeover is told as an Event on the VirtualServer, posted by the new owner through its
+    # queue of Events, in the real API server.
+    told = f"owner: {topo.node_name(result['owner'])} -> {topo.node_name(result['new_owner'])} (OwnerSilent)"
+    cluster = ha.cluster
+
+    def owner_changed() -> list[str]:
+        events = cluster.core.list_namespaced_event(cluster.namespace).items
+        return [e.message for e in events if e.reason == "VIPOwnerChanged" and told in (e.message or "")]
+
+    wait_for(f"a VIPOwnerChanged Event saying {told!r}", owner_changed, timeout=BOUND, context=ha.view.context)
 
 
 def test_owner_frozen_then_continued(ha: HA, healthy: float) -> None:
