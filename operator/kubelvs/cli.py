@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -325,6 +326,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a one-shot command (not for the agents).
+
+    A command builds its whole state (manifests, desired state, plan, a dump) and keeps it until
+    it exits, and none of it is cyclic: every collection walks a growing heap and frees nothing.
+    Reference counting still frees everything else. Measured natively at 10,000 x 10 (manifests
+    read, desired state, plan): 0.53-0.69 s with the collector, 0.32-0.34 s without.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def main(argv: list[str] | None = None, kernel: KernelFactory | None = None) -> int:
     """Run one command. ``kernel``: what ``apply``, ``delete``, ``adopt`` and ``show`` act on
     (default :func:`real_kernel`)."""
@@ -334,8 +353,10 @@ def main(argv: list[str] | None = None, kernel: KernelFactory | None = None) -> 
     # The command is the first word (the only option before it, --version, takes no value).
     args = build_parser(next((word for word in argv if not word.startswith("-")), None)).parse_args(argv)
     args.kernel = kernel or real_kernel
+    agent = args.func in (_run_director, _run_realserver)
     try:
-        return int(args.func(args))
+        with contextlib.nullcontext() if agent else _collector_paused():
+            return int(args.func(args))
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,79 @@ class ManifestError(ValueError):
     pass
 
 
+# --- a lean constructor for plain data --------------------------------------------------------
+
+_STR, _INT = "tag:yaml.org,2002:str", "tag:yaml.org,2002:int"
+_MAP, _SEQ = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+_SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "float", "timestamp", "binary"))
+_MAX_DEPTH = 64  # deeper (or a recursive alias): PyYAML's own constructor decides
+
+
+class _NotPlain(Exception):
+    """A node the lean constructor leaves to PyYAML's (merge keys, sets, unknown tags, ...)."""
+
+
+class _PlainDataLoader(_LOADER):  # type: ignore[misc,valid-type]
+    """PyYAML's safe loader (libyaml's parser when PyYAML has it) with a lean constructor.
+
+    PyYAML's constructor walks every node through generic machinery (a dispatch per node, a
+    generator per mapping, a record of every constructed node for anchors). Manifests are plain
+    mappings, sequences, strings and numbers: this builds those directly, with the safe
+    constructor's own functions for the other scalar types, and hands any other document
+    (merge keys ``<<``, ``!!set``/``!!omap``, unknown tags, nesting deeper than 64) to PyYAML's
+    constructor as a whole, so the result is always the safe loader's (a property test checks
+    it). Aliases are built as copies, not shared objects: equal data. The resolver's verdicts
+    (a regular expression per plain scalar) are kept per distinct scalar text.
+    Measured natively at 10,000 x 10 (228 KB of YAML): 0.10-0.12 s with PyYAML's constructor,
+    0.05-0.08 s with this one; under emulation that is about a second of ``kubelvs apply``.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._tags: dict[str, str] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        # Without path resolvers (none are registered) a plain scalar's tag depends on its text alone.
+        if kind is yaml.ScalarNode and implicit[0] and not self.yaml_path_resolvers:
+            tag = self._tags.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(self._tags) < 4096:
+                    self._tags[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
+    def construct_document(self, node: Any) -> Any:
+        try:
+            return self._plain(node, 0)
+        except _NotPlain:
+            return super().construct_document(node)
+
+    def _plain(self, node: Any, depth: int) -> Any:
+        tag = node.tag
+        if tag == _STR:
+            return node.value
+        if depth > _MAX_DEPTH:
+            raise _NotPlain
+        if tag == _MAP:
+            data = {}
+            for key_node, value_node in node.value:
+                if key_node.tag != _STR:  # a merge key, a number or a mapping as a key: PyYAML's rules
+                    raise _NotPlain
+                data[key_node.value] = self._plain(value_node, depth + 1)
+            return data
+        if tag == _SEQ:
+            return [self._plain(item, depth + 1) for item in node.value]
+        if tag == _INT:
+            text = node.value
+            if text.isascii() and text.isdigit() and (text[0] != "0" or text == "0"):  # else 0x, 0o, 1_000, 1:30, -1
+                return int(text)
+            return self.construct_yaml_int(node)
+        if tag in _SCALAR_TAGS:
+            return self.yaml_constructors[tag](self, node)
+        raise _NotPlain
+
+
 @dataclass(slots=True)
 class Manifests:
     virtual_servers: list[dict[str, Any]] = field(default_factory=list)
@@ -49,7 +122,7 @@ def load(paths: Iterable[str]) -> Manifests:
     result = Manifests()
     for path in _files(paths):
         try:
-            documents = list(yaml.load_all(path.read_text(), Loader=_LOADER))
+            documents = list(yaml.load_all(path.read_text(), Loader=_PlainDataLoader))
         except yaml.YAMLError as error:
             raise ManifestError(f"{path}: not valid YAML: {error}") from None
         for index, doc in enumerate(documents):

@@ -4,6 +4,7 @@ show, manifests, and its errors."""
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,28 @@ def test_manifests_from_a_directory_and_a_bad_file(run: Any, tmp_path: Path) -> 
     assert code == 0 and len(run.kernel.ipvs.services) == 3
     (directory / "bad.yaml").write_text("kind: [unclosed")
     assert main(["apply", "-f", str(directory), "--state-dir", str(run.state)], kernel=run.kernel) == 2
+
+
+def test_a_command_runs_with_the_cyclic_collector_paused_and_restores_it(run: Any) -> None:
+    """One-shot commands pause the cyclic GC (their state is kept to the end and acyclic); the
+    caller's setting comes back, also after an error."""
+    seen: list[bool] = []
+    kernel = run.kernel
+
+    def recording(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+        seen.append(gc.isenabled())
+        return kernel(args)
+
+    assert gc.isenabled()
+    code = main(
+        ["apply", "-f", str(_manifest(run, vs("a", "192.0.2.1"))), "--state-dir", str(run.state)], kernel=recording
+    )
+    assert code == 0 and seen == [False] and gc.isenabled()
+    assert main(["apply", "-f", "/nonexistent.yaml", "--state-dir", str(run.state)], kernel=recording) == 2
+    assert gc.isenabled()
+
+
+def _manifest(run: Any, *objects: dict[str, Any]) -> Path:
+    path = Path(run.state).parent / "gc.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    return path

@@ -1,13 +1,28 @@
-"""Addresses: the fast path for dotted quads gives what ipaddress (and the full checks) give."""
+"""Addresses: the fast path for dotted quads gives what ipaddress (and the full checks) give;
+the fast constructors build what the dataclasses build."""
 
 from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubelvs.core.cluster import _endpoint_address, endpoint_address
-from kubelvs.core.model import AF_INET, AF_INET6, _addr_sort, normalize_address
+from kubelvs.core.model import (
+    AF_INET,
+    AF_INET6,
+    Destination,
+    Method,
+    ServiceKey,
+    TunnelChecksum,
+    TunnelType,
+    VirtualService,
+    address_order,
+    make_destination,
+    make_sorted_service,
+    normalize_address,
+)
 
 
 def _reference(text: str) -> tuple[int, str] | None:
@@ -47,7 +62,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 def test_sort_key_orders_as_the_address_values(a: Address, b: Address) -> None:
     """IPv4 before IPv6, each by value: the order of a service's real servers."""
     value_a, value_b = (a.version, int(a)), (b.version, int(b))
-    key_a, key_b = _addr_sort(str(a)), _addr_sort(str(b))
+    key_a, key_b = address_order(str(a)), address_order(str(b))
     assert (key_a < key_b) == (value_a < value_b) and (key_a == key_b) == (value_a == value_b)
 
 
@@ -60,3 +75,18 @@ def test_endpoint_address_fast_path_matches_the_full_check(text: str) -> None:
 def test_leading_zeros_are_refused_as_ipaddress_does() -> None:
     assert _normalized("010.0.0.1") is None
     assert normalize_address(" 10.0.0.1\n") == (AF_INET, "10.0.0.1")
+
+
+def test_fast_constructors_build_what_the_dataclasses_build() -> None:
+    args = ("10.0.0.1", 80, 5, Method.TUN, 1, 2, TunnelType.GUE, 6080, TunnelChecksum.CSUM, AF_INET6)
+    made = make_destination(*args)
+    assert type(made) is Destination and made == Destination(*args[:9], family=AF_INET6)
+    assert hash(made) == hash(Destination(*args[:9], family=AF_INET6))
+    with pytest.raises(AttributeError):
+        made.weight = 1  # type: ignore[misc]
+    key = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
+    dests = tuple(Destination(f"10.0.0.{i}", 80) for i in (1, 2, 10))
+    service = make_sorted_service(key, "mh", 0, 0, 0, dests)
+    assert type(service) is VirtualService and service == VirtualService(key, "mh", destinations=dests[::-1])
+    # The caller's order is kept as given: it must be the canonical one already.
+    assert make_sorted_service(key, "mh", 0, 0, 0, dests[::-1]).destinations == dests[::-1]

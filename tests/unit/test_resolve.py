@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubelvs.core.cluster import Cluster, EndpointState, endpoint_state, trim_endpoint_slice, trim_node, trim_service
 from kubelvs.core.desired import DesiredState, desired_state
-from kubelvs.core.model import AF_INET, Destination, Method, ServiceKey
+from kubelvs.core.model import AF_INET, Destination, Method, ServiceKey, VirtualService, destination_order
 from kubelvs.core.resolve import _slice_port, check_ports_kept
 from kubelvs.core.spec import ObjectRef, PortSpec, SpecError, parse_virtual_server
 from test_spec import KEY, endpoint, eps, service, vs
@@ -273,3 +273,57 @@ def test_junk_in_cluster_objects_never_raises_nor_touches_other_virtual_servers(
         cluster.put_node(node_obj)
     assert state.vips == baseline.vips | {"192.0.2.99": AF_INET}
     assert ServiceKey(AF_INET, 6, "192.0.2.99", 80) in state.services
+
+
+# --- static backends: sorted once per VirtualServer ---------------------------------------------
+
+STATIC_IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.10", "9.0.0.1", "10.0.1.1", "2001:db8::1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    backends=st.lists(
+        st.tuples(
+            st.sampled_from(STATIC_IPS),
+            st.one_of(st.none(), st.integers(1000, 1003)),
+            st.one_of(st.none(), st.integers(0, 3)),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    ports=st.lists(st.integers(1000, 1003), min_size=1, max_size=3, unique=True),
+    method=st.sampled_from(["DR", "TUN", "NAT"]),
+    target_port=st.one_of(st.none(), st.integers(2000, 2001)),
+)
+def test_static_backends_come_out_as_the_constructor_sorts_them(
+    backends: list[tuple[str, int | None, int | None]], ports: list[int], method: str, target_port: int | None
+) -> None:
+    """Each port's real servers are built in the order sorted once per VirtualServer (and the
+    constructor's sort skipped when the addresses are distinct): the services equal those the
+    VirtualService constructor builds, sorting each port's list itself."""
+    addresses = [
+        {"ip": ip, **({} if port is None else {"port": port}), **({} if weight is None else {"weight": weight})}
+        for ip, port, weight in backends
+    ]
+    port_entries = [
+        {"port": p, **({"targetPort": target_port} if method == "NAT" and target_port else {})} for p in ports
+    ]
+    manifest = vs(
+        ports=port_entries, backends={"addresses": addresses}, forwarding={"method": method}, scheduler="mh"
+    )
+    state = desired_state([manifest], Cluster.build([], []))
+    if state.errors:  # refused (a remapped port under DR, an address listed twice): nothing built
+        assert not state.services
+        return
+    assert len(state.services) == len(ports)
+    for service_ in state.services.values():
+        rebuilt = VirtualService(
+            service_.key,
+            service_.scheduler,
+            service_.sched_flags,
+            service_.persistence_timeout,
+            service_.netmask,
+            tuple(reversed(service_.destinations)),
+        )
+        assert rebuilt == service_ and rebuilt.destinations == service_.destinations
+        assert list(service_.destinations) == sorted(service_.destinations, key=destination_order)

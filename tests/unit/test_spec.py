@@ -209,6 +209,23 @@ def test_node_selector() -> None:
         ({"backends": {"addresses": [{"ip": "10.0.0.1", "weight": 70000}]}}, "spec.backends.addresses[0].weight"),
         ({"backends": {"addresses": [{"ip": "2001:db8::1"}]}}, "spec.backends.addresses[0].ip"),
         ({"backends": {"addresses": [{"ip": "10.0.0.1", "port": 8080}]}}, "spec.backends.addresses[0].port"),
+        # NAT: one real server of port 80 twice (port 80 taken by default, then given)...
+        (
+            {
+                "forwarding": {"method": "NAT"},
+                "backends": {"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.1", "port": 80}]},
+            },
+            "spec.backends.addresses[1]",
+        ),
+        # ... and two ports of one address, both sent to the numeric targetPort
+        (
+            {
+                "forwarding": {"method": "NAT"},
+                "ports": [{"port": 80, "targetPort": 8080}],
+                "backends": {"addresses": [{"ip": "10.0.0.1", "port": 81}, {"ip": "10.0.0.1", "port": 82}]},
+            },
+            "spec.backends.addresses[1]",
+        ),
     ],
 )
 def test_invalid_specs_name_the_field(change: dict[str, Any], path: str) -> None:

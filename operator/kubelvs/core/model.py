@@ -10,8 +10,9 @@ import enum
 import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 AF_INET = 2
 AF_INET6 = 10
@@ -132,8 +133,8 @@ class VirtualService:
     def __post_init__(self) -> None:
         # The address last: two spellings of one address (never produced: addresses are
         # canonical text) could not tie and take their input order.
-        ordered = tuple(sorted(self.destinations, key=lambda d: (_addr_sort(d.address), d.port, d.address)))
-        object.__setattr__(self, "destinations", ordered)
+        if len(self.destinations) > 1:
+            object.__setattr__(self, "destinations", tuple(sorted(self.destinations, key=destination_order)))
 
     @property
     def effective_netmask(self) -> int:
@@ -170,6 +171,11 @@ class VirtualService:
             if d.family not in families:
                 return True
         return False
+
+
+def destination_order(d: Destination) -> tuple[tuple[int, int | bytes], int, str]:
+    """The canonical order of a service's real servers: by address value, then port."""
+    return address_order(d.address), d.port, d.address
 
 
 _FAMILIES = frozenset((AF_INET, AF_INET6))
@@ -248,7 +254,7 @@ def format_hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def _addr_sort(address: str) -> tuple[int, int | bytes]:
+def address_order(address: str) -> tuple[int, int | bytes]:
     """An order of addresses: IPv4 by value, then IPv6 by value. Not memoised (a cache of 40,000
     addresses costs ~6 MB). A dotted quad's four octets as bytes order as its value: 0.8 µs a key
     against 1.7 µs for the canonical check and the arithmetic (the sort of a full desired state
@@ -268,3 +274,33 @@ def _addr_sort_other(address: str) -> tuple[int, int | bytes]:
     except ValueError:  # "?..." : an address of an unknown family, read from a foreign entry
         return 0, 0
     return (4, addr.packed) if addr.version == 4 else (6, int(addr))
+
+
+def fast_constructor(cls: type, skip_post_init: bool = False) -> Callable[..., Any]:
+    """A constructor for a frozen slots dataclass that fills the slots directly: half the cost of
+    the generated ``__init__``, which goes through ``object.__setattr__`` once per field (a
+    Destination: 0.9 against 1.6 µs natively; a desired state at 10,000 x 10 makes 100,000, a
+    plan of it 110,000 Operations). Positional arguments, all of them, in field order. The result
+    is the dataclass's own instance, frozen as ever. A class with ``__post_init__`` gets its own
+    constructor back, unless ``skip_post_init``: then the caller guarantees what it would do."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    slots = getattr(cls, "__slots__", ())
+    if (hasattr(cls, "__post_init__") and not skip_post_init) or tuple(fields) != tuple(slots):
+        return cls
+    setters = [getattr(cls, name).__set__ for name in slots]
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    namespace.update({f"_s{i}": setter for i, setter in enumerate(setters)})
+    args = ", ".join(f"a{i}" for i in range(len(setters)))
+    body = "; ".join(f"_s{i}(o, a{i})" for i in range(len(setters)))
+    exec(f"def make({args}):\n    o = _new(_cls); {body}; return o", namespace)
+    return namespace["make"]  # type: ignore[no-any-return]
+
+
+# Destination(address, port, weight, method, upper_threshold, lower_threshold, tunnel_type,
+# tunnel_port, tunnel_checksum, family), every argument given, in this order.
+make_destination = fast_constructor(Destination)
+
+# VirtualService(key, scheduler, sched_flags, persistence_timeout, netmask, destinations), every
+# argument given, for destinations the caller has put in canonical order (destination_order)
+# already: the constructor's sort is skipped.
+make_sorted_service = fast_constructor(VirtualService, skip_post_init=True)

@@ -21,6 +21,7 @@ from kubelvs.core.model import (
     Protocol,
     TunnelChecksum,
     TunnelType,
+    format_hostport,
     normalize_address,
 )
 
@@ -394,4 +395,24 @@ def _parse_addresses(
             raise f.fail(f"{path}.ip", f"{address} is listed twice")
         seen.add(identity)
         backends.append(StaticBackend(address, port, weight))
+    if method is Method.NAT:
+        _refuse_colliding_nat_backends(f, backends, ports)
     return tuple(backends)
+
+
+def _refuse_colliding_nat_backends(f: _Fields, backends: list[StaticBackend], ports: tuple[PortSpec, ...]) -> None:
+    """Under NAT two entries of one address can still name one real server of a port: one
+    without a port (it takes the port's targetPort, else the port) and one with that port, or any
+    two under a numeric targetPort (which every real server of the port then listens on). The
+    kernel would refuse the second as a duplicate: refuse the VirtualServer instead, naming both."""
+    for entry in ports:
+        first_of: dict[tuple[str, int], int] = {}
+        for i, backend in enumerate(backends):
+            port = entry.target_port if isinstance(entry.target_port, int) else backend.port or entry.port
+            earlier = first_of.setdefault((backend.address, port), i)
+            if earlier != i:
+                raise f.fail(
+                    f"spec.backends.addresses[{i}]",
+                    f"is the real server {format_hostport(backend.address, port)} of port {entry.port} again "
+                    f"(as addresses[{earlier}])",
+                )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import operator
 import socket
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from kubelvs.core.model import (
@@ -35,6 +34,8 @@ from kubelvs.core.model import (
     TunnelChecksum,
     TunnelType,
     VirtualService,
+    fast_constructor,
+    make_destination,
 )
 from kubelvs.kernel.codec import (
     _HEADER,
@@ -168,26 +169,9 @@ class _Layout:
         return [(top, nest, kind) for kind in range(1, STATS_FIELDS + 1)]
 
 
-def _fast_constructor(cls: type) -> Callable[..., Any]:
-    """A constructor for a frozen slots dataclass without ``__post_init__`` that fills the slots
-    directly (half the cost of the generated ``__init__``, which goes through
-    ``object.__setattr__`` once per field). Positional arguments, all of them, in field order."""
-    fields = getattr(cls, "__dataclass_fields__", {})
-    slots = getattr(cls, "__slots__", ())
-    if hasattr(cls, "__post_init__") or tuple(fields) != tuple(slots):
-        return cls
-    setters = [getattr(cls, name).__set__ for name in slots]
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    namespace.update({f"_s{i}": setter for i, setter in enumerate(setters)})
-    args = ", ".join(f"a{i}" for i in range(len(setters)))
-    body = "; ".join(f"_s{i}(o, a{i})" for i in range(len(setters)))
-    exec(f"def make({args}):\n    o = _new(_cls); {body}; return o", namespace)
-    return namespace["make"]  # type: ignore[no-any-return]
-
-
-_make_destination = _fast_constructor(Destination)
-_make_counters = _fast_constructor(Counters)
-_make_dest_counters = _fast_constructor(DestCounters)
+_make_destination = make_destination
+_make_counters = fast_constructor(Counters)
+_make_dest_counters = fast_constructor(DestCounters)
 _from_bytes = int.from_bytes
 
 
