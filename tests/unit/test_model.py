@@ -1,9 +1,11 @@
 """Addresses: the fast path for dotted quads gives what ipaddress (and the full checks) give;
-the fast constructors build what the dataclasses build."""
+value classes are frozen to the type checker and built fast."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -19,10 +21,10 @@ from kubelvs.core.model import (
     TunnelType,
     VirtualService,
     address_order,
-    make_destination,
     make_sorted_service,
     normalize_address,
 )
+from mypy import api as mypy_api
 
 
 def _reference(text: str) -> tuple[int, str] | None:
@@ -77,16 +79,43 @@ def test_leading_zeros_are_refused_as_ipaddress_does() -> None:
     assert normalize_address(" 10.0.0.1\n") == (AF_INET, "10.0.0.1")
 
 
-def test_fast_constructors_build_what_the_dataclasses_build() -> None:
-    args = ("10.0.0.1", 80, 5, Method.TUN, 1, 2, TunnelType.GUE, 6080, TunnelChecksum.CSUM, AF_INET6)
-    made = make_destination(*args)
-    assert type(made) is Destination and made == Destination(*args[:9], family=AF_INET6)
-    assert hash(made) == hash(Destination(*args[:9], family=AF_INET6))
-    with pytest.raises(AttributeError):
-        made.weight = 1  # type: ignore[misc]
+def test_a_service_built_from_sorted_real_servers_is_the_one_the_constructor_builds() -> None:
     key = ServiceKey(AF_INET, 6, "192.0.2.1", 80)
     dests = tuple(Destination(f"10.0.0.{i}", 80) for i in (1, 2, 10))
     service = make_sorted_service(key, "mh", 0, 0, 0, dests)
     assert type(service) is VirtualService and service == VirtualService(key, "mh", destinations=dests[::-1])
+    assert hash(service) == hash(VirtualService(key, "mh", destinations=dests))
     # The caller's order is kept as given: it must be the canonical one already.
     assert make_sorted_service(key, "mh", 0, 0, 0, dests[::-1]).destinations == dests[::-1]
+
+
+def test_value_classes_are_equal_and_hashed_by_value() -> None:
+    args = ("10.0.0.1", 80, 5, Method.TUN, 1, 2, TunnelType.GUE, 6080, TunnelChecksum.CSUM, AF_INET6)
+    assert Destination(*args) == Destination(*args) and hash(Destination(*args)) == hash(Destination(*args))
+    assert Destination(*args) != Destination("10.0.0.2", *args[1:])
+    assert Destination(*args).__slots__ == tuple(f.name for f in dataclasses.fields(Destination))
+
+
+def test_value_classes_are_frozen_to_the_type_checker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Destination and Operation are not frozen at run time (see value_class): mypy must refuse
+    every assignment to their fields, and accept reading them."""
+    snippet = tmp_path / "assigns.py"
+    snippet.write_text(
+        "from kubelvs.core.model import Destination\n"
+        "from kubelvs.core.plan import Operation, Verb\n"
+        "d = Destination('10.0.0.1', 80)\n"
+        "d.weight = 2\n"
+        "op = Operation(Verb.ADD_DEST, None, d)  # type: ignore[arg-type]\n"
+        "op.dest = None\n"
+        "weight: int = d.weight\n"
+    )
+    monkeypatch.setenv("MYPYPATH", str(Path(__file__).parents[2] / "operator"))
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\n")
+    out, _, status = mypy_api.run(
+        ["--no-incremental", "--config-file", str(config), "--follow-imports", "silent", str(snippet)]
+    )
+    assert status == 1, out
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert [line.split(":")[1] for line in errors] == ["4", "6"], out
+    assert all("read-only" in line for line in errors), out

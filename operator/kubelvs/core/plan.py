@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Container, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 
-from kubelvs.core.model import Destination, DestKey, IPVSState, ServiceKey, VirtualService, fast_constructor
+from kubelvs.core.model import Destination, DestKey, IPVSState, ServiceKey, VirtualService, value_class
 from kubelvs.core.resolve import Resolution
 from kubelvs.core.spec import ObjectRef
 
@@ -32,7 +32,7 @@ class Verb(enum.Enum):
     DELETE_DEST = "delete-dest"
 
 
-@dataclass(frozen=True, slots=True)
+@value_class  # a full plan makes one per real server
 class Operation:
     verb: Verb
     service: VirtualService  # for service verbs its settings; for dest verbs only the key matters
@@ -47,8 +47,6 @@ class Operation:
         return f"{self.verb.value} {target}"
 
 
-# Operation(verb, service, dest), every argument given: a full plan makes one per real server.
-_make_operation = fast_constructor(Operation)
 _VERB_OF = operator.attrgetter("verb")
 
 
@@ -99,8 +97,8 @@ def plan(
                 deletes.append(Operation(Verb.DELETE_SERVICE, have.without_destinations()))
             continue
         if have is None:
-            adds.append(_make_operation(Verb.ADD_SERVICE, want.without_destinations(), None))
-            adds.extend(map(functools.partial(_make_operation, Verb.ADD_DEST, want), want.destinations))
+            adds.append(Operation(Verb.ADD_SERVICE, want.without_destinations()))
+            adds.extend(map(functools.partial(Operation, Verb.ADD_DEST, want), want.destinations))
             continue
         if not want.same_settings(have):
             edits.append(Operation(Verb.EDIT_SERVICE, want))  # its settings are encoded, not its real servers

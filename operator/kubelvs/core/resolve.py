@@ -23,7 +23,6 @@ from kubelvs.core.model import (
     ServiceKey,
     VirtualService,
     address_order,
-    make_destination,
     make_sorted_service,
 )
 from kubelvs.core.spec import MAX_WEIGHT, Obj, ObjectRef, PortSpec, SpecError, StaticBackend, VirtualServerSpec
@@ -290,7 +289,7 @@ def _backend_port(vs: VirtualServerSpec, entry: PortSpec, endpoint_port: int | N
 
 def _destination(vs: VirtualServerSpec, address: str, port: int, weight: int) -> Destination:
     family = AF_INET6 if ":" in address else AF_INET  # address is normalised text already
-    return make_destination(
+    return Destination(
         address,
         port,
         weight,

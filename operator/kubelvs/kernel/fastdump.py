@@ -35,7 +35,6 @@ from kubelvs.core.model import (
     TunnelType,
     VirtualService,
     fast_constructor,
-    make_destination,
 )
 from kubelvs.kernel.codec import (
     _HEADER,
@@ -169,7 +168,7 @@ class _Layout:
         return [(top, nest, kind) for kind in range(1, STATS_FIELDS + 1)]
 
 
-_make_destination = make_destination
+_make_destination = Destination  # a value_class: its own constructor is the fast one
 _make_counters = fast_constructor(Counters)
 _make_dest_counters = fast_constructor(DestCounters)
 _from_bytes = int.from_bytes
