@@ -136,6 +136,18 @@ def test_vip_answers_only_on_its_service_ports(topo: Topology, tmp_path: Path, f
             assert vipfilter._generation() == generation
             assert foreign_tables(topo) == foreign
 
+            # Begun in the background (a full sync starts it before programming IPVS): a sync
+            # with the same mapping then applies nothing more; with another, that one.
+            begun = {vip: {(TCP, 80), (UDP, 53), (TCP, 81)}}
+            vipfilter.begin(begun)
+            vipfilter.sync(begun)
+            assert vipfilter._generation() == generation + 1
+            vipfilter.begin({vip: {(TCP, 82)}})
+            vipfilter.sync({vip: {(TCP, 80), (UDP, 53)}})
+            assert vipfilter._generation() == generation + 3
+            assert blocked(topo.client_get(vip, HOST_TCP, timeout=2))
+            assert alternates(topo.client_get(vip, 80, 4), topo.real_servers)
+
             # A firewall reload wipes every table: the next sync puts the filter back.
             nft(topo, "flush", "ruleset")
             vipfilter.sync({vip: {(TCP, 80), (UDP, 53)}})

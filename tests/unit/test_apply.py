@@ -12,6 +12,7 @@ from fakes import FakeIPVS, FakeVips, Faults, Killed
 from kubelvs.apply import CachedReconciler, Reconciler, adopt
 from kubelvs.core.desired import DesiredState, desired_state
 from kubelvs.core.model import AF_INET, Destination, ServiceKey, VirtualService
+from kubelvs.core.plan import Operation
 from kubelvs.core.spec import ObjectRef
 from kubelvs.kernel.ipvs import IPVSError
 from kubelvs.state.ownership import CachedStore, Identity, OwnershipStore
@@ -310,12 +311,16 @@ def test_adopt_rebuilds_a_lost_record(tmp_path: Path) -> None:
 class RecordingFilter:
     def __init__(self, fail: bool = False) -> None:
         self.calls: list[dict[str, set[tuple[int, int]]]] = []
+        self.begun: list[dict[str, set[tuple[int, int]]]] = []
         self.fail = fail
 
     def sync(self, allowed: Any) -> None:
         self.calls.append({vip: set(ports) for vip, ports in allowed.items()})
         if self.fail:
             raise RuntimeError("nft: No such file or directory")
+
+    def begin(self, allowed: Any) -> None:
+        self.begun.append({vip: set(ports) for vip, ports in allowed.items()})
 
 
 def test_the_port_filter_allows_exactly_the_service_ports_of_owned_vips(tmp_path: Path) -> None:
@@ -329,12 +334,33 @@ def test_the_port_filter_allows_exactly_the_service_ports_of_owned_vips(tmp_path
     reconciler.sync(desired)
     # The foreign VIP (not kubelvs's address) is not filtered at all.
     assert port_filter.calls == [{"192.0.2.1": {(6, 80), (6, 81), (17, 53)}, "192.0.2.2": {(6, 80)}}]
+    # The full sync began the same mapping before programming IPVS (nft beside the applier).
+    assert port_filter.begun == port_filter.calls
     reconciler.sync(desired, only=[ObjectRef("ns", "b")])  # incremental, nothing changed: no call
     assert len(port_filter.calls) == 1
     reconciler.sync(desired)  # a full sync applies again (repairs a flushed ruleset)
-    assert len(port_filter.calls) == 2
+    assert len(port_filter.calls) == 2 and len(port_filter.begun) == 1  # nothing new to begin
     reconciler.sync(DesiredState())  # everything removed: the VIPs go, and so does the filter
-    assert port_filter.calls[-1] == {}
+    assert port_filter.calls[-1] == {} and port_filter.begun[-1] == {}
+
+
+def test_the_filter_begun_before_a_failed_add_is_corrected_by_the_sync(tmp_path: Path) -> None:
+    """The filter begun assumes every operation succeeds; a service the kernel refused is not
+    allowed by the one the sync then applies."""
+    refused = ServiceKey(AF_INET, 6, "192.0.2.1", 81)
+
+    class Refusing(FakeIPVS):
+        def _refusal(self, op: Operation) -> int:
+            return errno.EINVAL if op.key == refused else super()._refusal(op)
+
+    ipvs, vips = Refusing(services={FOREIGN_KEY: FOREIGN}), FakeVips(present={FOREIGN_VIP: 0})
+    port_filter = RecordingFilter()
+    report = Reconciler(ipvs, store(tmp_path), vips, port_filter).sync(
+        desired_state([static_vs("a", "192.0.2.1", 80, 81)])
+    )
+    assert not report.ok
+    assert port_filter.begun == [{"192.0.2.1": {(6, 80), (6, 81)}}]
+    assert port_filter.calls == [{"192.0.2.1": {(6, 80)}}]
 
 
 def test_a_port_filter_failure_is_reported_not_raised(tmp_path: Path) -> None:

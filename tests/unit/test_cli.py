@@ -25,6 +25,9 @@ class PortFilter:
     def sync(self, allowed: Any) -> None:
         self.allowed = {vip: set(ports) for vip, ports in allowed.items()}
 
+    def begin(self, allowed: Any) -> None:
+        pass
+
 
 class Kernel:
     """The same shape as cli.real_kernel: (IPVS client, VIP interface, VIP port filter)."""

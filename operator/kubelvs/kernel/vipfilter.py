@@ -62,7 +62,9 @@ import ipaddress
 import shutil
 import struct
 import subprocess
+import threading
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
 
 from kubelvs.kernel.netns import netlink_socket
@@ -188,6 +190,15 @@ def parse_genid(data: bytes) -> int | None:
     return None
 
 
+@dataclass(slots=True)
+class _Background:
+    """A sync begun in the background: the mapping it applies, its thread, how it ended."""
+
+    snapshot: dict[str, frozenset[tuple[int, int]]]
+    thread: threading.Thread | None = None
+    error: VipFilterError | None = None
+
+
 class VipPortFilter:
     """The ``inet kubelvs`` table of one network namespace (``netns``: a name under /run/netns or
     a path, as in ``kernel.netns``; None: this process's)."""
@@ -197,6 +208,7 @@ class VipPortFilter:
         # What the last sync applied, and the ruleset's generation id right after it.
         self._applied: dict[str, frozenset[tuple[int, int]]] | None = None
         self._genid: int | None = None
+        self._background: _Background | None = None
 
     def sync(self, allowed: Mapping[str, Collection[tuple[int, int]]]) -> None:
         """allowed: VIP text (canonical, as kubelvs.core.model.normalize_address gives) -> {(protocol
@@ -206,12 +218,47 @@ class VipPortFilter:
         Raises ValueError for a bad VIP, protocol or port (nothing applied), VipFilterError when
         nft fails (the kernel keeps what it had)."""
         snapshot = {vip: frozenset(ports) for vip, ports in allowed.items()}
+        background = self._join_background()
+        if background is not None and background.snapshot == snapshot and background.error is None:
+            self._applied, self._genid = snapshot, self._generation()  # begun with this very mapping
+            return
         if snapshot == self._applied and self._genid is not None and self._generation() == self._genid:
             return
         self._apply(render_sync(allowed), snapshot)
 
+    def begin(self, allowed: Mapping[str, Collection[tuple[int, int]]]) -> None:
+        """Start what ``sync(allowed)`` would do and return at once: nft runs in its own process
+        (a thread only waits for it), so a large sync can program IPVS meanwhile. The next
+        ``sync`` waits for it, and has nothing left to do when asked for the same mapping; any
+        error is that sync's (it applies again, and raises)."""
+        self._join_background()
+        snapshot = {vip: frozenset(ports) for vip, ports in allowed.items()}
+        if snapshot == self._applied and self._genid is not None and self._generation() == self._genid:
+            return
+        try:
+            script = render_sync(allowed)
+        except ValueError:
+            return  # the sync raises it
+        self._applied = None
+        background = self._background = _Background(snapshot)
+        background.thread = threading.Thread(target=self._run_in_background, args=(background, script), daemon=True)
+        background.thread.start()
+
+    def _run_in_background(self, background: _Background, script: str) -> None:
+        try:
+            self._run(script)
+        except VipFilterError as error:
+            background.error = error
+
+    def _join_background(self) -> _Background | None:
+        background, self._background = self._background, None
+        if background is not None and background.thread is not None:
+            background.thread.join()
+        return background
+
     def remove(self) -> None:
         """Delete the table (nothing if there is none)."""
+        self._join_background()
         self._apply(render_remove(), {})
 
     # ---------------------------------------------------------------------------- internals
