@@ -9,7 +9,8 @@ import struct
 from dataclasses import replace
 from typing import Any
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from kubelvs.core.model import (
     AF_INET,
@@ -27,7 +28,7 @@ from kubelvs.core.model import (
 )
 from kubelvs.core.plan import Operation, Verb, plan
 from kubelvs.kernel import codec, fastdump
-from kubelvs.kernel.ipvs import _encode
+from kubelvs.kernel.ipvs import _encode, _encode_batch
 from kubelvs.kernel.messages import IPVSMessage
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 
@@ -214,6 +215,44 @@ def test_fast_encoder_equals_table_encoder_and_pyroute2(state: list[VirtualServi
         fast = _encode(encoder, op, seq, flags)
         assert fast == _generic(op, seq, flags), op
         assert _without_nested_flag(fast) == _pyroute2(op, seq, flags), op
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(services_with_dests(), min_size=1, max_size=4),
+    st.lists(st.sampled_from(list(Verb)), min_size=1, max_size=3),
+    st.integers(1, 2**31 - 2**12),
+    st.integers(0, 20),
+    st.integers(1, 2000),
+)
+def test_batch_encoding_equals_one_request_at_a_time(
+    state: list[VirtualService], verbs: list[Verb], seq: int, start: int, max_bytes: int
+) -> None:
+    """_encode_batch (runs of real servers of one service encoded together) gives the bytes of
+    _encode for each operation in turn, stops where the byte budget ends (never before the first
+    request), and leaves a malformed operation to _encode (which raises)."""
+    ops = [
+        Operation(verb, service, dest)
+        for service in state
+        for verb in verbs
+        for dest in (service.destinations if verb in (Verb.ADD_DEST, Verb.EDIT_DEST, Verb.DELETE_DEST) else (None,))
+    ]
+    assume(ops)
+    start = min(start, len(ops) - 1)
+    encoder = codec.RequestEncoder(FAMILY_ID)
+    one_at_a_time = [_encode(encoder, op, seq + i, NLM_F_REQUEST) for i, op in enumerate(ops[start:])]
+    chunks, size = _encode_batch(codec.RequestEncoder(FAMILY_ID), ops, start, len(ops), seq, NLM_F_REQUEST, max_bytes)
+    fit = 1
+    while fit < len(one_at_a_time) and sum(map(len, one_at_a_time[: fit + 1])) <= max_bytes:
+        fit += 1
+    assert chunks == one_at_a_time[:fit] and size == sum(map(len, chunks))
+
+
+def test_a_malformed_operation_in_a_run_raises() -> None:
+    service = VirtualService(ServiceKey(2, 6, "192.0.2.1", 80), "rr", destinations=(Destination("10.0.0.1", 80),))
+    ops = [Operation(Verb.ADD_DEST, service, service.destinations[0]), Operation(Verb.ADD_DEST, service)]
+    with pytest.raises(ValueError, match="without a real server"):
+        _encode_batch(codec.RequestEncoder(FAMILY_ID), ops, 0, 2, 1, NLM_F_REQUEST, 1 << 20)
 
 
 def test_struct_formats_are_derived_from_the_tables() -> None:

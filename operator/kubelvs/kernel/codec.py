@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kubelvs.core.model import (
@@ -311,77 +311,102 @@ class RequestEncoder:
         return entry
 
     def dest(self, cmd: int, service: VirtualService, dest: Destination, full: bool, seq: int, flags: int) -> bytes:
+        return self.dests(cmd, service, (dest,), full, seq, flags)[0]
+
+    def dests(
+        self, cmd: int, service: VirtualService, dests: Iterable[Destination], full: bool, seq: int, flags: int
+    ) -> list[bytes]:
+        """The requests for real servers of one service, sequence numbers from ``seq`` on: the
+        service's key and the message layout are looked up once for the run (a full plan's
+        real-server requests come ten or more to a service), each request is one pack."""
         key = self.service_key(service)
-        family = dest.family or service.key.family
-        addr = _pton(family, dest.address)
-        entry = self._structs.get((len(key), len(addr), full))
-        st, size = entry if entry is not None else self._struct(len(key), len(addr), full)
-        if full:
-            return st.pack(
-                st.size,
-                self.family_id,
-                flags,
-                seq,
-                0,
-                cmd,
-                GENL_VERSION,
-                0,
-                key,
-                size,
-                CMD_ATTR_DEST | NLA_F_NESTED,
-                4 + len(addr),
-                DEST_ADDR,
-                addr,
-                6,
-                DEST_PORT,
-                _htons(dest.port),
-                8,
-                DEST_FWD_METHOD,
-                dest.method,
-                8,
-                DEST_WEIGHT,
-                dest.weight,
-                8,
-                DEST_U_THRESH,
-                dest.upper_threshold,
-                8,
-                DEST_L_THRESH,
-                dest.lower_threshold,
-                6,
-                DEST_ADDR_FAMILY,
-                family,
-                5,
-                DEST_TUN_TYPE,
-                dest.tunnel_type,
-                6,
-                DEST_TUN_PORT,
-                _htons(dest.tunnel_port),
-                6,
-                DEST_TUN_FLAGS,
-                dest.tunnel_checksum,
-            )
-        return st.pack(
-            st.size,
-            self.family_id,
-            flags,
-            seq,
-            0,
-            cmd,
-            GENL_VERSION,
-            0,
-            key,
-            size,
-            CMD_ATTR_DEST | NLA_F_NESTED,
-            4 + len(addr),
-            DEST_ADDR,
-            addr,
-            6,
-            DEST_PORT,
-            _htons(dest.port),
-            6,
-            DEST_ADDR_FAMILY,
-            family,
-        )
+        service_family = service.key.family
+        family_id = self.family_id
+        nest = CMD_ATTR_DEST | NLA_F_NESTED
+        layouts: dict[int, tuple[struct.Struct, int, int]] = {}  # address family -> (struct, nest size, addr attr size)
+        encoded: list[bytes] = []
+        for dest in dests:
+            family = dest.family or service_family
+            layout = layouts.get(family)
+            if layout is None:
+                addr_size = 4 if family == AF_INET else 16
+                entry = self._structs.get((len(key), addr_size, full))
+                st, size = entry if entry is not None else self._struct(len(key), addr_size, full)
+                layout = layouts[family] = (st, size, 4 + addr_size)
+            st, size, addr_attr = layout
+            if full:
+                encoded.append(
+                    st.pack(
+                        st.size,
+                        family_id,
+                        flags,
+                        seq,
+                        0,
+                        cmd,
+                        GENL_VERSION,
+                        0,
+                        key,
+                        size,
+                        nest,
+                        addr_attr,
+                        DEST_ADDR,
+                        _pton(family, dest.address),
+                        6,
+                        DEST_PORT,
+                        _htons(dest.port),
+                        8,
+                        DEST_FWD_METHOD,
+                        dest.method,
+                        8,
+                        DEST_WEIGHT,
+                        dest.weight,
+                        8,
+                        DEST_U_THRESH,
+                        dest.upper_threshold,
+                        8,
+                        DEST_L_THRESH,
+                        dest.lower_threshold,
+                        6,
+                        DEST_ADDR_FAMILY,
+                        family,
+                        5,
+                        DEST_TUN_TYPE,
+                        dest.tunnel_type,
+                        6,
+                        DEST_TUN_PORT,
+                        _htons(dest.tunnel_port),
+                        6,
+                        DEST_TUN_FLAGS,
+                        dest.tunnel_checksum,
+                    )
+                )
+            else:
+                encoded.append(
+                    st.pack(
+                        st.size,
+                        family_id,
+                        flags,
+                        seq,
+                        0,
+                        cmd,
+                        GENL_VERSION,
+                        0,
+                        key,
+                        size,
+                        nest,
+                        addr_attr,
+                        DEST_ADDR,
+                        _pton(family, dest.address),
+                        6,
+                        DEST_PORT,
+                        _htons(dest.port),
+                        6,
+                        DEST_ADDR_FAMILY,
+                        family,
+                    )
+                )
+            seq += 1
+        return encoded
 
     def get_dests(self, key: ServiceKey, seq: int) -> bytes:
         """The GET_DEST dump request for the real servers of ``key``."""

@@ -123,6 +123,45 @@ def _encode(encoder: codec.RequestEncoder, op: Operation, seq: int, flags: int) 
     return encoder.service(_SERVICE_COMMANDS[verb], op.service, verb is not Verb.DELETE_SERVICE, seq, flags)
 
 
+def _encode_batch(
+    encoder: codec.RequestEncoder,
+    ops: Sequence[Operation],
+    start: int,
+    end: int,
+    first: int,
+    flags: int,
+    max_bytes: int,
+) -> tuple[list[bytes], int]:
+    """The requests for ``ops[start:end]`` (sequence numbers from ``first`` on), or for as many
+    of them as fit in ``max_bytes`` (at least one), and their size. Runs of real-server
+    operations of one verb and one service are encoded together (RequestEncoder.dests)."""
+    chunks: list[bytes] = []
+    size = 0
+    index = start
+    while index < end:
+        op = ops[index]
+        verb = op.verb
+        cmd = _DEST_COMMANDS.get(verb)
+        if cmd is None or op.dest is None:
+            encoded = [_encode(encoder, op, first + index - start, flags)]
+        else:
+            service = op.service
+            run_end = index + 1
+            while run_end < end and (after := ops[run_end]).service is service and after.verb is verb:
+                if after.dest is None:
+                    break  # a malformed operation: encoded on its own, _encode raises for it
+                run_end += 1
+            run: list[Destination] = [o.dest for o in ops[index:run_end]]  # type: ignore[misc]
+            encoded = encoder.dests(cmd, service, run, verb is not Verb.DELETE_DEST, first + index - start, flags)
+        for chunk in encoded:
+            if chunks and size + len(chunk) > max_bytes:
+                return chunks, size
+            chunks.append(chunk)
+            size += len(chunk)
+        index += len(encoded)
+    return chunks, size
+
+
 def encode(op: Operation, family_id: int, seq: int) -> bytes:
     """The request for one operation (asking for an acknowledgement)."""
     return _encode(codec.RequestEncoder(family_id), op, seq, codec.NLM_F_REQUEST | codec.NLM_F_ACK)
@@ -415,16 +454,9 @@ class IPVSClient:
             if self._seq + self.batch_size >= 0x7FFFFFFF:
                 self._seq = 0  # keep a batch's sequence numbers consecutive
             first = self._seq + 1
-            chunks: list[bytes] = []
-            size = 0
-            end = min(total, start + self.batch_size)
-            for index in range(start, end):
-                chunk = _encode(encoder, ops[index], first + index - start, flags)
-                if chunks and size + len(chunk) > self.max_send:
-                    end = index
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
+            chunks, size = _encode_batch(
+                encoder, ops, start, min(total, start + self.batch_size), first, flags, self.max_send
+            )
             # The last request of the batch asks for the acknowledgement that closes it.
             data = bytearray().join(chunks)
             _FLAGS.pack_into(data, size - len(chunks[-1]) + 6, flags | codec.NLM_F_ACK)
