@@ -327,3 +327,10 @@ def test_static_backends_come_out_as_the_constructor_sorts_them(
         )
         assert rebuilt == service_ and rebuilt.destinations == service_.destinations
         assert list(service_.destinations) == sorted(service_.destinations, key=destination_order)
+        # Each backend's port: its own, else the VIP port's; under NAT a numeric targetPort for all.
+        nat_target = target_port if method == "NAT" and target_port else None
+        expected = sorted(
+            (ip, nat_target or port or service_.key.port, 1 if weight is None else weight)
+            for ip, port, weight in backends
+        )
+        assert sorted((d.address, d.port, d.weight) for d in service_.destinations) == expected
