@@ -318,7 +318,8 @@ class RequestEncoder:
     ) -> list[bytes]:
         """The requests for real servers of one service, sequence numbers from ``seq`` on: the
         service's key and the message layout are looked up once for the run (a full plan's
-        real-server requests come ten or more to a service), each request is one pack."""
+        real-server requests come ten or more to a service), each request one pack (a delete,
+        which names the real server only, is rare and goes by the attribute tables)."""
         key = self.service_key(service)
         service_family = service.key.family
         family_id = self.family_id
@@ -328,13 +329,13 @@ class RequestEncoder:
         for dest in dests:
             family = dest.family or service_family
             layout = layouts.get(family)
-            if layout is None:
+            if layout is None and full:
                 addr_size = 4 if family == AF_INET else 16
                 entry = self._structs.get((len(key), addr_size, full))
                 st, size = entry if entry is not None else self._struct(len(key), addr_size, full)
                 layout = layouts[family] = (st, size, 4 + addr_size)
-            st, size, addr_attr = layout
-            if full:
+            if layout is not None:
+                st, size, addr_attr = layout
                 encoded.append(
                     st.pack(
                         st.size,
@@ -380,31 +381,9 @@ class RequestEncoder:
                         dest.tunnel_checksum,
                     )
                 )
-            else:
-                encoded.append(
-                    st.pack(
-                        st.size,
-                        family_id,
-                        flags,
-                        seq,
-                        0,
-                        cmd,
-                        GENL_VERSION,
-                        0,
-                        key,
-                        size,
-                        nest,
-                        addr_attr,
-                        DEST_ADDR,
-                        _pton(family, dest.address),
-                        6,
-                        DEST_PORT,
-                        _htons(dest.port),
-                        6,
-                        DEST_ADDR_FAMILY,
-                        family,
-                    )
-                )
+            else:  # a delete names the real server only: rare, encoded by the attribute tables
+                attrs = nested(CMD_ATTR_DEST, dest_attrs(dest, service_family, full=False))
+                encoded.append(message(family_id, cmd, key + attrs, seq, flags))
             seq += 1
         return encoded
 
