@@ -209,7 +209,7 @@ class Reconciler:
         """Before a full sync's effects: start applying the port filter it will most likely end
         with (every operation succeeding), so that nft runs in its own process while IPVS is
         programmed. At 10,000 services nft takes about a second under emulation, beside the
-        applier's six. :meth:`_filter_ports` then syncs what really came out: the same mapping
+        applier's five to seven. :meth:`_filter_ports` then syncs what really came out: the same mapping
         costs nothing more, another one is applied then."""
         if self.port_filter is None:
             return

@@ -68,28 +68,28 @@ class _PlainDataLoader(_LOADER):  # type: ignore[misc,valid-type]
             return super().construct_document(node)
 
     def _plain(self, node: Any, depth: int) -> Any:
-        tag = node.tag
-        if tag == _STR:
-            return node.value
-        if depth > _MAX_DEPTH:
-            raise _NotPlain
-        if tag == _MAP:
-            data = {}
-            for key_node, value_node in node.value:
-                if key_node.tag != _STR:  # a merge key, a number or a mapping as a key: PyYAML's rules
-                    raise _NotPlain
-                data[key_node.value] = self._plain(value_node, depth + 1)
-            return data
-        if tag == _SEQ:
-            return [self._plain(item, depth + 1) for item in node.value]
-        if tag == _INT:
-            text = node.value
-            if text.isascii() and text.isdigit() and (text[0] != "0" or text == "0"):  # else 0x, 0o, 1_000, 1:30, -1
-                return int(text)
-            return self.construct_yaml_int(node)
-        if tag in _SCALAR_TAGS:
-            return self.yaml_constructors[tag](self, node)
-        raise _NotPlain
+        tag, kind = node.tag, type(node)
+        if kind is yaml.ScalarNode:
+            if tag == _STR:
+                return node.value
+            if tag == _INT:
+                text = node.value
+                if text.isascii() and text.isdigit() and (text[0] != "0" or text == "0"):  # not 0x1f, 017, 1_000, -1
+                    return int(text)
+                return self.construct_yaml_int(node)
+            if tag in _SCALAR_TAGS:
+                return self.yaml_constructors[tag](self, node)
+        elif depth <= _MAX_DEPTH:
+            if kind is yaml.MappingNode and tag == _MAP:
+                data = {}
+                for key_node, value_node in node.value:
+                    if type(key_node) is not yaml.ScalarNode or key_node.tag != _STR:  # a merge key, a number...
+                        raise _NotPlain
+                    data[key_node.value] = self._plain(value_node, depth + 1)
+                return data
+            if kind is yaml.SequenceNode and tag == _SEQ:
+                return [self._plain(item, depth + 1) for item in node.value]
+        raise _NotPlain  # another tag, a tag on a node of another kind (!!str {a: 1}), too deep
 
 
 @dataclass(slots=True)

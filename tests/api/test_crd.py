@@ -295,6 +295,25 @@ BAD = [
         spec(V6, backends={"addresses": [{"ip": "2001:db8::21"}, {"ip": "2001:DB8:0:0::21"}]}),
         "spec.backends.addresses[1]",
     ),
+    Bad(
+        "nat-real-server-twice-default-port",
+        spec(
+            forwarding={"method": "NAT"},
+            backends={"addresses": [{"ip": "192.0.2.21"}, {"ip": "192.0.2.21", "port": 80}]},
+        ),
+        "spec.backends.addresses[1]",
+    ),
+    Bad(
+        "nat-real-server-twice-numeric-target-port",
+        spec(
+            forwarding={"method": "NAT"},
+            ports=[{"name": "http", "port": 80, "targetPort": 8080}],
+            backends={
+                "addresses": [{"ip": "192.0.2.21", "port": 81}, {"ip": "192.0.2.22"}, {"ip": "192.0.2.21", "port": 82}]
+            },
+        ),
+        "spec.backends.addresses[2]",
+    ),
     Bad("directors-nodeSelector-list", spec(directors={"nodeSelector": ["a=b"]}), "spec.directors.nodeSelector"),
     # unknown fields: refused by the decoder with fieldValidation=Strict (400 BadRequest, not 422)
     Bad(
@@ -803,10 +822,19 @@ def valid_specs(draw: st.DrawFn) -> dict[str, Any]:
                 entry["port"] = port
             if draw(st.booleans()):
                 entry["weight"] = draw(st.integers(0, 65535))
-            # DR and TUN always use the virtual port, so there an ip is one real server.
-            key = (ipaddress.ip_address(address), port if effective == "NAT" else None)
-            if key not in seen:
-                seen.add(key)
+            # DR and TUN always use the virtual port, so there an ip is one real server; under NAT
+            # an entry is a real server per virtual port (its own port, else the numeric
+            # targetPort or the virtual port), none of which another entry may name again.
+            ip = ipaddress.ip_address(address)
+            if effective == "NAT":
+                keys = {
+                    (k, ip, p["targetPort"] if isinstance(p.get("targetPort"), int) else port or p["port"])
+                    for k, p in enumerate(ports)
+                }
+            else:
+                keys = {(ip, None)}
+            if not keys & seen:
+                seen |= keys
                 entries.append(entry)
         backends["addresses"] = entries
         if draw(st.booleans()):

@@ -89,6 +89,13 @@ def test_other_documents_load_as_the_safe_loader_loads_them(text: str) -> None:
         "a: &x [*x]\n",  # a recursive alias: a safe loader builds it, then nothing compares equal
         "a: [1, 2\n",  # not YAML
         "? [1, 2]\n: x\nb: {[1]: 2}\n",  # a list as a mapping key: unhashable
+        # A tag on a node of another kind: the safe loader refuses each.
+        "a: !!str {b: 1}\n",
+        "a: !!int [1]\n",
+        "a: !!map text\n",
+        "a: !!seq text\n",
+        "a: !!null {b: 1}\n",
+        "? !!str [1]\n: x\n",
     ],
 )
 def test_errors_and_oddities_are_the_safe_loaders(text: str) -> None:

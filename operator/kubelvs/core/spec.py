@@ -401,18 +401,29 @@ def _parse_addresses(
 
 
 def _refuse_colliding_nat_backends(f: _Fields, backends: list[StaticBackend], ports: tuple[PortSpec, ...]) -> None:
-    """Under NAT two entries of one address can still name one real server of a port: one
-    without a port (it takes the port's targetPort, else the port) and one with that port, or any
-    two under a numeric targetPort (which every real server of the port then listens on). The
-    kernel would refuse the second as a duplicate: refuse the VirtualServer instead, naming both."""
-    for entry in ports:
-        first_of: dict[tuple[str, int], int] = {}
+    """Under NAT two entries of one address can still name one real server of a port, which the
+    kernel would refuse as a duplicate at programming time; refused here instead, as the CRD's
+    rules do (naming the same entry):
+    - with a numeric targetPort (the port of every real server of that virtual port), each
+      address may be listed once: the second entry is refused;
+    - an entry without a port takes the virtual port: another entry of its address must not name
+      a virtual port (that entry is refused)."""
+    if any(isinstance(entry.target_port, int) for entry in ports):
+        first_of: dict[str, int] = {}
         for i, backend in enumerate(backends):
-            port = entry.target_port if isinstance(entry.target_port, int) else backend.port or entry.port
-            earlier = first_of.setdefault((backend.address, port), i)
+            earlier = first_of.setdefault(backend.address, i)
             if earlier != i:
                 raise f.fail(
                     f"spec.backends.addresses[{i}]",
-                    f"is the real server {format_hostport(backend.address, port)} of port {entry.port} again "
-                    f"(as addresses[{earlier}])",
+                    f"{backend.address} is listed twice (as addresses[{earlier}]; with NAT a numeric targetPort "
+                    "is the port of every real server)",
                 )
+    virtual_ports = {entry.port for entry in ports}
+    portless = {backend.address: i for i, backend in reversed(list(enumerate(backends))) if backend.port is None}
+    for i, backend in enumerate(backends):
+        if backend.port in virtual_ports and backend.address in portless:
+            raise f.fail(
+                f"spec.backends.addresses[{i}]",
+                f"{format_hostport(backend.address, backend.port)} is also addresses[{portless[backend.address]}], "
+                "an entry without a port (with NAT that one takes the virtual port)",
+            )

@@ -196,7 +196,7 @@ class _Background:
 
     snapshot: dict[str, frozenset[tuple[int, int]]]
     thread: threading.Thread | None = None
-    error: VipFilterError | None = None
+    error: Exception | None = None
 
 
 class VipPortFilter:
@@ -247,7 +247,7 @@ class VipPortFilter:
     def _run_in_background(self, background: _Background, script: str) -> None:
         try:
             self._run(script)
-        except VipFilterError as error:
+        except Exception as error:  # whatever it was, the sync that follows applies again (and raises)
             background.error = error
 
     def _join_background(self) -> _Background | None:
