@@ -30,11 +30,11 @@ from kubelvs.core.desired import DesiredState
 from kubelvs.core.model import AF_INET, AF_INET6, Observed, ServiceKey, VirtualService
 from kubelvs.core.plan import (
     AddressPlan,
-    Operation,
     Plan,
     Verb,
     apply_operations,
     kept_origins,
+    owned_after,
     plan,
     plan_addresses,
     share_desired,
@@ -195,7 +195,7 @@ class Reconciler:
             # ports are as last filtered. (A pass over every VIP and service costs 9 ms natively
             # at 10,000, a third of a second under emulation, on every endpoint change.)
             return
-        allowed = allowed_ports(owned.addresses, _services_after(report.observed.services, report.result.succeeded))
+        allowed = allowed_ports(owned.addresses, owned_after(report.observed.services, report.result.succeeded))
         if allowed == self.filtered and not full:  # a full sync re-applies (a flushed ruleset comes back)
             return
         try:
@@ -216,7 +216,7 @@ class Reconciler:
         vips = (owned.addresses.keys() | {address for address, _ in addresses.add}) - {
             address for address, _ in addresses.remove
         }
-        allowed = allowed_ports(vips, _services_after(observed.services, the_plan.operations))
+        allowed = allowed_ports(vips, owned_after(observed.services, the_plan.operations))
         if allowed != self.filtered:
             self.port_filter.begin(allowed)
 
@@ -298,19 +298,6 @@ class Reconciler:
             elif key in desired.origins:
                 changed |= owned.own(key, str(desired.origins[key]))
         return changed
-
-
-def _services_after(services: Iterable[ServiceKey], operations: Iterable[Operation]) -> set[ServiceKey]:
-    """The service keys once ``operations`` are done (real-server operations change none)."""
-    present = set(services)
-    add, delete = Verb.ADD_SERVICE, Verb.DELETE_SERVICE
-    for op in operations:
-        verb = op.verb
-        if verb is add:
-            present.add(op.key)
-        elif verb is delete:
-            present.discard(op.key)
-    return present
 
 
 def allowed_ports(vips: Iterable[str], services: Iterable[ServiceKey]) -> dict[str, set[tuple[int, int]]]:

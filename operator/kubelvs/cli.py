@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kubelvs import __version__
+from kubelvs.collector import paused_collector
 from kubelvs.core.desired import DesiredState, desired_state
 from kubelvs.core.model import Counters, DestCounters
 from kubelvs.core.rules import dest_rule, format_rules, service_rule
@@ -326,24 +326,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for a one-shot command (not for the agents).
-
-    A command builds its whole state (manifests, desired state, plan, a dump) and keeps it until
-    it exits, and none of it is cyclic: every collection walks a growing heap and frees nothing.
-    Reference counting still frees everything else. Measured natively at 10,000 x 10 (manifests
-    read, desired state, plan): 0.53-0.69 s with the collector, 0.32-0.34 s without.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def main(argv: list[str] | None = None, kernel: KernelFactory | None = None) -> int:
     """Run one command. ``kernel``: what ``apply``, ``delete``, ``adopt`` and ``show`` act on
     (default :func:`real_kernel`)."""
@@ -355,7 +337,8 @@ def main(argv: list[str] | None = None, kernel: KernelFactory | None = None) -> 
     args.kernel = kernel or real_kernel
     agent = args.func in (_run_director, _run_realserver)
     try:
-        with contextlib.nullcontext() if agent else _collector_paused():
+        # A one-shot command keeps what it builds to the end: no collection would free any of it.
+        with contextlib.nullcontext() if agent else paused_collector():
             return int(args.func(args))
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)

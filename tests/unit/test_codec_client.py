@@ -9,9 +9,10 @@ import socket
 import struct
 
 import pytest
+from kubelvs.collector import paused_collector as _paused_gc
 from kubelvs.core.model import AF_INET, AF_INET6, Destination, Method, ServiceKey, VirtualService
 from kubelvs.kernel import codec
-from kubelvs.kernel.ipvs import IPVSClient, IPVSError, _paused_gc
+from kubelvs.kernel.ipvs import IPVSClient, IPVSError
 
 FAMILY_ID = 0x1F
 NLMSGHDR = struct.Struct("=IHHII")

@@ -271,7 +271,7 @@ class RequestEncoder:
         self.family_id = family_id
         self._keys: dict[ServiceKey, bytes] = {}
         self._last: tuple[object, bytes] = (None, b"")
-        self._structs: dict[tuple[int, int, bool], tuple[struct.Struct, int]] = {}
+        self._structs: dict[tuple[int, int], tuple[struct.Struct, int]] = {}
         self._settings: dict[tuple[int, str, int, int, int], bytes] = {}
 
     def service_key(self, service: VirtualService) -> bytes:
@@ -304,10 +304,11 @@ class RequestEncoder:
         attrs = nested(CMD_ATTR_SERVICE, self.service_key(service)[4:] + settings)
         return message(self.family_id, cmd, attrs, seq, flags)
 
-    def _struct(self, key_size: int, addr_size: int, full: bool) -> tuple[struct.Struct, int]:
-        attrs = struct_format(DEST_TABLE if full else DEST_KEY_TABLE, addr_size)
+    def _struct(self, key_size: int, addr_size: int) -> tuple[struct.Struct, int]:
+        """The layout of a full real-server request (a delete's goes by the attribute tables)."""
+        attrs = struct_format(DEST_TABLE, addr_size)
         st = struct.Struct(f"{_HEADER.format}{key_size}sHH{attrs}")  # CMD_ATTR_DEST's header, then its attrs
-        entry = self._structs[key_size, addr_size, full] = (st, st.size - _HEADER.size - key_size)
+        entry = self._structs[key_size, addr_size] = (st, st.size - _HEADER.size - key_size)
         return entry
 
     def dest(self, cmd: int, service: VirtualService, dest: Destination, full: bool, seq: int, flags: int) -> bytes:
@@ -331,8 +332,8 @@ class RequestEncoder:
             layout = layouts.get(family)
             if layout is None and full:
                 addr_size = 4 if family == AF_INET else 16
-                entry = self._structs.get((len(key), addr_size, full))
-                st, size = entry if entry is not None else self._struct(len(key), addr_size, full)
+                entry = self._structs.get((len(key), addr_size))
+                st, size = entry if entry is not None else self._struct(len(key), addr_size)
                 layout = layouts[family] = (st, size, 4 + addr_size)
             if layout is not None:
                 st, size, addr_attr = layout

@@ -11,17 +11,15 @@ kernel and us one acknowledgement (and one ``recv()``) per request.
 
 from __future__ import annotations
 
-import contextlib
 import errno as errno_codes
-import gc
 import os
 import select
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from kubelvs.collector import paused_collector
 from kubelvs.core.model import Counters, DestCounters, Destination, DestKey, Observed, ServiceKey, VirtualService
 from kubelvs.core.plan import Operation, Verb
 from kubelvs.kernel import codec, fastdump
@@ -52,35 +50,6 @@ _DEST_COMMANDS = {
 _FLAGS = struct.Struct("=H")  # nlmsghdr.nlmsg_flags, at offset 6
 _MSG_HEAD = struct.Struct("=IHHI")  # nlmsghdr's length, type, flags, seq
 _GONE = (errno_codes.ENOENT, errno_codes.ESRCH)  # a GET_DEST whose service was deleted meanwhile
-
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_resume = False
-
-
-@contextlib.contextmanager
-def _paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector paused while the block runs (counted: the sync and the
-    metrics threads may dump at once, and the last one out restores what it found).
-
-    A dump creates a few objects per real server, all of them kept, so each collection scans a
-    growing heap and frees nothing. Measured in the VM (``bench/ipvs_bench.py --dump-decoders``,
-    bench/results.json's "dump_decoder"): with the collector running, a dump of 1,000 services x
-    10 real servers took 1.67x as long (6.04 s against 3.62 s, fast decoder, no counters; 1.66x
-    with the plain decoders)."""
-    global _gc_pausers, _gc_resume
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_resume = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_resume:
-                gc.enable()
 
 
 class IPVSError(OSError):
@@ -330,7 +299,7 @@ class IPVSClient:
         A foreign service deleted between the service dump and its real-server dump is left
         out. ``fast=False`` decodes every message with the plain decoders (for the benches and
         tests; the result is the same)."""
-        with _paused_gc():
+        with paused_collector():
             if fast:
                 return self._dump_fast(with_counters)
             return self._dump_plain(with_counters)

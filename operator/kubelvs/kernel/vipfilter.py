@@ -222,9 +222,8 @@ class VipPortFilter:
         if background is not None and background.snapshot == snapshot and background.error is None:
             self._applied, self._genid = snapshot, self._generation()  # begun with this very mapping
             return
-        if snapshot == self._applied and self._genid is not None and self._generation() == self._genid:
-            return
-        self._apply(render_sync(allowed), snapshot)
+        if not self._in_place(snapshot):
+            self._apply(render_sync(allowed), snapshot)
 
     def begin(self, allowed: Mapping[str, Collection[tuple[int, int]]]) -> None:
         """Start what ``sync(allowed)`` would do and return at once: nft runs in its own process
@@ -233,7 +232,7 @@ class VipPortFilter:
         error is that sync's (it applies again, and raises)."""
         self._join_background()
         snapshot = {vip: frozenset(ports) for vip, ports in allowed.items()}
-        if snapshot == self._applied and self._genid is not None and self._generation() == self._genid:
+        if self._in_place(snapshot):
             return
         try:
             script = render_sync(allowed)
@@ -243,6 +242,10 @@ class VipPortFilter:
         background = self._background = _Background(snapshot)
         background.thread = threading.Thread(target=self._run_in_background, args=(background, script), daemon=True)
         background.thread.start()
+
+    def _in_place(self, snapshot: dict[str, frozenset[tuple[int, int]]]) -> bool:
+        """The last applied mapping, and nothing changed the ruleset since (its generation)."""
+        return snapshot == self._applied and self._genid is not None and self._generation() == self._genid
 
     def _run_in_background(self, background: _Background, script: str) -> None:
         try:
