@@ -98,6 +98,9 @@ class NoFilter:
     def sync(self, allowed: Any) -> None:
         pass
 
+    def begin(self, allowed: Any) -> None:
+        pass
+
 
 class NoNet:
     """The election's node side with no interface for any VIP: this host's interfaces are never

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kubelvs.core.model import AF_INET, ServiceKey
-from kubelvs.core.spec import ObjectRef
+from kubelvs.core.spec import ObjectRef, unpacked
 from kubelvs.director.view import ClusterView
 from test_incremental import versioned
 from test_spec import endpoint, eps, service, vs
@@ -191,3 +191,29 @@ def test_selection_conflicts_follow_a_new_generation_of_a_kept_spec(tmp_path: Pa
     assert d.compute_desired().resolutions[ObjectRef("ns", "dns")].error is None
     d.on_virtual_server("DELETED", fixed)
     assert ObjectRef("ns", "dns") not in d._spec_facts
+
+
+def test_a_status_write_updates_the_kept_object_in_place(tmp_path: Path) -> None:
+    """A status write changes the kept copy's resourceVersion and status only, in place (a new
+    copy per status event fragmented the allocator's pools: see ``refresh_status``)."""
+    d = director(tmp_path)
+    ref = ObjectRef("ns", "web")
+    obj = versioned(vs(), 3)
+    obj["metadata"]["uid"] = "u1"
+    d.on_virtual_server("ADDED", obj)
+    kept = d.virtual_servers[ref]
+    d.dirty.clear()
+    written = versioned(obj, 7)
+    written["status"] = {"owner": "n1"}
+    d.on_virtual_server("MODIFIED", written)
+    assert d.virtual_servers[ref] is kept and not d.dirty
+    assert unpacked(kept["status"]) == {"owner": "n1"} and kept["metadata"]["resourceVersion"] == "7"
+    d.on_virtual_server("MODIFIED", versioned(obj, 8))  # the status removed
+    assert d.virtual_servers[ref] is kept and "status" not in kept and not d.dirty
+    assert kept["metadata"]["resourceVersion"] == "8"
+    # Anything else kept that differs at the same uid and generation: a new trimmed copy.
+    renamed = versioned(obj, 9)
+    renamed["metadata"]["creationTimestamp"] = "2027-01-01T00:00:00Z"
+    d.on_virtual_server("MODIFIED", renamed)
+    assert d.virtual_servers[ref] is not kept
+    assert d.virtual_servers[ref]["metadata"]["creationTimestamp"] == "2027-01-01T00:00:00Z"

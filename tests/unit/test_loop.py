@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import gc
 import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,40 @@ def test_free_heap_pages_go_back_to_the_kernel() -> None:
     del chunks
     assert release_free_memory()  # 125 MB free in the middle of the heap: pages to return
     del pin
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+def test_the_collector_is_paused_from_the_listing_to_the_first_sync_attempt(tmp_path: Path, first_fails: bool) -> None:
+    """The listing and the first pass build what the director keeps: no cyclic GC walks it
+    meanwhile; it runs again after the first attempt, whatever its outcome."""
+    during: list[bool] = []
+
+    class Recording(FakeReconciler):
+        def sync_cached(self, desired: DesiredState, only: set[ObjectRef] | None, full: bool) -> SyncReport:
+            during.append(gc.isenabled())
+            return super().sync_cached(desired, only, full)
+
+    reconciler = Recording(*([IPVSError(errno.ENOBUFS, "lost")] if first_fails else []))
+    sync = loop(tmp_path, lambda: reconciler)
+    assert gc.isenabled()
+
+    async def main() -> tuple[bool, bool]:
+        ready = asyncio.Event()
+        task = asyncio.create_task(sync.run(ready))
+        await asyncio.sleep(0.01)
+        while_listing = gc.isenabled()
+        ready.set()
+        deadline = time.monotonic() + 10
+        while not (during and gc.isenabled()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        after = gc.isenabled()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return while_listing, after
+
+    try:
+        while_listing, after = asyncio.run(main())
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert (while_listing, during[:1], after) == (False, [False], True), (while_listing, during, after)

@@ -225,6 +225,37 @@ def trim_virtual_server(vs: Obj, same_spec: Obj | None = None) -> dict[str, Any]
     return trimmed
 
 
+_SAME_ON_STATUS_WRITE = ("name", "namespace", "uid", "generation", "creationTimestamp")
+
+
+def refresh_status(kept: dict[str, Any], vs: Obj) -> bool:
+    """Bring ``kept``, a trimmed VirtualServer, up to ``vs``, a newer version of the same object
+    at the same generation (a status write), in place: its resourceVersion and its status are
+    all of a trimmed copy that such a write changes. False when anything else kept differs (the
+    caller then trims ``vs`` anew).
+
+    In place, not a new trimmed copy: after one status write per VirtualServer at 10,000, the
+    new copies (three small dicts each) left Python's allocator pools fragmented around them,
+    natively +46 MB RSS for 12 MB of data kept (20 MB of free blocks in partly used pools)."""
+    old_meta, new_meta = kept.get("metadata"), meta(vs)
+    if type(old_meta) is not dict or ("spec" in kept) != ("spec" in vs):
+        return False
+    if any(old_meta.get(key) != new_meta.get(key) for key in _SAME_ON_STATUS_WRITE):
+        return False
+    if kept.get("apiVersion") != vs.get("apiVersion") or kept.get("kind") != vs.get("kind"):
+        return False
+    version = new_meta.get("resourceVersion")
+    if version is None:
+        old_meta.pop("resourceVersion", None)
+    else:
+        old_meta["resourceVersion"] = version
+    if "status" in vs:
+        kept["status"] = packed(vs["status"])
+    else:
+        kept.pop("status", None)
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class NodeAddresses:
     """A Node's InternalIP addresses (``status.addresses[].address``), parsed once per Node change."""

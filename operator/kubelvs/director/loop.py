@@ -9,6 +9,7 @@ runs in a worker thread; the view is read and marked only on the event loop's th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from kubelvs.apply import SyncReport
+from kubelvs.collector import paused_collector
 from kubelvs.core import status as st
 from kubelvs.core.desired import DesiredState
 from kubelvs.core.outcome import OK, SyncOutcome, Verdict, retry_delay
@@ -125,7 +127,19 @@ class SyncLoop:
     async def run(self, ready: asyncio.Event) -> None:
         """Coalesce events, sync, hand the scope to status; a full resync every resync_seconds."""
         loop = asyncio.get_running_loop()
-        await ready.wait()  # the initial listing is in: never sync from a partial view
+        # No cyclic GC from the listing to the first sync's end: they build the state the
+        # director keeps (no cycles in it), and each collection only walked the growing heap.
+        # Natively at 10,000 VirtualServers the first desired-state pass took 0.82-1.09 s with
+        # it, 0.58-0.65 s without.
+        startup = contextlib.ExitStack()
+        startup.enter_context(paused_collector())
+        try:
+            await ready.wait()  # the initial listing is in: never sync from a partial view
+            await self._loop(loop, startup)
+        finally:
+            startup.close()
+
+    async def _loop(self, loop: asyncio.AbstractEventLoop, startup: contextlib.ExitStack) -> None:
         frozen_after_sync = False
         delay = 0.0
         while True:
@@ -167,6 +181,7 @@ class SyncLoop:
                     self.on_synced(None)  # on every VirtualServer: nothing is programmed here
                 # A transient failure (RETRY) writes no status: it is retried within seconds,
                 # and reporting it would be a write per VirtualServer each time.
+            startup.close()  # the collector runs again after the first attempt (frozen if it succeeded)
             delay = retry_delay(outcome, self.failures_in_a_row)
 
     def record(self, outcome: SyncOutcome) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from kubelvs.core import election as el
-from kubelvs.core.cluster import Cluster, service_name_of, spec_of, trim_virtual_server
+from kubelvs.core.cluster import Cluster, refresh_status, service_name_of, spec_of, trim_virtual_server
 from kubelvs.core.desired import DesiredState, Memo, age_key, desired_state, spec_version, update_desired
 from kubelvs.core.model import normalize_address
 from kubelvs.core.spec import ObjectRef, SpecError, meta
@@ -76,6 +76,8 @@ class ClusterView:
         # The same object (uid) at the same generation has the same spec: a status write.
         version = spec_version(obj)
         same_spec = before is not None and version is not None and spec_version(before) == version
+        if same_spec and before is not None and refresh_status(before, obj):
+            return  # a status write: nothing to mark
         obj = trim_virtual_server(obj, before if same_spec else None)
         self.virtual_servers[ref] = obj
         if not same_spec:
