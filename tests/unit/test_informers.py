@@ -108,3 +108,41 @@ def test_what_the_director_reads_survives_trim_and_compact() -> None:
     assert isinstance(vs["spec"], Packed) and isinstance(vs["status"], Packed)
     assert trim_virtual_server(vs) == vs  # the informer trims, then the view
     assert vs["metadata"] == {k: v for k, v in vs_in["metadata"].items() if k not in ("annotations", "managedFields")}
+
+
+def test_a_listing_requests_the_next_page_while_it_trims_this_one() -> None:
+    """Pages in order, each object trimmed, the last page's version; and page 2 is asked for
+    before page 1 is trimmed (its trim waits for that request, or fails after 5 s)."""
+    import json
+    import threading
+
+    from kubelvs.kube.informers import list_objects
+
+    pages = {
+        None: {"items": [{"n": 1}, {"n": 2}], "metadata": {"continue": "p2", "resourceVersion": "5"}},
+        "p2": {"items": [{"n": 3}], "metadata": {"continue": "p3", "resourceVersion": "6"}},
+        "p3": {"items": [{"n": 4}], "metadata": {"resourceVersion": "7"}},
+    }
+    asked: list[str | None] = []
+    second_asked = threading.Event()
+
+    class Response:
+        def __init__(self, page: dict[str, Any]) -> None:
+            self.data = json.dumps(page).encode()
+
+    def call(**kwargs: Any) -> Response:
+        token = kwargs.get("_continue")
+        assert kwargs["limit"] > 0 and kwargs["_preload_content"] is False
+        asked.append(token)
+        if token == "p2":
+            second_asked.set()
+        return Response(pages[token])
+
+    def trim(obj: dict[str, Any]) -> dict[str, Any]:
+        if obj["n"] == 1:
+            assert second_asked.wait(5), "page 2 was not requested while page 1 was trimmed"
+        return {"trimmed": obj["n"]}
+
+    items, version = list_objects(call, trim)
+    assert items == [{"trimmed": n} for n in (1, 2, 3, 4)] and version == "7"
+    assert asked == [None, "p2", "p3"]

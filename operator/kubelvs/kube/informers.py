@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,10 +99,13 @@ class Expired(Exception):
 def list_objects(
     call: Callable[..., Any], trim: Callable[[Obj], Obj], timeout: float = LIST_TIMEOUT
 ) -> tuple[list[Obj], str]:
-    """Every object, read in pages and trimmed, and the resourceVersion to watch from."""
-    items: list[Obj] = []
-    token: str | None = None
-    while True:
+    """Every object, read in pages and trimmed, and the resourceVersion to watch from.
+
+    The next page is requested as soon as this one's continue token is read, and comes in
+    while this one is trimmed: the API server's time per page (natively, two thirds of a
+    listing of 10,000 VirtualServers) no longer waits behind ours."""
+
+    def fetch(token: str | None) -> Obj:
         kwargs: dict[str, Any] = {
             "limit": PAGE_SIZE,
             "_preload_content": False,
@@ -109,12 +113,20 @@ def list_objects(
         }
         if token:
             kwargs["_continue"] = token
-        page = json.loads(call(**kwargs).data)
-        items.extend(compact(trim(obj)) for obj in page.get("items") or [])
-        meta = page.get("metadata") or {}
-        token = meta.get("continue")
-        if not token:
-            return items, str(meta.get("resourceVersion") or "")
+        page: Obj = json.loads(call(**kwargs).data)
+        return page
+
+    items: list[Obj] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="list") as prefetch:
+        page = fetch(None)
+        while True:
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
+            following = prefetch.submit(fetch, token) if token else None
+            items.extend(compact(trim(obj)) for obj in page.get("items") or [])
+            if following is None:
+                return items, str(meta.get("resourceVersion") or "")
+            page = following.result()
 
 
 @dataclass
