@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kubelvs.core import desired as desired_module
 from kubelvs.core.cluster import (
     Cluster,
     EndpointState,
@@ -77,6 +79,32 @@ def test_an_endpoint_change_updates_one_virtual_server_like_a_full_pass() -> Non
     same(quick, desired_state(servers.values(), cluster, None, {}))
     assert len(quick.services[ServiceKey(AF_INET, 6, "192.0.2.11", 80)].destinations) == 2
     assert len(before.services[ServiceKey(AF_INET, 6, "192.0.2.11", 80)].destinations) == 1  # not mutated
+
+
+def test_an_endpoint_change_reuses_the_parsed_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the backends changed: the VirtualServer is resolved again from the spec parsed
+    before (same uid and generation), not parsed again; a new generation is parsed."""
+    servers, cluster = world()
+    memo: Memo = {}
+    for obj in servers.values():
+        obj["metadata"].update(uid=obj["metadata"]["name"], generation=1)
+    before = desired_state(servers.values(), cluster, None, memo)
+    parsed: list[str] = []
+    real_parse = desired_module.parse_virtual_server
+
+    def counting(obj: dict[str, Any]) -> Any:
+        parsed.append(obj["metadata"]["name"])
+        return real_parse(obj)
+
+    monkeypatch.setattr(desired_module, "parse_virtual_server", counting)
+    cluster.put_slice(versioned(eps("web1-a", endpoint("10.0.0.1"), endpoint("10.0.0.2"), service_name="web1"), 99))
+    quick = update_desired(before, servers, [ObjectRef("ns", "web1")], cluster, None, memo)
+    assert quick is not None and parsed == []
+    same(quick, desired_state(servers.values(), cluster, None, {}))
+    parsed.clear()
+    servers[ObjectRef("ns", "web1")]["metadata"]["generation"] = 2
+    assert update_desired(quick, servers, [ObjectRef("ns", "web1")], cluster, None, memo) is not None
+    assert parsed == ["web1"]
 
 
 def test_changes_that_could_move_a_conflict_need_a_full_pass() -> None:
