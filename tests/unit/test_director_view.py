@@ -212,8 +212,8 @@ def test_a_status_write_updates_the_kept_object_in_place(tmp_path: Path) -> None
     assert d.virtual_servers[ref] is kept and "status" not in kept and not d.dirty
     assert kept["metadata"]["resourceVersion"] == "8"
     # Anything else kept that differs at the same uid and generation: a new trimmed copy.
-    renamed = versioned(obj, 9)
-    renamed["metadata"]["creationTimestamp"] = "2027-01-01T00:00:00Z"
-    d.on_virtual_server("MODIFIED", renamed)
+    other_metadata = versioned(obj, 9)
+    other_metadata["metadata"]["creationTimestamp"] = "2027-01-01T00:00:00Z"
+    d.on_virtual_server("MODIFIED", other_metadata)
     assert d.virtual_servers[ref] is not kept
     assert d.virtual_servers[ref]["metadata"]["creationTimestamp"] == "2027-01-01T00:00:00Z"

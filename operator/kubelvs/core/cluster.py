@@ -208,12 +208,15 @@ def spec_of(vs: Mapping[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+_VIRTUAL_SERVER_META = ("uid", "generation", "creationTimestamp")  # kept beside name, namespace, resourceVersion
+
+
 def trim_virtual_server(vs: Obj, same_spec: Obj | None = None) -> dict[str, Any]:
     """A VirtualServer without managedFields and annotations (kubectl's last-applied copy), its
     spec and status packed (:class:`~kubelvs.core.spec.Packed`). ``same_spec``: a trimmed copy
     known to have the same spec (the same generation), whose packed spec is taken as it is: most
     updates are status writes, and packing the spec again for each was most of their cost."""
-    trimmed: dict[str, Any] = {"metadata": _meta(vs, "uid", "generation", "creationTimestamp")}
+    trimmed: dict[str, Any] = {"metadata": _meta(vs, *_VIRTUAL_SERVER_META)}
     for key in ("apiVersion", "kind"):
         if key in vs:
             trimmed[key] = vs[key]
@@ -223,9 +226,6 @@ def trim_virtual_server(vs: Obj, same_spec: Obj | None = None) -> dict[str, Any]
     if same_spec is not None and "spec" in same_spec and "spec" in vs:
         trimmed["spec"] = same_spec["spec"]
     return trimmed
-
-
-_SAME_ON_STATUS_WRITE = ("name", "namespace", "uid", "generation", "creationTimestamp")
 
 
 def refresh_status(kept: dict[str, Any], vs: Obj) -> bool:
@@ -241,7 +241,7 @@ def refresh_status(kept: dict[str, Any], vs: Obj) -> bool:
     old_meta, new_meta = kept.get("metadata"), meta(vs)
     if type(old_meta) is not dict or ("spec" in kept) != ("spec" in vs):
         return False
-    if any(old_meta.get(key) != new_meta.get(key) for key in _SAME_ON_STATUS_WRITE):
+    if any(old_meta.get(key) != new_meta.get(key) for key in ("name", "namespace", *_VIRTUAL_SERVER_META)):
         return False
     if kept.get("apiVersion") != vs.get("apiVersion") or kept.get("kind") != vs.get("kind"):
         return False
