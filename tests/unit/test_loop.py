@@ -177,3 +177,35 @@ def test_the_collector_is_paused_from_the_listing_to_the_first_sync_attempt(tmp_
         gc.unfreeze()
         gc.enable()
     assert (while_listing, during[:1], after) == (False, [False], True), (while_listing, during, after)
+
+
+def test_every_give_up_reports_on_every_virtual_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node without IPVS: each attempt reports on every VirtualServer, not only the first one
+    (a VirtualServer created after the first give-up once never got a status)."""
+    from kubelvs.director import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "retry_delay", lambda outcome, failures: 0.01)  # not the 60 s cap
+
+    def no_ipvs() -> FakeReconciler:
+        raise KernelUnavailable("[Errno 2] generic netlink family IPVS not found")
+
+    reported: list[set[ObjectRef] | None] = []
+    config = DirectorConfig(node_name="n1", state_dir=tmp_path, resync_seconds=30)
+    sync = SyncLoop(ClusterView("n1"), config, Metrics(CollectorRegistry()), no_ipvs, on_synced=reported.append)
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        ready.set()
+        task = asyncio.create_task(sync.run(ready))
+        deadline = time.monotonic() + 10
+        while len(reported) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
+    assert sync.outcome.reason == "KernelUnavailable"
+    assert len(reported) >= 3 and all(scope is None for scope in reported), reported

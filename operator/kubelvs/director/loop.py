@@ -177,8 +177,11 @@ class SyncLoop:
                 self.on_synced(scope if before.ok else None)
             else:
                 self.view.sync_failed()
-                if outcome.verdict is Verdict.GIVE_UP and outcome != before:
-                    self.on_synced(None)  # on every VirtualServer: nothing is programmed here
+                if outcome.verdict is Verdict.GIVE_UP:
+                    # On every VirtualServer, at every attempt: nothing is programmed here, and
+                    # one created since the last attempt must say so too (the status loop skips
+                    # the entries that are already as they would be written).
+                    self.on_synced(None)
                 # A transient failure (RETRY) writes no status: it is retried within seconds,
                 # and reporting it would be a write per VirtualServer each time.
             startup.close()  # the collector runs again after the first attempt (frozen if it succeeded)
