@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kubelvs.core.model import Observed, ServiceKey, VirtualService
@@ -132,6 +132,9 @@ class FakeVips:
         self.present[address] = ADDRESS_PROTO
         self.families[address] = family
         return True
+
+    def add_many(self, items: Sequence[tuple[str, int]]) -> list[bool | OSError]:
+        return [self.add(address, family) for address, family in items]
 
     def remove(self, address: str, family: int) -> None:
         if address in self.present:

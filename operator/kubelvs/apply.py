@@ -22,7 +22,7 @@ consistent: an interrupted sync is finished by the next one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +60,8 @@ class Vips(Protocol):
     def session(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def add(self, address: str, family: int) -> bool: ...
+
+    def add_many(self, items: Sequence[tuple[str, int]]) -> list[bool | OSError]: ...
 
     def remove(self, address: str, family: int) -> None: ...
 
@@ -250,8 +252,14 @@ class Reconciler:
             self.store.save(owned)  # durable before the kernel is touched
 
         refused = False
-        for address, family in add:
-            if self.vips.add(address, family):
+        failed: OSError | None = None
+        # Side by side (a request each, one at a time, was 13.6 s of 10,000 VIPs under emulation);
+        # every outcome is recorded before the first error is raised.
+        for (address, family), added in zip(add, self.vips.add_many(add), strict=True):
+            if isinstance(added, OSError):
+                failed = failed or added  # its intent stays: settled by the next sync's fresh read
+                continue
+            if added:
                 if owned.pending_addresses.pop(address, None) is not None:
                     owned.addresses[address] = family
                 report.vips_added.append(address)
@@ -260,6 +268,8 @@ class Reconciler:
             self.local_vips.add(address)
         if refused:
             self.store.save(owned)  # at once: a kill now must not settle the intent as ours
+        if failed is not None:
+            raise failed
 
         report.result = self.client.apply(report.plan)
         assert report.observed is not None

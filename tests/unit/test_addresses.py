@@ -205,3 +205,34 @@ def test_no_process_is_forked_for_the_namespace(vips: VipInterface, monkeypatch:
     with vips.session():
         assert vips.add("10.0.0.1", AF_INET) is True
         assert vips.addresses() == {"10.0.0.1"}
+
+
+def test_many_addresses_are_added_side_by_side_with_each_outcome(vips: VipInterface, netns: str) -> None:
+    """add_many pipelines the requests in batches (the receive buffer bounds a batch: every
+    request of it may fail); each outcome is the one add would give, in order."""
+    wanted = [(f"10.1.{i // 250}.{i % 250 + 1}", AF_INET) for i in range(1200)]  # several batches
+    wanted += [("fd00::7", AF_INET6), ("10.1.0.1", AF_INET)]  # the second 10.1.0.1: there already
+    with vips.session():
+        assert _ip("-n", netns, "addr", "add", "10.1.0.5/32", "dev", "kubelvs0").returncode == 0  # foreign
+        outcomes = vips.add_many(wanted)
+    assert outcomes[4] is False  # 10.1.0.5: somebody else's (EEXIST), not kubelvs's
+    assert outcomes[-1] is False
+    assert all(outcome is True for i, outcome in enumerate(outcomes[:-1]) if i != 4)
+    tagged = vips.tagged()
+    assert len(tagged) == 1201
+    assert tagged["10.1.0.5"] == 0 or not supports_address_proto()
+    assert tagged["fd00::7"] == ADDRESS_PROTO or not supports_address_proto()
+    assert vips.add_many([("10.1.0.1", AF_INET)]) == [False]
+
+
+def test_a_failed_add_among_many_is_its_own_outcome(vips: VipInterface, netns: str) -> None:
+    vips.addresses()  # the interface exists (the dummy is created at the first add otherwise)
+    vips.add("10.2.0.9", AF_INET)
+    disabled = _ip("netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.kubelvs0.disable_ipv6=1")
+    if disabled.returncode != 0:
+        pytest.skip(f"cannot disable IPv6 on the interface: {disabled.stderr.strip()}")
+    outcomes = vips.add_many([("10.2.0.1", AF_INET), ("fd00::9", AF_INET6), ("10.2.0.2", AF_INET)])
+    assert outcomes[0] is True and outcomes[2] is True  # the requests after the failed one went through
+    assert isinstance(outcomes[1], OSError)  # the kernel refused it: IPv6 is off on the interface
+    assert outcomes[1].errno in (errno.EACCES, errno.EPERM, errno.EADDRNOTAVAIL)
+    assert vips.addresses() == {"10.2.0.9", "10.2.0.1", "10.2.0.2"}

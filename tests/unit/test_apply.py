@@ -416,3 +416,35 @@ def test_incremental_syncs_keep_the_port_filter_right(tmp_path: Path) -> None:
     # A VIP gone.
     reconciler.sync_cached(desired_state(both[:1]), [b], full=False)
     assert port_filter.calls[-1] == {"192.0.2.1": {(6, 80), (6, 81)}}
+
+
+class OneVipRefused(FakeVips):
+    """The kernel refuses one VIP of a pipelined batch; the others are added (as the real
+    pipeline answers: each request its own outcome)."""
+
+    def __init__(self, refused: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.refused = refused
+
+    def add_many(self, items: Any) -> list[bool | OSError]:
+        return [
+            OSError(errno.EACCES, "refused") if address == self.refused else self.add(address, family)
+            for address, family in items
+        ]
+
+
+def test_a_refused_vip_among_many_fails_the_sync_with_every_other_outcome_recorded(tmp_path: Path) -> None:
+    ipvs = FakeIPVS(Faults(), {FOREIGN_KEY: FOREIGN})
+    vips = OneVipRefused("192.0.2.2", Faults(), {FOREIGN_VIP: 0, "192.0.2.3": 0})  # 192.0.2.3: somebody else's
+    states = [static_vs("a", "192.0.2.1", 80), static_vs("b", "192.0.2.2", 80), static_vs("c", "192.0.2.3", 80)]
+    with pytest.raises(OSError, match="refused"):
+        Reconciler(ipvs, store(tmp_path), vips).sync(desired_state(states))
+    owned = store(tmp_path).load()
+    assert owned.addresses == {"192.0.2.1": AF_INET}  # added: ours at once, not an intent to settle
+    assert owned.pending_addresses == {"192.0.2.2": AF_INET}  # refused: not there, settled away next time
+    assert "192.0.2.3" not in owned.addresses  # there already: never ours
+    vips.refused = ""
+    Reconciler(ipvs, store(tmp_path), vips).sync(desired_state(states))
+    owned = store(tmp_path).load()
+    assert owned.addresses == {"192.0.2.1": AF_INET, "192.0.2.2": AF_INET}
+    assert vips.present["192.0.2.3"] == 0 and not owned.has_pending

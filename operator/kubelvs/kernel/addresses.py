@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from socket import SO_RCVBUF, SOL_SOCKET
 from typing import Self
 
 from kubelvs.core.model import AF_INET
@@ -44,6 +46,7 @@ IFA_PROTO = 11  # rtnetlink address attribute (u8), Linux 6.1+
 ADDRESS_PROTO = 107  # kubelvs's IFA_PROTO value (0-3 are the kernel's own: unspec, lo, ra, ll)
 _IFADDRMSG_SIZE = 8
 _NLA = struct.Struct("=HH")
+PIPELINE_BATCH = 512  # requests per send()
 
 
 def supports_address_proto(release: str | None = None) -> bool:
@@ -62,6 +65,12 @@ def _with_proto(request: bytes, proto: int) -> bytes:
     data = bytearray(request + attr)
     struct.pack_into("=I", data, 0, len(data))
     return bytes(data)
+
+
+def _add_request(index: int, address: str, family: int, seq: int) -> bytes:
+    """RTM_NEWADDR of a VIP (a host address, no DAD for IPv6) tagged with :data:`ADDRESS_PROTO`."""
+    prefix, flags = (32, 0) if family == AF_INET else (128, IFA_F_NODAD)
+    return _with_proto(codec.address_request(True, index, address, family, prefix, flags, seq), ADDRESS_PROTO)
 
 
 class _Rtnl:
@@ -84,6 +93,41 @@ class _Rtnl:
 
     def close(self) -> None:
         self.sock.close()
+
+    def pipeline(self, builds: Sequence[Callable[[int], bytes]]) -> list[OSError | None]:
+        """Send the requests ``build(seq)`` in batches, one send() each, only the last of a batch
+        asking for the acknowledgement that closes it (a failed request answers with its error
+        anyway); return each request's error, or None. One request and its answer at a time,
+        adding 10,000 VIPs took 13.6 s under emulation: a round trip and a wake-up each."""
+        outcomes: list[OSError | None] = [None] * len(builds)
+        # Every request of a batch may fail: its errors must fit in the receive buffer.
+        batch = max(1, min(PIPELINE_BATCH, self.sock.getsockopt(SOL_SOCKET, SO_RCVBUF) // codec.ERROR_ACK_SPACE - 1))
+        for start in range(0, len(builds), batch):
+            chunk = builds[start : start + batch]
+            if self.seq + len(chunk) >= 0x7FFFFFFF:
+                self.seq = 0  # a batch's sequence numbers stay consecutive
+            first, last = self.seq + 1, self.seq + len(chunk)
+            self.seq = last
+            data = bytearray()
+            for offset, build in enumerate(chunk):
+                message = bytearray(build(first + offset))
+                if first + offset != last:
+                    flags = codec.NLMSG_FLAGS.unpack_from(message, 6)[0]
+                    codec.NLMSG_FLAGS.pack_into(message, 6, flags & ~codec.NLM_F_ACK)
+                data += message
+            self.sock.send(data)
+            answered = False
+            while not answered:
+                for kind, msg_flags, seq, payload in codec.iter_messages(self.sock.recv(1 << 16)):
+                    if kind != codec.NLMSG_ERROR or not first <= seq <= last:
+                        continue
+                    err, message_text = codec.parse_error(payload, msg_flags)
+                    if err:
+                        outcomes[start + seq - first] = OSError(
+                            err, os.strerror(err) + (f": {message_text}" if message_text else "")
+                        )
+                    answered = seq == last
+        return outcomes
 
     def request(self, build: Callable[..., bytes], *args: object) -> list[tuple[int, memoryview]]:
         """Send ``build(*args, seq)``; return the (type, payload) answers before its ack or done.
@@ -195,28 +239,39 @@ class VipInterface(RtnlSessions):
     def add(self, address: str, family: int) -> bool:
         """Make ``address`` local (tagged with :data:`ADDRESS_PROTO`); return False if it already
         was on this interface (then it is not kubelvs's)."""
+        outcome = self.add_many([(address, family)])[0]
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
+
+    def add_many(self, items: Sequence[tuple[str, int]]) -> list[bool | OSError]:
+        """:meth:`add` of each (address, family), the requests pipelined; in order, True if
+        added, False if already on this interface (not kubelvs's: there before, or added by
+        somebody else since the interface was read), or the kernel's error."""
         with self._rtnl() as rtnl:
             index = self._index(rtnl, create=True)
             assert index is not None
             present = self._present(rtnl, index)
-            if address in present:
-                return False
-            prefix = 32 if family == AF_INET else 128
-            flags = 0 if family == AF_INET else IFA_F_NODAD
-
-            def build(seq: int) -> bytes:
-                request = codec.address_request(True, index, address, family, prefix, flags, seq)
-                return _with_proto(request, ADDRESS_PROTO)
-
-            try:
-                rtnl.request(build)
-            except OSError as error:
-                if error.errno != errno.EEXIST:
-                    raise
-                present[address] = 0
-                return False  # added by somebody else since the interface was read
-            present[address] = ADDRESS_PROTO
-            return True
+            outcomes: list[bool | OSError] = [False] * len(items)
+            sent: list[int] = []  # positions of the requests sent
+            builds: list[Callable[[int], bytes]] = []
+            asked: set[str] = set()
+            for position, (address, family) in enumerate(items):
+                if address in present or address in asked:
+                    continue  # False, as a second add of one address gives
+                asked.add(address)
+                sent.append(position)
+                builds.append(functools.partial(_add_request, index, address, family))
+            for position, error in zip(sent, rtnl.pipeline(builds), strict=True):
+                address = items[position][0]
+                if error is None:
+                    present[address] = ADDRESS_PROTO
+                    outcomes[position] = True
+                elif error.errno == errno.EEXIST:
+                    present[address] = 0
+                else:
+                    outcomes[position] = error
+            return outcomes
 
     def remove(self, address: str, family: int) -> None:
         with self._rtnl() as rtnl:

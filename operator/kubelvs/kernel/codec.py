@@ -165,6 +165,8 @@ DEST_TABLE: tuple[Attr, ...] = (  # the full entry that NEW_DEST and SET_DEST re
 )
 
 _FLAGS_PAIR = struct.Struct("=II")
+NLMSG_FLAGS = struct.Struct("=H")  # nlmsghdr.nlmsg_flags, at offset 6
+ERROR_ACK_SPACE = 2048  # receive-buffer bytes an error acknowledgement may take (skb overhead)
 # kernel type: (its payload from the field's value, its struct format in the fast encoder:
 # payload and padding to 4 bytes, "{}" the address size; None: not in a fast-encoded table).
 _KERNEL_TYPES: dict[str, tuple[Callable[[Any], bytes], str | None]] = {

@@ -33,7 +33,6 @@ RECEIVE_BUFFER = 8 << 20
 SEND_BUFFER = 4 << 20
 BATCH_SIZE = 1024  # requests per send()
 RECV_SIZE = 1 << 20
-ERROR_ACK_SPACE = 2048  # receive-buffer bytes an error acknowledgement may take (skb overhead)
 ACK_TIMEOUT = 30.0
 GENL_NAME = "IPVS"
 
@@ -47,7 +46,6 @@ _DEST_COMMANDS = {
     Verb.EDIT_DEST: codec.CMD_SET_DEST,
     Verb.DELETE_DEST: codec.CMD_DEL_DEST,
 }
-_FLAGS = struct.Struct("=H")  # nlmsghdr.nlmsg_flags, at offset 6
 _MSG_HEAD = struct.Struct("=IHHI")  # nlmsghdr's length, type, flags, seq
 _GONE = (errno_codes.ENOENT, errno_codes.ESRCH)  # a GET_DEST whose service was deleted meanwhile
 
@@ -163,7 +161,7 @@ class IPVSClient:
             # (each failed request of a batch queues an error before the batch's final ack).
             self.max_send = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 1024
             rcvbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            self.batch_size = max(1, min(batch_size, rcvbuf // ERROR_ACK_SPACE - 1))
+            self.batch_size = max(1, min(batch_size, rcvbuf // codec.ERROR_ACK_SPACE - 1))
             self._seq = 1
             self._buffer = bytearray(RECV_SIZE)
             self.family_id = self._family_id(GENL_NAME) if family_id is None else family_id
@@ -428,7 +426,7 @@ class IPVSClient:
             )
             # The last request of the batch asks for the acknowledgement that closes it.
             data = bytearray().join(chunks)
-            _FLAGS.pack_into(data, size - len(chunks[-1]) + 6, flags | codec.NLM_F_ACK)
+            codec.NLMSG_FLAGS.pack_into(data, size - len(chunks[-1]) + 6, flags | codec.NLM_F_ACK)
             self._seq = first + len(chunks) - 1
             self.sock.send(data)
             self._collect(ops, start, first, len(chunks), result)
