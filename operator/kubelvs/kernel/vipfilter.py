@@ -65,8 +65,9 @@ import subprocess
 import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from socket import AF_INET, AF_INET6
+from socket import AF_INET, AF_INET6, inet_aton
 
+from kubelvs.core.model import is_canonical_ipv4
 from kubelvs.kernel.netns import netlink_socket
 
 
@@ -98,9 +99,12 @@ def normalize_allowed(allowed: Allowed) -> dict[int, dict[str, tuple[tuple[int, 
     (6/17/132) or a port outside 1..65535: nothing unchecked ever reaches nft's input."""
     by_family: dict[int, dict[bytes, tuple[str, set[tuple[int, int]]]]] = {}
     for vip, ports in allowed.items():
-        addr = ipaddress.ip_address(vip.strip())  # as normalize_address, parsed once
-        family = AF_INET if addr.version == 4 else AF_INET6
-        entry = by_family.setdefault(family, {}).setdefault(addr.packed, (str(addr), set()))[1]
+        if is_canonical_ipv4(vip):  # what kubelvs's VIPs are: no ipaddress object (10,000 of them)
+            family, packed, text = AF_INET, inet_aton(vip), vip
+        else:
+            addr = ipaddress.ip_address(vip.strip())  # as normalize_address, parsed once
+            family, packed, text = (AF_INET if addr.version == 4 else AF_INET6), addr.packed, str(addr)
+        entry = by_family.setdefault(family, {}).setdefault(packed, (text, set()))[1]
         for protocol, port in ports:
             if protocol not in PROTOCOLS:
                 raise ValueError(f"VIP {vip}: protocol {protocol!r} is not TCP (6), UDP (17) or SCTP (132)")
@@ -234,23 +238,21 @@ class VipPortFilter:
         snapshot = {vip: frozenset(ports) for vip, ports in allowed.items()}
         if self._in_place(snapshot):
             return
-        try:
-            script = render_sync(allowed)
-        except ValueError:
-            return  # the sync raises it
         self._applied = None
         background = self._background = _Background(snapshot)
-        background.thread = threading.Thread(target=self._run_in_background, args=(background, script), daemon=True)
+        # Rendered in the thread too: 1.2 s for 10,000 VIPs under emulation, beside the applier
+        # (whose time is mostly the kernel's) rather than before it.
+        background.thread = threading.Thread(target=self._run_in_background, args=(background,), daemon=True)
         background.thread.start()
 
     def _in_place(self, snapshot: dict[str, frozenset[tuple[int, int]]]) -> bool:
         """The last applied mapping, and nothing changed the ruleset since (its generation)."""
         return snapshot == self._applied and self._genid is not None and self._generation() == self._genid
 
-    def _run_in_background(self, background: _Background, script: str) -> None:
+    def _run_in_background(self, background: _Background) -> None:
         try:
-            self._run(script)
-        except Exception as error:  # whatever it was, the sync that follows applies again (and raises)
+            self._run(render_sync(background.snapshot))
+        except Exception as error:  # a bad value or nft's failure: the sync that follows applies again (and raises)
             background.error = error
 
     def _join_background(self) -> _Background | None:
