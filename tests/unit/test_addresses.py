@@ -225,6 +225,14 @@ def test_many_addresses_are_added_side_by_side_with_each_outcome(vips: VipInterf
     assert vips.add_many([("10.1.0.1", AF_INET)]) == [False]
 
 
+def test_adding_nothing_reads_nothing(vips: VipInterface, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An incremental sync has no VIP to add: no socket, no dump of every address."""
+    from kubelvs.kernel import addresses
+
+    monkeypatch.setattr(addresses, "_Rtnl", lambda netns: pytest.fail("a socket was opened"))
+    assert vips.add_many([]) == []
+
+
 def test_a_failed_add_among_many_is_its_own_outcome(vips: VipInterface, netns: str) -> None:
     vips.addresses()  # the interface exists (the dummy is created at the first add otherwise)
     vips.add("10.2.0.9", AF_INET)
