@@ -253,8 +253,8 @@ class Reconciler:
 
         refused = False
         failed: OSError | None = None
-        # Side by side (a request each, one at a time, was 13.6 s of 10,000 VIPs under emulation);
-        # every outcome is recorded before the first error is raised.
+        # Pipelined (one request at a time took 13.6 s for 10,000 VIPs under emulation); every
+        # outcome is recorded before the first error is raised.
         for (address, family), added in zip(add, self.vips.add_many(add), strict=True):
             if isinstance(added, OSError):
                 failed = failed or added  # its intent stays: settled by the next sync's fresh read

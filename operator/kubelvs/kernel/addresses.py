@@ -126,7 +126,8 @@ class _Rtnl:
                         outcomes[start + seq - first] = OSError(
                             err, os.strerror(err) + (f": {message_text}" if message_text else "")
                         )
-                    answered = seq == last
+                    if seq == last:
+                        answered = True
         return outcomes
 
     def request(self, build: Callable[..., bytes], *args: object) -> list[tuple[int, memoryview]]:
