@@ -493,3 +493,19 @@ def test_net_sysctls_go_through_the_node_proc_mounted_in_a_pod(monkeypatch: pyte
     assert sysctl_file("net/ipv4/conf/all/arp_ignore") == "/host/proc/sys/net/ipv4/conf/all/arp_ignore"
     assert sysctl_file("net/ipv4/vs/sloppy_tcp") == "/host/proc/sys/net/ipv4/vs/sloppy_tcp"
     assert sysctl_file("kernel/hostname") == "/proc/sys/kernel/hostname"  # only net/ is mounted
+
+
+def test_validity_is_asked_right_before_each_request(netns: str, uplink: str) -> None:
+    """A refresh is a create exclusive (refused: the claim is there), then a replace. A validity
+    that ends between the two (the process frozen there, and continued after another director
+    took the VIP) stops the replace: no claim is refreshed, or added again, after it."""
+    addresses = ClaimAddresses("eth0", netns=netns)
+    assert addresses.hold("10.60.0.100", AF_INET, 30) is True
+    answers = iter([True, False])  # valid for the create attempt, not any more for the replace
+    with pytest.raises(claims.ValidityEnded):
+        addresses.hold("10.60.0.100", AF_INET, 300, lambda: next(answers))
+    line = _line(netns, "10.60.0.100")
+    assert line is not None and _valid_lft(line) <= 30  # not refreshed to 300
+    with pytest.raises(claims.ValidityEnded):
+        addresses.hold("10.60.0.101", AF_INET, 30, lambda: False)
+    assert _line(netns, "10.60.0.101") is None  # nor added

@@ -20,6 +20,7 @@ from kubelvs.kernel.claims import (
     ClaimAddresses,
     Uplink,
     UplinkTable,
+    ValidityEnded,
     held_claims,
     match_uplinks,
     uplink_table,
@@ -93,11 +94,10 @@ class KernelVipNet:
         claims = self._claims(interface)
         with claims.session():
             for vip, family in vips:
-                if not still_valid():
-                    failed.append((vip, ClaimLost(vip, "our validity ended before the request")))
-                    continue
                 try:
-                    claims.hold(vip, family, lifetime)
+                    claims.hold(vip, family, lifetime, still_valid)  # asked before each request
+                except ValidityEnded:
+                    failed.append((vip, ClaimLost(vip, "our validity ended before the request")))
                 except OSError as error:
                     failed.append((vip, error))
         return failed

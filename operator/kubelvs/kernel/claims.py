@@ -23,7 +23,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,11 @@ class Uplink:
     index: int
     mac: str  # "aa:bb:cc:dd:ee:ff"
     up: bool  # administratively up and running (operational state up or unknown)
+
+
+class ValidityEnded(OSError):
+    """A claim address not added nor refreshed: the caller's validity had ended just before the
+    request went out (see :meth:`ClaimAddresses.hold`)."""
 
 
 class ForeignAddressError(OSError):
@@ -202,6 +207,11 @@ def held_claims(netns: str | None = None) -> dict[str, str]:
         rtnl.close()
 
 
+def _check(still_valid: Callable[[], bool], address: str) -> None:
+    if not still_valid():
+        raise ValidityEnded(errno.ETIMEDOUT, f"{address}: our validity ended before the request")
+
+
 class ClaimAddresses(RtnlSessions):
     """The claims (host addresses with a lifetime, tagged :data:`ADDRESS_PROTO`) on one interface."""
 
@@ -237,11 +247,16 @@ class ClaimAddresses(RtnlSessions):
     def _ours(self, address: str, proto: int) -> bool:
         return proto == ADDRESS_PROTO or (not self._tags_kept and address in self._added)
 
-    def hold(self, vip: str, family: int, lifetime: int) -> bool:
+    def hold(self, vip: str, family: int, lifetime: int, still_valid: Callable[[], bool] = lambda: True) -> bool:
         """Hold ``vip`` on the interface for ``lifetime`` more seconds: added if missing, its
         lifetime refreshed if present. True if it was added (not there before).
         Raises ForeignAddressError if it is there without kubelvs's mark, OSError (ENODEV) if
-        the interface is missing."""
+        the interface is missing, ValidityEnded if ``still_valid()`` is false just before a
+        request: asked right before each send, not once before the call, because a process
+        frozen between a check and its request sends it when it thaws (a refresh is a create
+        exclusive, then a replace: two round trips after a single check). One such late
+        refresh, its claim address added again after its lifetime had ended and another
+        director had taken the VIP, was a moment with two answers in the VM (a SIGSTOP)."""
         if lifetime < 1:
             raise ValueError(f"lifetime {lifetime}: whole seconds, at least 1")
         address = _canonical(vip, family)
@@ -260,6 +275,7 @@ class ClaimAddresses(RtnlSessions):
             present: dict[str, int] = {}
             for _attempt in range(3):
                 try:
+                    _check(still_valid, address)
                     rtnl.request(codec.lifetime_address_request, False, *request)
                 except OSError as error:
                     if error.errno != errno.EEXIST:
@@ -275,6 +291,7 @@ class ClaimAddresses(RtnlSessions):
                     break
             if not self._ours(address, present.get(address, 0)):
                 raise ForeignAddressError(address, self.interface)
+            _check(still_valid, address)
             rtnl.request(codec.lifetime_address_request, True, *request)
             return False
 
