@@ -73,6 +73,11 @@ def _add_request(index: int, address: str, family: int, seq: int) -> bytes:
     return _with_proto(codec.address_request(True, index, address, family, prefix, flags, seq), ADDRESS_PROTO)
 
 
+def _kernel_error(err: int, message: str) -> OSError:
+    """The kernel's answer to a request as the OSError the pyroute2 call would raise."""
+    return OSError(err, os.strerror(err) + (f": {message}" if message else ""))
+
+
 class _Rtnl:
     """One rtnetlink socket: request, answer."""
 
@@ -123,9 +128,7 @@ class _Rtnl:
                         continue
                     err, message_text = codec.parse_error(payload, msg_flags)
                     if err:
-                        outcomes[start + seq - first] = OSError(
-                            err, os.strerror(err) + (f": {message_text}" if message_text else "")
-                        )
+                        outcomes[start + seq - first] = _kernel_error(err, message_text)
                     if seq == last:
                         answered = True
         return outcomes
@@ -147,7 +150,7 @@ class _Rtnl:
                 if kind == codec.NLMSG_ERROR:
                     err, message = codec.parse_error(payload)
                     if err:
-                        raise OSError(err, os.strerror(err) + (f": {message}" if message else ""))
+                        raise _kernel_error(err, message)
                     return answers
                 answers.append((kind, payload))
 
